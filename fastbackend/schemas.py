@@ -1,0 +1,129 @@
+"""Typed models of every request type, checked at the edge before any work starts.
+
+Each model refuses unknown keys, so a typo is an error rather than a silently ignored
+option. ``parse_request`` turns pydantic's errors into one-line messages that name the field
+(``input.files[2].filename``) and the bad value, collecting every problem at once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fastbackend.errors import ValidationFailed, show_value
+from fastbackend.storage import name_problem
+
+MAX_CAPTION_CHARS = 4000
+MAX_URLS = 200
+# A download chunk is base64-encoded in the answer (4/3 larger) and must stay under the
+# 10 MB /run result limit with room for the other fields.
+MAX_DOWNLOAD_CHUNK_BYTES = 7_000_000
+
+
+def _safe_name(value: str) -> str:
+    problem = name_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: str
+
+
+class HealthRequest(Request):
+    deep: bool = Field(False, description="Also report GPU facts (imports torch).")
+
+
+class ListModelsRequest(Request):
+    pass
+
+
+class ListDatasetsRequest(Request):
+    pass
+
+
+class DeleteDatasetRequest(Request):
+    training_name: SafeName
+
+
+class DeleteModelRequest(Request):
+    model: SafeName
+
+
+class DownloadModelRequest(Request):
+    model: SafeName
+    filename: SafeName | None = Field(None, description="A file in the model folder; default <model>.safetensors.")
+    offset: int = Field(0, ge=0)
+    length: int = Field(MAX_DOWNLOAD_CHUNK_BYTES, gt=0, le=MAX_DOWNLOAD_CHUNK_BYTES)
+
+
+class UploadFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    filename: SafeName
+    content: str = Field(description="The file's bytes, base64-encoded.")
+    caption: str | None = Field(None, max_length=MAX_CAPTION_CHARS)
+
+
+class UploadTrainingDataRequest(Request):
+    training_name: SafeName
+    files: list[UploadFile] = Field(default_factory=list)
+    urls: list[str] = Field(default_factory=list, max_length=MAX_URLS)
+    zip: str | None = Field(None, description="A .zip of images and .txt captions, base64-encoded.")
+    mode: Literal["append", "replace"] = "append"
+
+    @model_validator(mode="after")
+    def _something_to_upload(self) -> "UploadTrainingDataRequest":
+        if not self.files and not self.urls and self.zip is None:
+            raise ValueError("nothing to upload: give at least one of `files`, `urls` or `zip`")
+        return self
+
+
+class TrainWithYamlRequest(Request):
+    yaml_config: str | None = Field(None, description="An ai-toolkit YAML config, as text.")
+    config: dict[str, Any] | None = Field(None, description="The same config, already parsed.")
+    resume: bool = Field(True, description="Continue from the newest saved state of this model, if any.")
+
+    @model_validator(mode="after")
+    def _exactly_one_config(self) -> "TrainWithYamlRequest":
+        if (self.yaml_config is None) == (self.config is None):
+            raise ValueError("give exactly one of `yaml_config` (YAML text) or `config` (an object)")
+        return self
+
+
+def _path(loc: tuple) -> str:
+    text = "input"
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text
+
+
+def _problem(error: dict, model: type[BaseModel]) -> str:
+    path = _path(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        if len(error["loc"]) == 1:
+            return f"{path}: unknown key; valid keys: {', '.join(model.model_fields)}"
+        return f"{path}: unknown key"
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return f"{path}: {message}" if error["loc"] else f"input: {message}"
+    return f"{path}: {message[0].lower()}{message[1:]}, got {show_value(error['input'])}"
+
+
+def parse_request(model: type[Request], payload: dict) -> Request:
+    """Validate ``payload`` (a job's ``input``) against ``model``, or raise with every problem."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        problems = [_problem(error, model) for error in exc.errors(include_url=False)]
+        raise ValidationFailed.from_problems(problems) from None

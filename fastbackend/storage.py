@@ -1,0 +1,181 @@
+"""Where the worker keeps its files, and the only ways request input may name them.
+
+Layout under the data root (``FASTBACKEND_DATA_DIR``, else ``/runpod-volume`` when it exists,
+else ``./data``)::
+
+    training_data/<dataset>/   images, <image>.txt captions, manifest.json, latent cache
+    output/<model>/            <model>.safetensors, <model>_<step>.safetensors, samples/, ...
+    huggingface-cache/         HF_HOME for base models
+
+Names from requests match ``NAME_PATTERN`` and are joined under the root, never resolved
+from user text; YAML paths go through ``map_user_path``. Files are written to a temporary
+name that starts with a dot (never listed) and renamed into place, and writers of one dataset
+or model hold a lock file, because several workers may share one network volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from fastbackend.errors import FastBackendError, NotFound
+
+RUNPOD_VOLUME = Path("/runpod-volume")
+# A RunPod Pod mounts the same network volume at /workspace; configs written there map here.
+VOLUME_ALIASES = (Path("/workspace"), RUNPOD_VOLUME)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NAME_RULE = "1-64 characters from A-Z a-z 0-9 . _ -, not starting with a dot"
+LOCK_TIMEOUT_S = float(os.environ.get("FASTBACKEND_LOCK_TIMEOUT_S", "600"))
+
+
+def data_root() -> Path:
+    """The data root, read from the environment on every call so tests can point it anywhere."""
+    configured = os.environ.get("FASTBACKEND_DATA_DIR")
+    if configured:
+        return Path(configured).absolute()
+    if RUNPOD_VOLUME.is_dir():
+        return RUNPOD_VOLUME
+    return Path("data").absolute()
+
+
+def datasets_dir() -> Path:
+    return data_root() / "training_data"
+
+
+def outputs_dir() -> Path:
+    return data_root() / "output"
+
+
+def hf_cache_dir() -> Path:
+    return data_root() / "huggingface-cache"
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` is not a safe file or folder name, or None when it is."""
+    if not isinstance(name, str):
+        return f"must be a string, got {type(name).__name__}"
+    if NAME_PATTERN.fullmatch(name) is None or name.startswith(".") or name in {".", ".."}:
+        return f"must be {NAME_RULE}, got {name!r}"[:200]
+    return None
+
+
+def check_name(name: str, field: str) -> str:
+    problem = name_problem(name)
+    if problem:
+        raise FastBackendError(f"{field}: {problem}", code="invalid_name")
+    return name
+
+
+def dataset_dir(name: str) -> Path:
+    return datasets_dir() / check_name(name, "training_name")
+
+
+def model_dir(name: str) -> Path:
+    return outputs_dir() / check_name(name, "model")
+
+
+def existing_dataset_dir(name: str) -> Path:
+    folder = dataset_dir(name)
+    if not folder.is_dir():
+        raise NotFound(f"dataset {name!r} does not exist; existing datasets: {list_names(datasets_dir())}")
+    return folder
+
+
+def list_names(folder: Path) -> list[str]:
+    """Sorted names of the visible sub-folders of ``folder`` (none when it is missing)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def map_user_path(text: str, field: str) -> Path:
+    """Map a path from a config onto the data root, refusing anything that leaves it.
+
+    Relative paths are relative to the root; ``/workspace/...`` and ``/runpod-volume/...``
+    map onto the root; any other absolute path must already lie inside the root.
+    """
+    root = data_root()
+    path = Path(text)
+    for alias in VOLUME_ALIASES:
+        if path.is_absolute() and path.is_relative_to(alias):
+            path = root / path.relative_to(alias)
+            break
+    else:
+        path = path if path.is_absolute() else root / path
+    resolved = Path(os.path.realpath(path))
+    if not resolved.is_relative_to(os.path.realpath(root)):
+        raise FastBackendError(
+            f"{field}: path {text!r} is outside the data root {str(root)!r}", code="path_outside_root"
+        )
+    return resolved
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def temporary_path(path: Path) -> Iterator[Path]:
+    """A hidden temporary path beside ``path`` that becomes ``path`` when the block succeeds.
+
+    For writers that want a file name (torch/safetensors savers) rather than bytes.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def locked(folder: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold ``<folder>/.lock`` exclusively (an flock, released by the OS if the worker dies)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise FastBackendError(
+                        f"{folder.name!r} is locked by another job for over {timeout_s:.0f}s", code="locked"
+                    ) from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

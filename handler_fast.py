@@ -1,0 +1,143 @@
+"""The RunPod serverless entry point: check the payload, validate the request, dispatch.
+
+Every job is ``{"input": {"type": "<type>", ...}}``. The edge measures the payload against
+RunPod's limits, validates ``input`` with the type's typed model, then calls the type's
+operation, imported lazily from ``fastbackend`` so that light requests (``health``, listings,
+uploads) never load torch. It always answers a dict: the operation's success, or
+``{"status": "error", "error": "<one line>", "error_code", "details", "timestamp"}``.
+
+Run it as RunPod does (``python handler_fast.py``), with ``--test_input '<json>'``, or as a
+local server with ``--rp_serve_api``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import runpod
+
+from fastbackend.errors import FastBackendError, PayloadTooLarge, error_response
+from fastbackend.schemas import (
+    DeleteModelRequest,
+    DownloadModelRequest,
+    HealthRequest,
+    ListModelsRequest,
+    Request,
+    parse_request,
+)
+
+log = logging.getLogger("fastbackend.handler")
+
+# RunPod's documented request limits; /runsync job ids start with "sync-" (observed, not
+# documented: no field says which route a job came by). Environment variables may change them.
+RUN_LIMIT_BYTES = int(os.environ.get("FASTBACKEND_RUN_LIMIT_BYTES", 10_000_000))
+RUNSYNC_LIMIT_BYTES = int(os.environ.get("FASTBACKEND_RUNSYNC_LIMIT_BYTES", 20_000_000))
+PROGRESS_INTERVAL_S = float(os.environ.get("FASTBACKEND_PROGRESS_INTERVAL_S", "5"))
+
+# type -> (request model, "module:function"). Modules are imported on first use.
+OPERATIONS: dict[str, tuple[type[Request], str]] = {
+    "health": (HealthRequest, "fastbackend.operations:health"),
+    "list_models": (ListModelsRequest, "fastbackend.operations:list_models"),
+    "download_model": (DownloadModelRequest, "fastbackend.operations:download_model"),
+    "delete_model": (DeleteModelRequest, "fastbackend.operations:delete_model"),
+}
+
+
+def payload_limit(job_id: object) -> int:
+    """The byte limit for a job: /runsync's for ``sync-`` ids, /run's otherwise."""
+    return RUNSYNC_LIMIT_BYTES if str(job_id).startswith("sync-") else RUN_LIMIT_BYTES
+
+
+def check_payload_size(job: dict) -> int:
+    """Refuse a request body (``{"input": ...}`` as UTF-8 JSON) larger than its route allows.
+
+    Returns the size in bytes. A body exactly at the limit passes.
+    """
+    size = len(json.dumps({"input": job.get("input")}, ensure_ascii=False, separators=(",", ":")).encode())
+    limit = payload_limit(job.get("id"))
+    if size > limit:
+        raise PayloadTooLarge(
+            f"payload: {size:,} bytes is over the {limit:,}-byte limit for this route; send less per request: "
+            "split files across several upload_training_data requests (mode: append), or pass `urls` "
+            "(images or a .zip) for the worker to fetch"
+        )
+    return size
+
+
+def resolve(target: str) -> Callable[..., dict]:
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def progress_sender(job: dict) -> Callable[[dict], None]:
+    """A callback that forwards progress to RunPod at most every ``PROGRESS_INTERVAL_S``.
+
+    Outside RunPod (``--test_input``, the local server) there is no endpoint to post to, so
+    progress is logged instead.
+    """
+    last_sent = 0.0
+    on_runpod = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
+
+    def send(progress: dict) -> None:
+        nonlocal last_sent
+        now = time.monotonic()
+        if now - last_sent < PROGRESS_INTERVAL_S and not progress.get("final"):
+            return
+        last_sent = now
+        if on_runpod:
+            runpod.serverless.progress_update(job, progress)
+        else:
+            log.info("progress: %s", json.dumps(progress, default=str))
+
+    return send
+
+
+def dispatch(job: dict) -> dict:
+    """Validate ``job`` and run its operation; raises FastBackendError for bad input."""
+    if not isinstance(job, dict) or not isinstance(job.get("input"), dict):
+        raise FastBackendError('input: the job must be {"input": {"type": ...}}', code="invalid_request")
+    size = check_payload_size(job)
+    payload = job["input"]
+    kind = payload.get("type")
+    if kind not in OPERATIONS:
+        raise FastBackendError(
+            f"input.type: unknown type {str(kind)[:64]!r}; valid types: {', '.join(OPERATIONS)}", code="unknown_type"
+        )
+    model, target = OPERATIONS[kind]
+    request = parse_request(model, payload)
+    log.info("job %s: %s (%s bytes of input)", job.get("id"), kind, size)
+    return resolve(target)(request, progress=progress_sender(job))
+
+
+def handler(job: Any) -> dict:
+    """RunPod's entry point: always answers a dict, a success or an error, and never raises."""
+    try:
+        return dispatch(job)
+    except FastBackendError as exc:
+        log.warning("job %s refused: %s", _job_id(job), exc.message)
+        return error_response(exc)
+    except Exception as exc:  # the worker must keep serving; the traceback goes to the log only
+        log.exception("job %s failed unexpectedly", _job_id(job))
+        message = f"internal error ({type(exc).__name__}); see the worker log"
+        return error_response(FastBackendError(message, code="internal_error"))
+
+
+def _job_id(job: Any) -> object:
+    return job.get("id") if isinstance(job, dict) else None
+
+
+def main() -> None:
+    """Start the worker; runpod reads ``--test_input`` / ``--rp_serve_api`` from the command line."""
+    logging.basicConfig(
+        level=os.environ.get("FASTBACKEND_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s"
+    )
+    runpod.serverless.start({"handler": handler})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""End to end through runpod's own local modes: ``--test_input`` and ``--rp_serve_api``."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_worker(entry: str, *args: str, cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / entry), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_test_input_health_exits_zero():
+    result = run_worker("handler_fast.py", "--test_input", '{"input": {"type": "health"}}')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "'status': 'healthy'" in result.stdout
+
+
+def test_test_input_unknown_type_exits_one_and_lists_types():
+    result = run_worker("handler_fast.py", "--test_input", '{"input": {"type": "bogus"}}')
+    assert result.returncode == 1
+    assert "valid types: health, list_models" in result.stdout
+
+
+def test_no_flags_reads_test_input_json_through_the_alias_entry_point():
+    assert json.loads((REPO / "test_input.json").read_text())["input"]["type"] == "health"
+    result = run_worker("handler.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Using test_input.json" in result.stdout and "'status': 'healthy'" in result.stdout
+
+
+def test_light_requests_never_import_torch(data_root):
+    script = (
+        "import sys; from handler_fast import handler\n"
+        "for kind in ('health', 'list_models'):\n"
+        "    assert handler({'id': '1', 'input': {'type': kind}})['status'] in ('healthy', 'success')\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def local_server(tmp_path_factory):
+    port = free_port()
+    env = dict(os.environ, FASTBACKEND_DATA_DIR=str(tmp_path_factory.mktemp("server-volume")))
+    process = subprocess.Popen(
+        [sys.executable, "handler_fast.py", "--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                requests.get(f"{url}/docs", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the local server did not start in 30 s")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_server_runsync_health_completes(local_server):
+    answer = requests.post(f"{local_server}/runsync", json={"input": {"type": "health"}}, timeout=60).json()
+    assert answer["status"] == "COMPLETED"
+    assert answer["output"]["status"] == "healthy"
+
+
+def test_server_runsync_bad_request_fails_with_the_error_string(local_server):
+    answer = requests.post(f"{local_server}/runsync", json={"input": {"type": "health", "x": 1}}, timeout=60).json()
+    assert answer["status"] == "FAILED"
+    assert answer["error"] == "input.x: unknown key; valid keys: type, deep"
