@@ -23,11 +23,14 @@ import runpod
 
 from fastbackend.errors import FastBackendError, PayloadTooLarge, error_response
 from fastbackend.schemas import (
+    DeleteDatasetRequest,
     DeleteModelRequest,
     DownloadModelRequest,
     HealthRequest,
+    ListDatasetsRequest,
     ListModelsRequest,
     Request,
+    UploadTrainingDataRequest,
     parse_request,
 )
 
@@ -43,6 +46,9 @@ PROGRESS_INTERVAL_S = float(os.environ.get("FASTBACKEND_PROGRESS_INTERVAL_S", "5
 OPERATIONS: dict[str, tuple[type[Request], str]] = {
     "health": (HealthRequest, "fastbackend.operations:health"),
     "list_models": (ListModelsRequest, "fastbackend.operations:list_models"),
+    "upload_training_data": (UploadTrainingDataRequest, "fastbackend.datasets:upload_training_data"),
+    "list_datasets": (ListDatasetsRequest, "fastbackend.datasets:list_datasets"),
+    "delete_dataset": (DeleteDatasetRequest, "fastbackend.datasets:delete_dataset"),
     "download_model": (DownloadModelRequest, "fastbackend.operations:download_model"),
     "delete_model": (DeleteModelRequest, "fastbackend.operations:delete_model"),
 }

@@ -19,7 +19,7 @@ from typing import Callable
 from fastbackend import __version__
 from fastbackend.errors import FastBackendError, NotFound
 from fastbackend.schemas import DeleteModelRequest, DownloadModelRequest, HealthRequest, ListModelsRequest
-from fastbackend.storage import RUNPOD_VOLUME, data_root, locked, model_dir, outputs_dir, sha256_file
+from fastbackend.storage import RUNPOD_VOLUME, data_root, model_dir, outputs_dir, remove_tree, sha256_file
 
 Progress = Callable[[dict], None]
 METADATA_FILE = "metadata.json"
@@ -146,10 +146,6 @@ def delete_model(request: DeleteModelRequest, progress: Progress | None = None) 
     folder = model_dir(request.model)
     if not folder.is_dir():
         raise NotFound(f"input.model: model {request.model!r} does not exist")
-    with locked(folder):
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-        # Rename first so no listing sees a half-deleted folder, then remove it.
-        trash = folder.with_name(f".deleted-{folder.name}-{datetime.now().timestamp():.0f}")
-        folder.rename(trash)
-    shutil.rmtree(trash)
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    remove_tree(folder)
     return {"status": "success", "deleted": request.model, "files": files}

@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -171,6 +172,17 @@ def locked(folder: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def remove_tree(folder: Path) -> None:
+    """Delete a dataset or model folder so that no reader ever sees it half-deleted.
+
+    Under the folder's lock it is renamed to a hidden name (atomic), then removed.
+    """
+    with locked(folder):
+        trash = folder.with_name(f".deleted-{folder.name}-{os.getpid()}-{time.time_ns()}")
+        folder.rename(trash)
+    shutil.rmtree(trash)
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:

@@ -1,0 +1,87 @@
+"""Decode and check one uploaded image with Pillow, with limits, before anything is stored.
+
+An image is accepted only when it fully decodes (a truncated file fails here, not mid-training),
+its format is one the trainer reads, its pixel count is under ``MAX_IMAGE_PIXELS`` (checked
+from the header, before decoding: decompression bombs never allocate) and its shorter side is
+at least ``MIN_IMAGE_SIDE``. EXIF orientation is applied so width and height are what a person
+sees; the stored bytes are the original unless a rotation had to be baked in.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_IMAGE_PIXELS = int(os.environ.get("FASTBACKEND_MAX_IMAGE_PIXELS", 50_000_000))
+MIN_IMAGE_SIDE = int(os.environ.get("FASTBACKEND_MIN_IMAGE_SIDE", 256))
+MAX_IMAGE_BYTES = int(os.environ.get("FASTBACKEND_MAX_IMAGE_BYTES", 40_000_000))
+# Pillow format -> extensions a file of that format may carry.
+FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
+IMAGE_EXTENSIONS = tuple(ext for exts in FORMATS.values() for ext in exts)
+EXIF_ORIENTATION = 0x0112
+
+
+class ImageProblem(ValueError):
+    """Why an upload is not a usable image; the message is shown to the user after the file name."""
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    data: bytes  # what is stored: the original bytes, or re-encoded when EXIF rotation was applied
+    width: int
+    height: int
+    format: str
+    rotated: bool
+
+
+def check_image(data: bytes) -> CheckedImage:
+    """Fully decode ``data`` and return what to store, or raise ImageProblem."""
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageProblem(f"{len(data):,} bytes is over the {MAX_IMAGE_BYTES:,}-byte limit per image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageProblem(_reason(exc)) from None
+        with image:
+            return _check_open_image(image, data)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image Pillow can decode"
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"too many pixels (over {MAX_IMAGE_PIXELS:,}): refused as a possible decompression bomb"
+    return f"could not be decoded ({exc})"
+
+
+def _check_open_image(image: Image.Image, data: bytes) -> CheckedImage:
+    if image.format not in FORMATS:
+        raise ImageProblem(f"format {image.format} is not accepted; use one of {', '.join(FORMATS)}")
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageProblem(f"{width}x{height} is over the {MAX_IMAGE_PIXELS:,}-pixel limit")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise ImageProblem(f"could not be decoded ({exc})") from None
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    upright = ImageOps.exif_transpose(image) if orientation != 1 else image
+    if min(upright.size) < MIN_IMAGE_SIDE:
+        raise ImageProblem(f"{upright.width}x{upright.height} is too small: the shorter side must be >= {MIN_IMAGE_SIDE} px")
+    if upright is image:
+        return CheckedImage(data, width, height, image.format, rotated=False)
+    return CheckedImage(_encode(upright, image.format), upright.width, upright.height, image.format, rotated=True)
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    """Re-encode a rotated image in its own format (high JPEG quality: this is training data)."""
+    out = io.BytesIO()
+    options = {"quality": 95, "subsampling": 0} if fmt in ("JPEG", "WEBP") else {}
+    image.save(out, format=fmt, **options)
+    return out.getvalue()
