@@ -98,25 +98,33 @@ class TrainWithYamlRequest(Request):
         return self
 
 
-def _path(loc: tuple) -> str:
-    text = "input"
+def field_path(loc: tuple, root: str = "input") -> str:
+    """``("files", 2, "filename")`` -> ``input.files[2].filename``."""
+    text = root
     for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text
 
 
-def _problem(error: dict, model: type[BaseModel]) -> str:
-    path = _path(error["loc"])
+# pydantic error type -> how the bound reads in our messages.
+BOUND_WORDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
+               "less_than_equal": ("le", "<=")}
+
+
+def describe_error(error: dict, root: str = "input", valid_keys: list[str] | None = None) -> str:
+    """One line for one pydantic error: the field's full path, what is wrong, and the bad value."""
+    path = field_path(error["loc"], root)
     kind = error["type"]
     if kind == "extra_forbidden":
-        if len(error["loc"]) == 1:
-            return f"{path}: unknown key; valid keys: {', '.join(model.model_fields)}"
-        return f"{path}: unknown key"
+        return f"{path}: unknown key" + (f"; valid keys: {', '.join(valid_keys)}" if valid_keys else "")
     if kind == "missing":
         return f"{path}: required field is missing"
+    if kind in BOUND_WORDS:
+        name, word = BOUND_WORDS[kind]
+        return f"{path}: must be {word} {error['ctx'][name]}, got {show_value(error['input'])}"
     message = error["msg"].removeprefix("Value error, ")
     if kind == "value_error":
-        return f"{path}: {message}" if error["loc"] else f"input: {message}"
+        return f"{path or root}: {message}"
     return f"{path}: {message[0].lower()}{message[1:]}, got {show_value(error['input'])}"
 
 
@@ -125,5 +133,9 @@ def parse_request(model: type[Request], payload: dict) -> Request:
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
-        problems = [_problem(error, model) for error in exc.errors(include_url=False)]
+        top_keys = list(model.model_fields)
+        problems = [
+            describe_error(error, valid_keys=top_keys if len(error["loc"]) == 1 else None)
+            for error in exc.errors(include_url=False)
+        ]
         raise ValidationFailed.from_problems(problems) from None

@@ -65,7 +65,7 @@ def test_every_problem_is_reported():
     assert answer["error"].endswith("(and 2 more problem(s), see details)")
     assert answer["details"] == [
         "input.model: must be 1-64 characters from A-Z a-z 0-9 . _ -, not starting with a dot, got '../x'",
-        "input.offset: input should be greater than or equal to 0, got -1",
+        "input.offset: must be >= 0, got -1",
         "input.extra: unknown key; valid keys: type, model, filename, offset, length",
     ]
 

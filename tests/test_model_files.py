@@ -56,7 +56,7 @@ def test_download_refuses_missing_file_and_oversized_chunk(data_root):
     missing = call(type="download_model", model="matt", filename="other.safetensors")
     assert missing["error"] == "input.filename: 'other.safetensors' not found in model 'matt'; files: ['matt.safetensors']"
     too_big = call(type="download_model", model="matt", length=MAX_DOWNLOAD_CHUNK_BYTES + 1)
-    assert too_big["error"] == f"input.length: input should be less than or equal to {MAX_DOWNLOAD_CHUNK_BYTES}, got {MAX_DOWNLOAD_CHUNK_BYTES + 1}"
+    assert too_big["error"] == f"input.length: must be <= {MAX_DOWNLOAD_CHUNK_BYTES}, got {MAX_DOWNLOAD_CHUNK_BYTES + 1}"
     outside = call(type="download_model", model="..")
     assert outside["error_code"] == "validation_error"
 
