@@ -30,6 +30,7 @@ from fastbackend.schemas import (
     ListDatasetsRequest,
     ListModelsRequest,
     Request,
+    TrainWithYamlRequest,
     UploadTrainingDataRequest,
     parse_request,
 )
@@ -49,6 +50,7 @@ OPERATIONS: dict[str, tuple[type[Request], str]] = {
     "upload_training_data": (UploadTrainingDataRequest, "fastbackend.datasets:upload_training_data"),
     "list_datasets": (ListDatasetsRequest, "fastbackend.datasets:list_datasets"),
     "delete_dataset": (DeleteDatasetRequest, "fastbackend.datasets:delete_dataset"),
+    "train_with_yaml": (TrainWithYamlRequest, "fastbackend.training.operation:train_with_yaml"),
     "download_model": (DownloadModelRequest, "fastbackend.operations:download_model"),
     "delete_model": (DeleteModelRequest, "fastbackend.operations:delete_model"),
 }

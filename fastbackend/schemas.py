@@ -121,11 +121,14 @@ def describe_error(error: dict, root: str = "input", valid_keys: list[str] | Non
         return f"{path}: required field is missing"
     if kind in BOUND_WORDS:
         name, word = BOUND_WORDS[kind]
-        return f"{path}: must be {word} {error['ctx'][name]}, got {show_value(error['input'])}"
+        bound = error["ctx"][name]
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+        return f"{path}: must be {word} {bound}, got {show_value(error['input'])}"
     message = error["msg"].removeprefix("Value error, ")
     if kind == "value_error":
         return f"{path or root}: {message}"
-    return f"{path}: {message[0].lower()}{message[1:]}, got {show_value(error['input'])}"
+    message = f"{path}: {message[0].lower()}{message[1:]}"
+    return message if ", got " in message else f"{message}, got {show_value(error['input'])}"
 
 
 def parse_request(model: type[Request], payload: dict) -> Request:

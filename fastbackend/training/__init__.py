@@ -1,0 +1,1 @@
+"""The training core: typed config in, LoRA files out. It never imports runpod."""

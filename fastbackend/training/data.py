@@ -1,0 +1,214 @@
+"""Training examples: images in aspect-ratio buckets, their latents and caption embeddings, cached once.
+
+Each image is used at every listed resolution. For each (image, resolution) the bucket is the
+size with about ``resolution**2`` pixels and the image's aspect ratio, snapped down to the
+model's size step; the image is scaled to cover it and centre-cropped. The VAE encodes each
+example once (the latent mean and std are kept, so each step still draws a fresh latent
+sample); with ``cache_latents_to_disk`` they are stored beside the dataset and reused by later
+runs. Captions are encoded once too, unless ``shuffle_tokens`` makes them change every step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
+
+from fastbackend.images import IMAGE_EXTENSIONS
+from fastbackend.storage import temporary_path
+
+MANIFEST = "manifest.json"
+CACHE_DIR = ".cache"
+# Buckets at or above this resolution snap to this step (as ai-toolkit's do), or to the
+# model's own step when that is coarser.
+BUCKET_STEP = 64
+TRIGGER_TAG = "[trigger]"
+
+
+@dataclass
+class Item:
+    """One image of a dataset, as uploaded."""
+
+    path: Path
+    sha256: str
+    caption: str
+
+
+@dataclass
+class Example:
+    """One image at one resolution: what a training step draws."""
+
+    item: Item
+    caption: str  # with the trigger word applied
+    bucket: tuple[int, int]  # (width, height) in pixels
+    sizes: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)  # orig h, w; crop top, left; h, w
+    weight: float = 1.0
+    mean: torch.Tensor | None = None  # (C, h, w) latent mean, unscaled
+    std: torch.Tensor | None = None
+
+
+@dataclass
+class CaptionOptions:
+    trigger_word: str | None = None
+    dropout_rate: float = 0.0
+    shuffle: bool = False
+    keep_tokens: int = 0
+
+
+def read_items(folder: Path, default_caption: str | None) -> list[Item]:
+    """The dataset's images: those its manifest lists, or (a folder made by hand) every image there."""
+    manifest = folder / MANIFEST
+    if manifest.exists():
+        entries = json.loads(manifest.read_text())["images"]
+        return [Item(folder / name, entry["sha256"], entry["caption"] or default_caption or "")
+                for name, entry in sorted(entries.items())]
+    items = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+            caption_file = path.with_suffix(".txt")
+            caption = caption_file.read_text().strip() if caption_file.exists() else default_caption or ""
+            items.append(Item(path, hashlib.sha256(path.read_bytes()).hexdigest(), caption))
+    return items
+
+
+def dataset_hash(items: list[Item]) -> str:
+    """Identifies the training data: image bytes and captions, in a stable order."""
+    digest = hashlib.sha256()
+    for item in sorted(items, key=lambda i: i.sha256):
+        digest.update(f"{item.sha256}:{item.caption}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def apply_trigger(caption: str, trigger_word: str | None) -> str:
+    """ai-toolkit's rule: ``[trigger]`` becomes the trigger word; captions without it get it in front."""
+    if not trigger_word:
+        return caption.replace(TRIGGER_TAG, "").strip()
+    if TRIGGER_TAG in caption:
+        return caption.replace(TRIGGER_TAG, trigger_word)
+    if trigger_word in caption:
+        return caption
+    return f"{trigger_word}, {caption}" if caption else trigger_word
+
+
+def caption_for_step(caption: str, options: CaptionOptions, rng: random.Random) -> str:
+    """The caption one step trains on: sometimes dropped, and parts shuffled when asked."""
+    if options.dropout_rate and rng.random() < options.dropout_rate:
+        return ""
+    if not options.shuffle:
+        return caption
+    parts = [part.strip() for part in caption.split(",") if part.strip()]
+    kept, rest = parts[: options.keep_tokens], parts[options.keep_tokens:]
+    rng.shuffle(rest)
+    return ", ".join(kept + rest)
+
+
+def bucket_for(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """The bucket (w, h) for an image: ~resolution**2 pixels (fewer for a smaller image), same aspect."""
+    step = max(multiple, BUCKET_STEP) if resolution >= 4 * BUCKET_STEP else multiple
+    area = min(resolution * resolution, width * height)
+    bucket_w = math.sqrt(area * width / height)
+    bucket_h = area / bucket_w
+    return max(step, int(bucket_w // step) * step), max(step, int(bucket_h // step) * step)
+
+
+def load_pixels(path: Path, bucket: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int, int, int, int, int]]:
+    """The image scaled to cover ``bucket`` and centre-cropped: (3, h, w) in [-1, 1], plus its sizes."""
+    target_w, target_h = bucket
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+    scale = max(target_w / image.width, target_h / image.height)
+    resized = image.resize((max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))),
+                           Image.Resampling.LANCZOS)
+    left, top = (resized.width - target_w) // 2, (resized.height - target_h) // 2
+    cropped = resized.crop((left, top, left + target_w, top + target_h))
+    pixels = torch.frombuffer(bytearray(cropped.tobytes()), dtype=torch.uint8).view(target_h, target_w, 3)
+    pixels = pixels.permute(2, 0, 1).float() / 127.5 - 1.0
+    return pixels, (image.height, image.width, top, left, target_h, target_w)
+
+
+def make_examples(items: list[Item], resolutions: list[int], multiple: int, trigger_word: str | None,
+                  weight: float) -> list[Example]:
+    examples = []
+    for item in items:
+        with Image.open(item.path) as opened:
+            width, height = ImageOps.exif_transpose(opened).size
+        for resolution in resolutions:
+            examples.append(Example(item, apply_trigger(item.caption, trigger_word),
+                                    bucket_for(width, height, resolution, multiple), weight=weight))
+    return examples
+
+
+@dataclass
+class LatentCache:
+    """Latent mean/std per (image, bucket) for one VAE, optionally persisted under the dataset."""
+
+    folder: Path | None  # None: memory only
+
+    def path(self, example: Example) -> Path | None:
+        if self.folder is None:
+            return None
+        width, height = example.bucket
+        return self.folder / f"{example.item.sha256[:32]}_{width}x{height}.safetensors"
+
+    def load(self, example: Example) -> bool:
+        path = self.path(example)
+        if path is None or not path.exists():
+            return False
+        tensors = load_file(str(path))
+        example.mean, example.std = tensors["mean"], tensors["std"]
+        example.sizes = tuple(int(v) for v in tensors["sizes"].tolist())
+        return True
+
+    def store(self, example: Example) -> None:
+        path = self.path(example)
+        if path is None:
+            return
+        with temporary_path(path) as tmp:
+            save_file({"mean": example.mean.contiguous(), "std": example.std.contiguous(),
+                       "sizes": torch.tensor(example.sizes)}, str(tmp))
+
+
+def cache_latents(examples: list[Example], encode, caches: dict[Path, LatentCache]) -> int:
+    """Fill each example's latent mean/std (from disk when cached); returns how many were encoded."""
+    encoded = 0
+    for example in examples:
+        cache = caches[example.item.path.parent]
+        if cache.load(example):
+            continue
+        pixels, example.sizes = load_pixels(example.item.path, example.bucket)
+        mean, std = encode(pixels.unsqueeze(0))
+        example.mean, example.std = mean[0], std[0]
+        cache.store(example)
+        encoded += 1
+    return encoded
+
+
+@dataclass
+class BucketSampler:
+    """Draws batches of examples that share a bucket (so they stack), weighted by dataset repeats."""
+
+    examples: list[Example]
+    batch_size: int
+    rng: random.Random
+    buckets: dict[tuple[int, int], list[Example]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.buckets = {}
+        for example in self.examples:
+            self.buckets.setdefault(example.bucket, []).append(example)
+
+    def next_batch(self) -> list[Example]:
+        weights = [example.weight for example in self.examples]
+        first = self.rng.choices(self.examples, weights=weights)[0]
+        pool = self.buckets[first.bucket]
+        others = [e for e in pool if e is not first]
+        if len(others) >= self.batch_size - 1:
+            return [first, *self.rng.sample(others, self.batch_size - 1)]
+        return [first, *self.rng.choices(pool, k=self.batch_size - 1)]

@@ -1,0 +1,93 @@
+"""LoRA layers on the denoiser (through peft) and the files they are saved to.
+
+Files are keyed as ai-toolkit keys them, so diffusers' ``load_lora_weights`` and ComfyUI read
+them: FLUX as ``transformer.<module>.lora_A/lora_B.weight``; SD 1.5 and SDXL as kohya's
+``lora_unet_<module>.lora_down/lora_up.weight`` with ``.alpha``. The FLUX format carries no
+alpha, so the ``alpha / rank`` scale is folded into ``lora_B`` there; kohya files keep the
+real alpha. The header records how the LoRA was made.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
+
+from fastbackend.storage import sha256_file, temporary_path
+
+ADAPTER = "fastbackend"
+SAVE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float32": torch.float32, "fp32": torch.float32}
+# kohya's names for the base model family (ss_base_model_version).
+KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
+
+
+def add_lora(denoiser: torch.nn.Module, targets: str | list[str], rank: int, alpha: float, dropout: float) -> list[torch.nn.Parameter]:
+    """Inject LoRA layers (``lora_B`` starts at zero, so the model is unchanged) and return them."""
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                        target_modules=targets)
+    denoiser.add_adapter(config, adapter_name=ADAPTER)
+    params = [p for name, p in denoiser.named_parameters() if "lora_" in name]
+    for param in params:
+        param.data = param.data.float()  # LoRA weights train in fp32 even over a bf16 base
+        param.requires_grad_(True)
+    return params
+
+
+def lora_state(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights in peft's naming (``<module>.lora_A.weight``), detached on the CPU."""
+    state = get_peft_model_state_dict(denoiser, adapter_name=ADAPTER)
+    return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
+
+
+def load_lora_state(denoiser: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    result = set_peft_model_state_dict(denoiser, state, adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"saved LoRA state does not fit this model: {unexpected[:3]}")
+
+
+def to_file_format(arch: str, state: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """peft-named weights -> the keys ai-toolkit writes for ``arch``."""
+    if arch == "flux":
+        scale = alpha / rank
+        return {f"transformer.{key}": value * scale if ".lora_B." in key else value for key, value in state.items()}
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    kohya = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in state.items()})
+    return {key: torch.tensor(float(alpha)) if key.endswith(".alpha") else value for key, value in kohya.items()}
+
+
+def save_lora(path: Path, arch: str, state: dict[str, torch.Tensor], rank: int, alpha: float, dtype: str,
+              metadata: dict[str, object]) -> str:
+    """Write the LoRA file atomically; returns its sha256."""
+    tensors = {key: value.to(SAVE_DTYPES[dtype]).contiguous() for key, value in to_file_format(arch, state, rank, alpha).items()}
+    header = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+    with temporary_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+        return sha256_file(tmp)
+
+
+def lora_metadata(arch: str, base_model: str, rank: int, alpha: float, steps: int, resolutions: list[int],
+                  trigger_word: str | None, dataset_hash: str, name: str, config_yaml: str) -> dict[str, object]:
+    """Header fields: ours, plus kohya's ``ss_*`` names where kohya has one."""
+    return {
+        "fastbackend_arch": arch,
+        "fastbackend_trigger_word": trigger_word or "",
+        "fastbackend_config": config_yaml,
+        "ss_output_name": name,
+        "ss_sd_model_name": base_model,
+        "ss_base_model_version": KOHYA_BASE_VERSION[arch],
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_steps": str(steps),
+        "ss_resolution": json.dumps(resolutions),
+        "ss_dataset_hash": dataset_hash,
+        "modelspec.architecture": {"flux": "flux-1-dev/lora", "sdxl": "stable-diffusion-xl-v1-base/lora",
+                                   "sd15": "stable-diffusion-v1/lora"}[arch],
+    }

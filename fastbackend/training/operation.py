@@ -1,0 +1,151 @@
+"""``train_with_yaml``: check the config against the volume, train, answer with the LoRA.
+
+Everything that can be refused is refused here, before a model is loaded or a file written:
+the config's keys and values, the datasets (uploaded, non-empty, under the data root), the
+output folder, and the base model's location (a hub id, or a folder under the data root).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from fastbackend.config import TrainingConfig, parse_training_config
+from fastbackend.errors import FastBackendError, NotFound, ValidationFailed
+from fastbackend.schemas import TrainWithYamlRequest
+from fastbackend.storage import (
+    data_root,
+    datasets_dir,
+    list_names,
+    locked,
+    map_user_path,
+    name_problem,
+    outputs_dir,
+)
+
+Progress = Callable[[dict], None]
+PREFIX = "config.process[0]"
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+# A second job for the same model name waits this long for the first before giving up.
+MODEL_LOCK_TIMEOUT_S = 5
+
+
+def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = None) -> dict:
+    config, warnings = parse_training_config(request.yaml_config if request.yaml_config is not None else request.config)
+    datasets = resolve_datasets(config)
+    model_source = resolve_model(config.process.model.name_or_path)
+    output = resolve_output(config)
+    try:
+        with locked(output, timeout_s=MODEL_LOCK_TIMEOUT_S):
+            return run_training(config, request, datasets, model_source, output, warnings, progress)
+    except BaseException:
+        remove_if_nothing_saved(output)
+        raise
+
+
+def remove_if_nothing_saved(output: Path) -> None:
+    """A run that failed before its first save leaves no model folder behind."""
+    from fastbackend.training.trainer import STATE_FILE
+
+    if output.is_dir() and not any(output.glob("*.safetensors")) and not (output / STATE_FILE).exists():
+        shutil.rmtree(output, ignore_errors=True)
+
+
+def run_training(config: TrainingConfig, request: TrainWithYamlRequest, datasets: list[Path], model_source: str,
+                 output: Path, warnings: list[str], progress: Progress | None) -> dict:
+    from fastbackend.storage import atomic_write_bytes
+    from fastbackend.training.trainer import STATE_FILE, Hooks, TrainJob, train
+
+    if not request.resume:
+        (output / STATE_FILE).unlink(missing_ok=True)
+    if request.yaml_config is not None:
+        atomic_write_bytes(output / "config.yaml", request.yaml_config.encode())
+    job = TrainJob(config, model_source, datasets, output, resume=request.resume, warnings=warnings)
+    hooks = Hooks(on_step=progress or (lambda info: None))
+    try:
+        result = train(job, hooks)
+    except OSError as exc:
+        raise FastBackendError(f"{PREFIX}.model.name_or_path: could not load {config.process.model.name_or_path!r} "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", code="model_load_failed") from None
+    return {
+        "status": "success",
+        "model": config.name,
+        "lora_path": str(result.lora_path),
+        "filename": result.lora_path.name,
+        "size": result.lora_path.stat().st_size,
+        "sha256": result.sha256,
+        "arch": config.process.model.resolved_arch,
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from,
+        "final_loss": result.final_loss,
+        "loss_history": result.loss_history,
+        "duration_s": result.duration_s,
+        "step_saves": [str(p) for p in result.saves],
+        "samples": [str(p) for p in result.samples],
+        "warnings": result.warnings,
+    }
+
+
+def resolve_datasets(config: TrainingConfig) -> list[Path]:
+    """Each ``folder_path`` as an uploaded, non-empty dataset folder; every problem at once."""
+    folders, problems = [], []
+    existing = list_names(datasets_dir())
+    for index, dataset in enumerate(config.process.datasets):
+        field = f"{PREFIX}.datasets[{index}].folder_path"
+        try:
+            folder = dataset_folder(dataset.folder_path, field)
+        except FastBackendError as exc:
+            problems.append(exc.message)
+            continue
+        if not folder.is_dir() or not _has_images(folder):
+            state = "is empty" if folder.is_dir() else "does not exist"
+            problems.append(f"{field}: dataset {folder.name!r} {state}; upload it first "
+                            f"(existing datasets: {existing or 'none'})")
+        folders.append(folder)
+    if problems:
+        raise ValidationFailed.from_problems(problems, code="invalid_dataset")
+    return folders
+
+
+def dataset_folder(text: str, field: str) -> Path:
+    """A bare dataset name, or a path that maps into ``<root>/training_data/``."""
+    if name_problem(text) is None:
+        return datasets_dir() / text
+    folder = map_user_path(text, field)
+    if folder.parent != Path(datasets_dir()).resolve():
+        raise FastBackendError(f"{field}: {text!r} is not a dataset folder; use <data root>/training_data/<name> "
+                               "or just the dataset's name", code="path_outside_root")
+    return folder
+
+
+def _has_images(folder: Path) -> bool:
+    from fastbackend.training.data import read_items
+
+    return bool(read_items(folder, None))
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A hub id as it is, or a local diffusers folder under the data root (never elsewhere)."""
+    field = f"{PREFIX}.model.name_or_path"
+    looks_local = name_or_path.startswith(("/", ".", "~")) or (data_root() / name_or_path).exists()
+    if not looks_local:
+        if HUB_ID.fullmatch(name_or_path) is None:
+            raise FastBackendError(f"{field}: {name_or_path!r} is neither a hub id (org/name) nor a folder under the "
+                                   "data root", code="invalid_config")
+        return name_or_path
+    folder = map_user_path(name_or_path, field)
+    if not (folder / "model_index.json").is_file():
+        raise NotFound(f"{field}: {name_or_path!r} is not a diffusers model folder (no model_index.json)")
+    return str(folder)
+
+
+def resolve_output(config: TrainingConfig) -> Path:
+    """``<root>/output/<name>``: ``training_folder`` must be the data root's output folder."""
+    field = f"{PREFIX}.training_folder"
+    folder = map_user_path(config.process.training_folder, field)
+    if folder != Path(outputs_dir()).resolve():
+        raise FastBackendError(f"{field}: must be the data root's output folder ('output'), got "
+                               f"{config.process.training_folder!r}", code="invalid_config")
+    return folder / config.name
