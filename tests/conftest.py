@@ -26,3 +26,14 @@ def data_root(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "volume"
     monkeypatch.setenv("FASTBACKEND_DATA_DIR", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """Tiny random-weight pipelines of every architecture, built once per session."""
+    from fastbackend import tiny
+
+    folder = tmp_path_factory.mktemp("tiny-models")
+    for arch in tiny.BUILDERS:
+        tiny.build(arch, folder / arch)
+    return folder

@@ -89,12 +89,13 @@ def test_unexpected_exception_is_internal_error_and_worker_keeps_serving(monkeyp
     def broken(request, progress):
         raise KeyError("boom")
 
+    real_resolve = handler_fast.resolve
     monkeypatch.setattr(handler_fast, "resolve", lambda target: broken)
     answer = handler({"id": "1", "input": {"type": "health"}})
     assert answer["error_code"] == "internal_error"
     assert answer["error"] == "internal error (KeyError); see the worker log"
     assert "Traceback" in caplog.text
-    monkeypatch.undo()
+    monkeypatch.setattr(handler_fast, "resolve", real_resolve)
     assert handler({"id": "2", "input": {"type": "health"}})["status"] == "healthy"
 
 

@@ -53,7 +53,7 @@ class Arch:
         import diffusers
 
         pipeline_class = getattr(diffusers, self.pipeline_class_name)
-        options = dict(torch_dtype=dtype, cache_dir=cache_dir, token=os.environ.get("HF_TOKEN") or None)
+        options = dict(dtype=dtype, cache_dir=cache_dir, token=os.environ.get("HF_TOKEN") or None)
         if quantize:
             options[self.denoiser_name] = self._load_quantized(name_or_path, dtype, cache_dir)
         pipe = pipeline_class.from_pretrained(name_or_path, **options)
@@ -66,7 +66,7 @@ class Arch:
 
         model_class = getattr(diffusers, self.denoiser_class_name)
         quantization = diffusers.BitsAndBytesConfig(load_in_8bit=True)
-        return model_class.from_pretrained(name_or_path, subfolder=self.denoiser_name, torch_dtype=dtype,
+        return model_class.from_pretrained(name_or_path, subfolder=self.denoiser_name, dtype=dtype,
                                            cache_dir=cache_dir, quantization_config=quantization,
                                            token=os.environ.get("HF_TOKEN") or None)
 

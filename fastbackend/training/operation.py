@@ -7,6 +7,7 @@ output folder, and the base model's location (a hub id, or a folder under the da
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from pathlib import Path
@@ -51,6 +52,8 @@ def remove_if_nothing_saved(output: Path) -> None:
 
     if output.is_dir() and not any(output.glob("*.safetensors")) and not (output / STATE_FILE).exists():
         shutil.rmtree(output, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            output.parent.rmdir()  # only when no other model is there
 
 
 def run_training(config: TrainingConfig, request: TrainWithYamlRequest, datasets: list[Path], model_source: str,

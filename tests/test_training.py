@@ -1,0 +1,182 @@
+"""Training from the user's YAML on tiny random-weight models of every architecture, on the CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from handler_fast import handler
+from tests.training_helpers import FIXTURE_YAML, LOCAL_FIXTURE_YAML, install_model, train, upload_photos, user_yaml
+
+ARCHES = ["flux", "flux_schnell", "sdxl", "sd15"]
+
+
+def read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(path, framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
+
+
+def render(pipeline_folder: str, lora_path: str | None, arch: str):
+    """One image at 64 px from a fresh pipeline, with or without the LoRA, for a fixed seed."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(pipeline_folder)
+    pipe.set_progress_bar_config(disable=True)
+    if lora_path:
+        pipe.load_lora_weights(lora_path, adapter_name="trained")
+    options = {"max_sequence_length": 32} if arch.startswith("flux") else {}
+    return pipe("Matt, photo", num_inference_steps=2, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(0), **options).images
+
+
+def test_repository_copy_of_the_user_config_matches_the_shared_one():
+    if FIXTURE_YAML.exists():
+        assert LOCAL_FIXTURE_YAML.read_text() == FIXTURE_YAML.read_text()
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_user_yaml_trains_a_lora_that_loads_in_diffusers_and_changes_the_output(arch, tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, arch)
+    upload_photos()
+    family = "flux" if arch.startswith("flux") else arch
+    answer = train(user_yaml(model_path, family, steps=4, replacements={"linear: 16": "linear: 4",
+                                                                          "linear_alpha: 16": "linear_alpha: 8",
+                                                                          "sample_every: 100": "sample_every: 2"}))
+    assert answer["status"] == "success", answer
+    assert answer["steps"] == 4 and answer["arch"] == family
+    assert all(math.isfinite(loss) for _, loss in answer["loss_history"]) and len(answer["loss_history"]) == 4
+    assert len(answer["samples"]) == 6  # three prompts at step 2 and at the end
+
+    tensors, metadata = read_lora(answer["lora_path"])
+    if family == "flux":
+        assert all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in tensors)
+        assert any(k.startswith("transformer.single_transformer_blocks.") for k in tensors)
+    else:
+        assert all(k.startswith("lora_unet_") for k in tensors)
+        alphas = [v for k, v in tensors.items() if k.endswith(".alpha")]
+        assert alphas and all(float(a) == 8.0 for a in alphas)
+        assert any(k.endswith(".lora_down.weight") for k in tensors) and any(k.endswith(".lora_up.weight") for k in tensors)
+    assert all(v.dtype == torch.float16 for k, v in tensors.items() if not k.endswith(".alpha"))
+    up_weights = [v for k, v in tensors.items() if "lora_B" in k or "lora_up" in k]
+    assert any(v.abs().sum() > 0 for v in up_weights), "lora_B starts at zero: training must move it"
+    assert metadata["fastbackend_arch"] == family and metadata["ss_network_dim"] == "4"
+    assert metadata["ss_network_alpha"] == "8.0" and metadata["ss_steps"] == "4"
+    assert metadata["ss_sd_model_name"] == model_path and metadata["ss_resolution"] == "[64]"
+    assert len(metadata["ss_dataset_hash"]) == 16
+
+    folder = str(data_root / "models" / arch)
+    before = render(folder, None, arch)
+    after = render(folder, answer["lora_path"], arch)
+    assert before.shape == after.shape and not (before == after).all()
+
+
+def test_fixed_batch_learns(tiny_models, data_root):
+    """With the batch, noise and timesteps fixed, the loss must fall: the LoRA learns."""
+    from fastbackend.config import parse_training_config
+    from fastbackend.training import trainer
+
+    model_path = install_model(tiny_models, data_root, "sd15")
+    upload_photos(count=1)
+    config, _ = parse_training_config(user_yaml(model_path, "sd15", replacements={
+        "lr: 0.0001": "lr: 0.01", "caption_dropout_rate: 0.05": "caption_dropout_rate: 0.0", "use_ema: true": "use_ema: false"}))
+    job = trainer.TrainJob(config, str(data_root / "models" / "sd15"), [data_root / "training_data" / "matt_training_test"],
+                           data_root / "output" / "fixed", resume=False)
+    run = trainer.set_up(job)
+    batch = trainer.next_batch(run)
+    losses = []
+    for _ in range(15):
+        torch.manual_seed(0)  # same noise and timesteps every step
+        loss = trainer.compute_loss(run, batch)
+        run.accelerator.backward(loss)
+        run.optimizer.step()
+        run.optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_list_models_shows_the_trained_lora(tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    answer = train(user_yaml(model_path, steps=2))
+    listing = handler({"id": "l", "input": {"type": "list_models"}})
+    final = next(m for m in listing["models"] if m["filename"] == "nowy_dataset_1.3.safetensors")
+    assert (final["arch"], final["rank"], final["steps"], final["base_model"]) == ("flux", 16, 2, model_path)
+    assert final["sha256"] == answer["sha256"] and final["size"] == answer["size"]
+
+
+def test_step_saves_keep_the_newest(tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    answer = train(user_yaml(model_path, steps=6, replacements={"save_every: 2000": "save_every: 2",
+                                                                "max_step_saves_to_keep: 1": "max_step_saves_to_keep: 2",
+                                                                "sample_every: 100": "sample_every: 1000"}))
+    output = data_root / "output" / "nowy_dataset_1.3"
+    assert [p.rsplit("/", 1)[1] for p in answer["step_saves"]] == [
+        "nowy_dataset_1.3_000000002.safetensors", "nowy_dataset_1.3_000000004.safetensors"][-2:]
+    assert sorted(p.name for p in output.glob("*.safetensors")) == [
+        "nowy_dataset_1.3.safetensors", "nowy_dataset_1.3_000000002.safetensors", "nowy_dataset_1.3_000000004.safetensors"]
+    assert (output / "config.yaml").exists() and (output / "metadata.json").exists()
+
+
+def test_a_crashed_run_resumes_from_its_last_save(tiny_models, data_root, monkeypatch):
+    from fastbackend.training import trainer
+
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    yaml_text = user_yaml(model_path, steps=5, replacements={"save_every: 2000": "save_every: 2",
+                                                             "sample_every: 100": "sample_every: 1000"})
+    real_report = trainer.report_step
+
+    def crash_at_step_3(run, *args):
+        real_report(run, *args)
+        if run.step == 3:
+            raise RuntimeError("worker killed")
+
+    monkeypatch.setattr(trainer, "report_step", crash_at_step_3)
+    crashed = train(yaml_text)
+    assert crashed["error_code"] == "internal_error"
+    monkeypatch.setattr(trainer, "report_step", real_report)
+    output = data_root / "output" / "nowy_dataset_1.3"
+    assert (output / "training_state.pt").exists() and not (output / "nowy_dataset_1.3.safetensors").exists()
+    resumed = train(yaml_text)
+    assert resumed["status"] == "success", resumed
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 5
+    assert [step for step, _ in resumed["loss_history"]] == [1, 2, 3, 4, 5]
+    assert "resumed from the saved state at step 2" in resumed["warnings"]
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_save(tiny_models, data_root, monkeypatch):
+    from fastbackend.training import trainer
+
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    real_loss = trainer.compute_loss
+
+    def nan_from_step_4(run, batch):
+        loss = real_loss(run, batch)
+        return loss * float("nan") if run.step >= 3 else loss
+
+    monkeypatch.setattr(trainer, "compute_loss", nan_from_step_4)
+    answer = train(user_yaml(model_path, steps=6, replacements={"save_every: 2000": "save_every: 2",
+                                                                "sample_every: 100": "sample_every: 1000"}))
+    assert answer["error_code"] == "non_finite_loss"
+    assert answer["error"] == ("training stopped: the loss became nan at step 4; "
+                               "the last good save is kept (nowy_dataset_1.3_000000002.safetensors)")
+    assert (data_root / "output" / "nowy_dataset_1.3" / "nowy_dataset_1.3_000000002.safetensors").exists()
+
+
+def test_progress_reports_every_step(tiny_models, data_root):
+    from fastbackend.schemas import TrainWithYamlRequest
+    from fastbackend.training.operation import train_with_yaml
+
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    seen = []
+    request = TrainWithYamlRequest(type="train_with_yaml", yaml_config=user_yaml(model_path, steps=3))
+    train_with_yaml(request, progress=seen.append)
+    assert [info["step"] for info in seen] == [1, 2, 3]
+    assert set(seen[0]) == {"step", "total_steps", "loss", "lr", "s_per_step", "eta_s"}
+    assert seen[-1]["eta_s"] == 0

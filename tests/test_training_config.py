@@ -1,0 +1,121 @@
+"""The ai-toolkit config: what is read, what is ignored with a warning, what is refused (and nothing written)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastbackend.config import parse_training_config
+from fastbackend.errors import ValidationFailed
+from tests.test_upload import snapshot
+from tests.training_helpers import fixture_yaml, install_model, train, upload_photos, user_yaml
+
+
+def test_the_users_config_parses_unchanged():
+    config, warnings = parse_training_config(fixture_yaml())
+    process = config.process
+    assert config.name == "nowy_dataset_1.3" and process.model.resolved_arch == "flux"
+    assert process.train.lr == 0.0001 and process.train.steps == 2000 and process.train.gradient_accumulation_steps == 4
+    assert process.network.rank == 16 and process.network.alpha == 16
+    assert process.datasets[0].resolution == [512, 768, 1024, 1280]
+    assert process.train.ema_config.use_ema and process.train.ema_config.ema_decay == 0.99
+    assert process.sample.prompts[1] == "Matt, portrait, upper body"
+    assert warnings == []
+
+
+def test_numbers_are_read_as_ai_toolkit_reads_them_and_name_is_substituted():
+    text = fixture_yaml().replace("lr: 0.0001", "lr: 1e-4").replace("neg: ''", "neg: '[name], blurry'")
+    config, _ = parse_training_config(text)
+    assert config.process.train.lr == 1e-4
+    assert config.process.sample.negative_prompt == "nowy_dataset_1.3, blurry"
+
+
+def test_known_but_unused_keys_are_accepted_with_a_warning():
+    text = fixture_yaml().replace("      quantize: true", "      quantize: true\n      low_vram: true")
+    _, warnings = parse_training_config(text)
+    assert warnings == ["config.process[0].model.low_vram: ignored (memory is managed by unloading encoders after caching)"]
+
+
+def test_already_parsed_config_object_is_accepted():
+    import yaml
+
+    config, _ = parse_training_config(yaml.safe_load(fixture_yaml()))
+    assert config.process.train.lr == 0.0001
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("steps: 2000", "stpes: 2000"), "config.process[0].train.stpes: unknown key; did you mean 'steps'?"),
+    (("lr: 0.0001", "lr: -1"), "config.process[0].train.lr: must be > 0, got -1"),
+    (("optimizer: adamw8bit", "optimizer: adamw9bit"),
+     "config.process[0].train.optimizer: input should be 'adamw', 'adamw8bit', 'adam', 'adam8bit', 'sgd' or 'prodigy', got 'adamw9bit'"),
+    (("job: extension", "job: extensions"), "job: input should be 'extension', got 'extensions'"),
+    (("linear: 16", "linear: 0"), "config.process[0].network.linear: must be > 0, got 0"),
+    (("name: nowy_dataset_1.3", "name: ../evil"),
+     "config.name: must be 1-64 characters from A-Z a-z 0-9 . _ -, not starting with a dot, got '../evil'"),
+])
+def test_bad_values_are_refused_with_their_path(change, message):
+    with pytest.raises(ValidationFailed) as caught:
+        parse_training_config(fixture_yaml().replace(*change))
+    assert caught.value.details == [message]
+
+
+def test_every_problem_is_reported_at_once():
+    text = fixture_yaml().replace("steps: 2000", "stpes: 2000").replace("lr: 0.0001", "lr: 0").replace("is_flux: true", "is_fluxx: true")
+    with pytest.raises(ValidationFailed, match=r"\(and 2 more problem\(s\), see details\)"):
+        parse_training_config(text)
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize(("yaml_text", "message"), [
+    (ALIAS_BOMB, "yaml_config: expands to over 20,000 values (a YAML alias bomb?)"),
+    ("!!python/object/apply:os.system ['echo pwned']", "yaml_config: not valid YAML"),
+    ("job: [unclosed", "yaml_config: not valid YAML"),
+    ("- just\n- a list", "config: must be a mapping with `job` and `config`, got ['just', 'a list']"),
+])
+def test_unsafe_or_malformed_yaml_is_refused(yaml_text, message):
+    with pytest.raises(ValidationFailed) as caught:
+        parse_training_config(yaml_text)
+    assert caught.value.message.startswith(message)
+
+
+def refused(data_root, yaml_text: str) -> dict:
+    before = snapshot(data_root)
+    answer = train(yaml_text)
+    assert answer["status"] == "error"
+    assert snapshot(data_root) == before, "a refused config must not write anything"
+    return answer
+
+
+def test_refusals_write_nothing(tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, "flux")
+    assert refused(data_root, user_yaml(model_path))["error"] == (
+        "config.process[0].datasets[0].folder_path: dataset 'matt_training_test' does not exist; "
+        "upload it first (existing datasets: none)")
+    upload_photos()
+    outside = refused(data_root, user_yaml(model_path).replace("/workspace/training_data/matt_training_test", "/etc"))
+    assert outside["error"] == f"config.process[0].datasets[0].folder_path: path '/etc' is outside the data root '{data_root}'"
+    escape = refused(data_root, user_yaml(model_path).replace("matt_training_test", "../../etc"))
+    assert escape["error_code"] == "invalid_dataset" and "outside the data root" in escape["error"]
+    model_outside = refused(data_root, user_yaml("/etc/models/flux"))
+    assert model_outside["error"] == (f"config.process[0].model.name_or_path: path '/etc/models/flux' is outside the "
+                                      f"data root '{data_root}'")
+    not_model = refused(data_root, user_yaml("/workspace/training_data"))
+    assert not_model["error"] == ("config.process[0].model.name_or_path: '/workspace/training_data' is not a diffusers "
+                                  "model folder (no model_index.json)")
+    bad_folder = refused(data_root, user_yaml(model_path).replace("training_folder: output", "training_folder: /tmp"))
+    assert bad_folder["error"] == f"config.process[0].training_folder: path '/tmp' is outside the data root '{data_root}'"
+    typo = refused(data_root, user_yaml(model_path).replace("  steps: 4", "  stpes: 4"))
+    assert typo["error"] == "config.process[0].train.stpes: unknown key; did you mean 'steps'?"
+    negative = refused(data_root, user_yaml(model_path).replace("lr: 0.0001", "lr: -1"))
+    assert negative["error"] == "config.process[0].train.lr: must be > 0, got -1"
+    assert refused(data_root, ALIAS_BOMB)["error"] == "yaml_config: expands to over 20,000 values (a YAML alias bomb?)"
+
+
+def test_a_hub_model_that_cannot_be_fetched_leaves_nothing(data_root, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    upload_photos()
+    answer = refused(data_root, user_yaml("nobody/no-such-model"))
+    assert answer["error_code"] == "model_load_failed"
+    assert answer["error"].startswith("config.process[0].model.name_or_path: could not load 'nobody/no-such-model'")

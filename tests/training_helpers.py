@@ -1,0 +1,55 @@
+"""Shared set-up for training tests: a tiny model on the volume, a small dataset, the user's YAML."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from handler_fast import handler
+from tests.photos import b64, nine_photos
+
+FIXTURE_YAML = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "training.yaml"
+LOCAL_FIXTURE_YAML = Path(__file__).resolve().parent / "fixtures" / "training.yaml"
+
+
+def fixture_yaml() -> str:
+    """The config the user trains with (shared copy when present, else the repository's copy)."""
+    return (FIXTURE_YAML if FIXTURE_YAML.exists() else LOCAL_FIXTURE_YAML).read_text()
+
+
+def install_model(tiny_models: Path, data_root: Path, arch: str) -> str:
+    """Copy a tiny model onto the volume, where a user's own model folder would be; returns its path."""
+    target = data_root / "models" / arch
+    if not target.exists():
+        shutil.copytree(tiny_models / arch, target)
+    return f"/workspace/models/{arch}"
+
+
+def upload_photos(count: int = 3, name: str = "matt_training_test") -> dict:
+    photos = nine_photos()[:count]
+    answer = handler({"id": "up", "input": {"type": "upload_training_data", "training_name": name,
+                                            "files": [{"filename": n, "content": b64(d), "caption": c} for n, d, c in photos]}})
+    assert answer["status"] == "success", answer
+    return answer
+
+
+def user_yaml(model_path: str, arch: str = "flux", steps: int = 4, resolutions=(64,),
+              replacements: dict[str, str] | None = None) -> str:
+    """The fixture YAML with only the model path, steps and resolutions changed (and sample sizes made tiny)."""
+    text = fixture_yaml()
+    text = text.replace("name_or_path: black-forest-labs/FLUX.1-dev", f"name_or_path: {model_path}")
+    text = text.replace("steps: 2000", f"steps: {steps}")
+    text = text.replace("      - 512\n      - 768\n      - 1024\n      - 1280\n",
+                        "".join(f"      - {r}\n" for r in resolutions))
+    if arch != "flux":
+        text = text.replace("is_flux: true", f"arch: {arch}")
+    text = text.replace("width: 1024", "width: 64").replace("height: 1280", "height: 64")
+    text = text.replace("sample_steps: 20", "sample_steps: 2")
+    for old, new in (replacements or {}).items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+def train(yaml_text: str, **extra) -> dict:
+    return handler({"id": "train", "input": {"type": "train_with_yaml", "yaml_config": yaml_text, **extra}})
