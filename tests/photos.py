@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import base64
-import io
-import random
 import struct
 import zlib
 
 from PIL import Image
+
+from fastbackend.demo import synthetic_photo
 
 EXIF_ORIENTATION = 0x0112
 # (width, height, format, EXIF orientation or None): nine photos of "one person".
@@ -20,19 +20,13 @@ NINE = [
 
 
 def photo(width: int, height: int, fmt: str = "JPEG", orientation: int | None = None, seed: int = 0) -> bytes:
-    """A noisy gradient photo (noise keeps JPEG sizes realistic and every photo distinct)."""
-    rng = random.Random(seed)
-    image = Image.radial_gradient("L").resize((width, height)).convert("RGB")
-    noise = Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3))
-    image = Image.blend(image, noise, 0.5)
-    out = io.BytesIO()
-    options = {}
+    """A photo-like image, optionally tagged with an EXIF orientation."""
+    exif = None
     if orientation:
-        exif = Image.Exif()
-        exif[EXIF_ORIENTATION] = orientation
-        options["exif"] = exif.tobytes()
-    image.save(out, format=fmt, **options)
-    return out.getvalue()
+        tags = Image.Exif()
+        tags[EXIF_ORIENTATION] = orientation
+        exif = tags.tobytes()
+    return synthetic_photo(width, height, seed, fmt, exif)
 
 
 def nine_photos() -> list[tuple[str, bytes, str]]:

@@ -9,7 +9,7 @@ from handler_fast import handler
 from tests.photos import b64, nine_photos
 
 FIXTURE_YAML = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "training.yaml"
-LOCAL_FIXTURE_YAML = Path(__file__).resolve().parent / "fixtures" / "training.yaml"
+LOCAL_FIXTURE_YAML = Path(__file__).resolve().parent.parent / "examples" / "training.yaml"
 
 
 def fixture_yaml() -> str:
