@@ -86,8 +86,8 @@ class DatasetConfig(Section):
     caption_dropout_rate: float = Field(0.05, ge=0, le=1, description="Chance to train a step with an empty caption.")
     shuffle_tokens: bool = Field(False, description="Shuffle the comma-separated parts of captions each step.")
     keep_tokens: int = Field(0, ge=0, description="Leading caption parts never shuffled.")
-    cache_latents: bool = True
-    cache_latents_to_disk: bool = False
+    cache_latents: bool = Field(True, description="Encode each image once; false: the VAE encodes it every step.")
+    cache_latents_to_disk: bool = Field(False, description="Also keep the latents beside the dataset for later runs.")
     resolution: list[int] = Field(default_factory=lambda: [512])
     num_repeats: int = Field(1, gt=0, description="Relative sampling weight of this dataset.")
     default_caption: str | None = None
@@ -126,7 +126,6 @@ class TrainConfig(Section):
         "skip_first_sample": "no sample is made at step 0",
         "content_or_style": "timesteps follow `timestep_type`",
         "unload_text_encoder": "text encoders leave the device after caching anyway",
-        "cache_text_embeddings": "text embeddings are always cached unless captions change per step",
         "loss_type": "the loss is mean squared error",
         "start_step": "resume continues from the newest saved state",
         "bypass_guidance_embedding": "not supported",
@@ -156,6 +155,7 @@ class TrainConfig(Section):
     dtype: DTYPES = "bf16"
     seed: int | None = Field(None, ge=0)
     disable_sampling: bool = False
+    cache_text_embeddings: bool = Field(True, description="Encode each caption once; false: every step.")
 
     @field_validator("optimizer_params")
     @classmethod

@@ -175,6 +175,13 @@ class LatentCache:
                        "sizes": torch.tensor(example.sizes)}, str(tmp))
 
 
+def encode_example(example: Example, encode) -> tuple[torch.Tensor, torch.Tensor]:
+    """The example's latent mean and std, straight from its image through ``encode`` (the VAE)."""
+    pixels, example.sizes = load_pixels(example.item.path, example.bucket)
+    mean, std = encode(pixels.unsqueeze(0))
+    return mean[0], std[0]
+
+
 def cache_latents(examples: list[Example], encode, caches: dict[Path, LatentCache]) -> int:
     """Fill each example's latent mean/std (from disk when cached); returns how many were encoded."""
     encoded = 0
@@ -182,9 +189,7 @@ def cache_latents(examples: list[Example], encode, caches: dict[Path, LatentCach
         cache = caches[example.item.path.parent]
         if cache.load(example):
             continue
-        pixels, example.sizes = load_pixels(example.item.path, example.bucket)
-        mean, std = encode(pixels.unsqueeze(0))
-        example.mean, example.std = mean[0], std[0]
+        example.mean, example.std = encode_example(example, encode)
         cache.store(example)
         encoded += 1
     return encoded

@@ -214,13 +214,15 @@ def _bitsandbytes_available() -> bool:
 
 
 class TextCache:
-    """Caption -> conditioning tensors, encoded once each; keeps encoding on demand when needed."""
+    """Caption -> conditioning tensors, encoded once each (or every time, with ``memoize`` off)."""
 
-    def __init__(self, arch: Arch, pipe, device: torch.device):
-        self.arch, self.pipe, self.device = arch, pipe, device
+    def __init__(self, arch: Arch, pipe, device: torch.device, memoize: bool = True):
+        self.arch, self.pipe, self.device, self.memoize = arch, pipe, device, memoize
         self.cache: dict[str, dict[str, torch.Tensor]] = {}
 
     def get(self, caption: str) -> dict[str, torch.Tensor]:
+        if not self.memoize:
+            return self.arch.encode_prompt(self.pipe, caption)
         if caption not in self.cache:
             self.cache[caption] = self.arch.encode_prompt(self.pipe, caption)
         return self.cache[caption]
@@ -228,6 +230,12 @@ class TextCache:
     def batch(self, captions: list[str]) -> dict[str, torch.Tensor]:
         conds = [self.get(caption) for caption in captions]
         return {key: torch.cat([c[key] for c in conds]).to(self.device) for key in conds[0]}
+
+
+def encoders_stay(process) -> bool:
+    """Whether steps still need the VAE or text encoders (anything not cached up front)."""
+    return (not process.train.cache_text_embeddings
+            or any(d.shuffle_tokens or not (d.cache_latents or d.cache_latents_to_disk) for d in process.datasets))
 
 
 def prepare_data(arch: Arch, pipe, job: TrainJob, device: torch.device, rng: random.Random):
@@ -238,19 +246,22 @@ def prepare_data(arch: Arch, pipe, job: TrainJob, device: torch.device, rng: ran
     for folder, dataset_cfg in zip(job.dataset_folders, process.datasets):
         found = data.read_items(folder, dataset_cfg.default_caption)
         items += found
-        examples += data.make_examples(found, dataset_cfg.resolution, multiple, process.trigger_word,
-                                       dataset_cfg.num_repeats)
-        cache_folder = folder / data.CACHE_DIR / "latents" / _model_key(job) if dataset_cfg.cache_latents_to_disk else None
-        caches[folder] = data.LatentCache(cache_folder)
+        made = data.make_examples(found, dataset_cfg.resolution, multiple, process.trigger_word, dataset_cfg.num_repeats)
+        if dataset_cfg.cache_latents or dataset_cfg.cache_latents_to_disk:
+            cache_folder = folder / data.CACHE_DIR / "latents" / _model_key(job) if dataset_cfg.cache_latents_to_disk else None
+            caches[folder] = data.LatentCache(cache_folder)
+        examples += made
     started = time.monotonic()
-    encoded = data.cache_latents(examples, lambda pixels: arch.encode_pixels(pipe, pixels), caches)
-    texts = TextCache(arch, pipe, device)
-    for caption in {e.caption for e in examples} | {""}:
-        texts.get(caption)
-    log.info("cached %d latents (%d encoded, %d from disk) and %d captions in %.1fs", len(examples), encoded,
-             len(examples) - encoded, len(texts.cache), time.monotonic() - started)
-    if not any(d.shuffle_tokens for d in process.datasets):
-        offload_encoders(arch, pipe)  # every caption the run can draw is cached
+    cached = [e for e in examples if e.item.path.parent in caches]
+    encoded = data.cache_latents(cached, lambda pixels: arch.encode_pixels(pipe, pixels), caches)
+    texts = TextCache(arch, pipe, device, memoize=process.train.cache_text_embeddings)
+    if texts.memoize:
+        for caption in {e.caption for e in examples} | {""}:
+            texts.get(caption)
+    log.info("cached %d of %d latents (%d encoded, %d from disk) and %d captions in %.1fs", len(cached),
+             len(examples), encoded, len(cached) - encoded, len(texts.cache), time.monotonic() - started)
+    if not encoders_stay(process):
+        offload_encoders(arch, pipe)
     return texts, data.BucketSampler(examples, process.train.batch_size, rng), data.dataset_hash(items)
 
 
@@ -361,13 +372,21 @@ def next_batch(run: Run) -> Batch:
     captions = [data.caption_for_step(e.caption, o, run.rng) for e, o in zip(examples, options)]
     dtype = next(run.denoiser.parameters()).dtype
     device = run.accelerator.device
-    mean = torch.stack([e.mean for e in examples]).to(device)
-    std = torch.stack([e.std for e in examples]).to(device)
+    posteriors = [latent_posterior(run, e) for e in examples]
+    mean = torch.stack([m for m, _ in posteriors]).to(device)
+    std = torch.stack([s for _, s in posteriors]).to(device)
     raw = mean + std * torch.randn_like(mean)  # a fresh draw from the VAE's posterior each step
     latents = run.arch.scale_latents(run.pipe, raw).to(dtype)
     sizes = torch.tensor([e.sizes for e in examples])
     cond = {k: v.to(dtype) for k, v in run.texts.batch(captions).items()}
     return Batch(latents=latents, cond=cond, sizes=sizes)
+
+
+def latent_posterior(run: Run, example: data.Example) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached latent mean/std, or (``cache_latents: false``) the VAE's output for this step."""
+    if example.mean is not None:
+        return example.mean, example.std
+    return data.encode_example(example, lambda pixels: run.arch.encode_pixels(run.pipe, pixels))
 
 
 def caption_options(run: Run, example: data.Example) -> data.CaptionOptions:
@@ -551,7 +570,7 @@ def sample(run: Run) -> list[Path]:
                 paths.append(save_image(image, run.job.output / "samples" / f"{run.step:09d}_{index}.{sample_cfg.format}"))
     finally:
         run.denoiser.train()
-        if not any(d.shuffle_tokens for d in run.job.config.process.datasets):
+        if not encoders_stay(run.job.config.process):
             offload_encoders(run.arch, run.pipe)
     run.samples += paths
     return paths

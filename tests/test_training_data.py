@@ -1,0 +1,79 @@
+"""Captions, trigger words, buckets and the latent cache."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from fastbackend.training import data
+from tests.training_helpers import install_model, train, upload_photos, user_yaml
+
+
+@pytest.mark.parametrize(("caption", "trigger", "expected"), [
+    ("a man, photo", "Matt", "Matt, a man, photo"),
+    ("[trigger] smiling, photo", "p3r5on", "p3r5on smiling, photo"),
+    ("Matt at the beach", "Matt", "Matt at the beach"),
+    ("", "Matt", "Matt"),
+    ("[trigger] smiling", None, "smiling"),
+])
+def test_trigger_word_follows_ai_toolkit(caption, trigger, expected):
+    assert data.apply_trigger(caption, trigger) == expected
+
+
+def test_caption_dropout_and_shuffle_keep_leading_tokens():
+    options = data.CaptionOptions(dropout_rate=0.0, shuffle=True, keep_tokens=1)
+    rng = random.Random(0)
+    shuffled = {data.caption_for_step("Matt, a, b, c, d", options, rng) for _ in range(50)}
+    assert len(shuffled) > 1 and all(s.startswith("Matt, ") for s in shuffled)
+    assert sorted(next(iter(shuffled)).split(", ")) == sorted(["Matt", "a", "b", "c", "d"])
+    always_dropped = data.CaptionOptions(dropout_rate=1.0)
+    assert data.caption_for_step("Matt", always_dropped, rng) == ""
+
+
+@pytest.mark.parametrize(("size", "resolution", "multiple", "bucket"), [
+    ((4032, 3024), 1024, 16, (1152, 832)),   # a 4:3 phone photo at 1024: ~1M pixels, sides in 64s
+    ((3024, 4032), 512, 16, (384, 576)),
+    ((1000, 1000), 768, 64, (768, 768)),
+    ((300, 300), 512, 16, (256, 256)),       # smaller than the resolution: its own size, snapped
+    ((640, 480), 64, 4, (72, 52)),           # tiny test resolutions snap to the model's own step
+])
+def test_buckets_keep_aspect_and_area(size, resolution, multiple, bucket):
+    assert data.bucket_for(*size, resolution, multiple) == bucket
+
+
+def test_latents_cached_to_disk_are_reused_by_the_next_run(tiny_models, data_root, monkeypatch):
+    model_path = install_model(tiny_models, data_root, "sdxl")
+    upload_photos()
+    yaml_text = user_yaml(model_path, "sdxl", steps=2, resolutions=(64, 96))
+    assert train(yaml_text)["status"] == "success"
+    cached = list((data_root / "training_data" / "matt_training_test" / ".cache" / "latents").rglob("*.safetensors"))
+    assert len(cached) == 6  # 3 images x 2 resolutions
+
+    def no_encoding(*args):
+        raise AssertionError("latents should come from the disk cache")
+
+    monkeypatch.setattr(data, "encode_example", no_encoding)
+    again = train(yaml_text, resume=False)
+    assert again["status"] == "success", again
+    assert handler_lists_one_dataset()
+
+
+def handler_lists_one_dataset() -> bool:
+    from handler_fast import handler
+
+    listing = handler({"id": "l", "input": {"type": "list_datasets"}})
+    return listing["total_count"] == 1 and listing["datasets"][0]["image_count"] == 3
+
+
+def test_training_without_any_caching_and_with_shuffled_captions(tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, "sd15")
+    upload_photos()
+    yaml_text = user_yaml(model_path, "sd15", steps=3, replacements={
+        "cache_latents_to_disk: true": "cache_latents_to_disk: false\n      cache_latents: false",
+        "shuffle_tokens: false": "shuffle_tokens: true",
+        "dtype: bf16": "dtype: bf16\n      cache_text_embeddings: false",
+        "sample_every: 100": "sample_every: 1000"})
+    answer = train(yaml_text)
+    assert answer["status"] == "success", answer
+    assert not (data_root / "training_data" / "matt_training_test" / ".cache").exists()
