@@ -49,26 +49,26 @@ class Arch:
     denoiser_name = "unet"
     denoiser_class_name = "UNet2DConditionModel"
 
-    def load(self, name_or_path: str, dtype: torch.dtype, cache_dir: str, quantize: bool):
+    def load(self, name_or_path: str, dtype: torch.dtype, cache_dir: str, quantize: bool, revision: str | None = None):
         import diffusers
 
         pipeline_class = getattr(diffusers, self.pipeline_class_name)
-        options = dict(dtype=dtype, cache_dir=cache_dir, token=os.environ.get("HF_TOKEN") or None)
+        # HF_TOKEN (gated models) is passed, never logged or returned.
+        options = dict(dtype=dtype, cache_dir=cache_dir, revision=revision, token=os.environ.get("HF_TOKEN") or None)
         if quantize:
-            options[self.denoiser_name] = self._load_quantized(name_or_path, dtype, cache_dir)
+            options[self.denoiser_name] = self._load_quantized(name_or_path, options)
         pipe = pipeline_class.from_pretrained(name_or_path, **options)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def _load_quantized(self, name_or_path: str, dtype: torch.dtype, cache_dir: str):
+    def _load_quantized(self, name_or_path: str, options: dict):
         """The denoiser with 8-bit base weights (bitsandbytes); LoRA layers stay in full precision."""
         import diffusers
 
         model_class = getattr(diffusers, self.denoiser_class_name)
         quantization = diffusers.BitsAndBytesConfig(load_in_8bit=True)
-        return model_class.from_pretrained(name_or_path, subfolder=self.denoiser_name, dtype=dtype,
-                                           cache_dir=cache_dir, quantization_config=quantization,
-                                           token=os.environ.get("HF_TOKEN") or None)
+        return model_class.from_pretrained(name_or_path, subfolder=self.denoiser_name,
+                                           quantization_config=quantization, **options)
 
     def denoiser(self, pipe) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_name)

@@ -196,7 +196,7 @@ def load_pipeline(arch: Arch, job: TrainJob, device: torch.device, weight_dtype:
         job.warnings.append("config.process[0].model.quantize: 8-bit base weights need CUDA and bitsandbytes; "
                             "the base model is kept in full precision")
     log.info("loading %s model %s (%s, %s)", arch.name, model_cfg.name_or_path, device, weight_dtype)
-    pipe = arch.load(job.model_source, weight_dtype, str(hf_cache_dir()), quantize)
+    pipe = arch.load(job.model_source, weight_dtype, str(hf_cache_dir()), quantize, model_cfg.revision)
     if not quantize:
         pipe.to(device)
     else:
