@@ -144,6 +144,12 @@ def main() -> None:
     logging.basicConfig(
         level=os.environ.get("FASTBACKEND_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s"
     )
+    if not (os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL")):
+        # The SDK logs whole job inputs and outputs at DEBUG, its default: base64 photos and
+        # LoRA chunks would fill the log. `--rp_log_level DEBUG` still turns them on.
+        from runpod.serverless.modules.rp_logger import RunPodLogger
+
+        RunPodLogger().set_level("INFO")
     runpod.serverless.start({"handler": handler})
 
 

@@ -26,6 +26,14 @@ def test_test_input_health_exits_zero():
     assert "'status': 'healthy'" in result.stdout
 
 
+def test_job_bodies_are_not_logged():
+    secret = "U0VDUkVU" * 20
+    result = run_worker("handler_fast.py", "--test_input", json.dumps({"input": {"type": "health", "deep": secret}}))
+    assert result.returncode == 1
+    assert secret not in result.stdout + result.stderr
+    assert "<string of 160 characters>" in result.stdout
+
+
 def test_test_input_unknown_type_exits_one_and_lists_types():
     result = run_worker("handler_fast.py", "--test_input", '{"input": {"type": "bogus"}}')
     assert result.returncode == 1
