@@ -131,3 +131,15 @@ def test_data_root_falls_back_to_local_data(monkeypatch, tmp_path):
     assert storage.data_root() == tmp_path / "data"
     (tmp_path / "no-volume").mkdir()
     assert storage.data_root() == tmp_path / "no-volume"
+
+
+def test_progress_goes_to_runpod_at_most_every_interval(monkeypatch):
+    sent = []
+    monkeypatch.setenv("RUNPOD_WEBHOOK_POST_OUTPUT", "https://example.invalid/job-done")
+    monkeypatch.setattr(handler_fast.runpod.serverless, "progress_update", lambda job, info: sent.append(info))
+    clock = iter([100.0, 101.0, 104.9, 105.1, 105.2])
+    monkeypatch.setattr(handler_fast.time, "monotonic", lambda: next(clock))
+    send = handler_fast.progress_sender({"id": "j"})
+    for step in range(1, 6):
+        send({"step": step})
+    assert [info["step"] for info in sent] == [1, 4]

@@ -77,3 +77,35 @@ def test_training_without_any_caching_and_with_shuffled_captions(tiny_models, da
     answer = train(yaml_text)
     assert answer["status"] == "success", answer
     assert not (data_root / "training_data" / "matt_training_test" / ".cache").exists()
+
+
+@pytest.mark.parametrize(("name", "params", "expected"), [
+    ("adamw", {"weight_decay": 0.01}, "AdamW"),
+    ("adamw8bit", {}, "AdamW"),  # no CUDA here: falls back, with a warning
+    ("sgd", {"momentum": 0.9}, "SGD"),
+    ("prodigy", {}, "Prodigy"),
+])
+def test_optimizers(name, params, expected):
+    import torch
+
+    from fastbackend.config import TrainConfig
+    from fastbackend.training.trainer import make_optimizer
+
+    warnings: list[str] = []
+    config = TrainConfig(optimizer=name, optimizer_params=params, lr=1.0 if name == "prodigy" else 1e-4)
+    optimizer = make_optimizer(config, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"), warnings)
+    assert type(optimizer).__name__ == expected
+    assert warnings == (["config.process[0].train.optimizer: adamw8bit needs CUDA and bitsandbytes; using AdamW"]
+                        if name == "adamw8bit" else [])
+
+
+def test_optimizer_params_that_do_not_fit_are_refused():
+    import torch
+
+    from fastbackend.config import TrainConfig
+    from fastbackend.errors import FastBackendError
+    from fastbackend.training.trainer import make_optimizer
+
+    config = TrainConfig(optimizer="sgd", optimizer_params={"betas": [0.9, 0.99]})
+    with pytest.raises(FastBackendError, match=r"config.process\[0\].train.optimizer_params: not valid for sgd"):
+        make_optimizer(config, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"), [])
