@@ -26,6 +26,7 @@ from fastbackend.schemas import (
     DeleteDatasetRequest,
     DeleteModelRequest,
     DownloadModelRequest,
+    GenerateRequest,
     HealthRequest,
     ListDatasetsRequest,
     ListModelsRequest,
@@ -51,6 +52,7 @@ OPERATIONS: dict[str, tuple[type[Request], str]] = {
     "list_datasets": (ListDatasetsRequest, "fastbackend.datasets:list_datasets"),
     "delete_dataset": (DeleteDatasetRequest, "fastbackend.datasets:delete_dataset"),
     "train_with_yaml": (TrainWithYamlRequest, "fastbackend.training.operation:train_with_yaml"),
+    "generate": (GenerateRequest, "fastbackend.training.generate:generate"),
     "download_model": (DownloadModelRequest, "fastbackend.operations:download_model"),
     "delete_model": (DeleteModelRequest, "fastbackend.operations:delete_model"),
 }

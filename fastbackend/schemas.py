@@ -98,6 +98,21 @@ class TrainWithYamlRequest(Request):
         return self
 
 
+class GenerateRequest(Request):
+    model: SafeName = Field(description="A trained model (its folder under output/).")
+    prompt: str = Field(min_length=1, max_length=2000)
+    filename: SafeName | None = Field(None, description="A step save to use; default <model>.safetensors.")
+    negative_prompt: str = Field("", max_length=2000, description="SD 1.5 / SDXL only.")
+    width: int = Field(1024, ge=64, le=2048)
+    height: int = Field(1024, ge=64, le=2048)
+    steps: int = Field(20, gt=0, le=100)
+    guidance_scale: float = Field(4.0, ge=0, le=30)
+    seed: int = Field(0, ge=0)
+    num_images: int = Field(1, gt=0, le=4)
+    lora_scale: float = Field(1.0, ge=0, le=2)
+    format: Literal["jpg", "png"] = "jpg"
+
+
 def field_path(loc: tuple, root: str = "input") -> str:
     """``("files", 2, "filename")`` -> ``input.files[2].filename``."""
     text = root

@@ -59,7 +59,10 @@ def remove_if_nothing_saved(output: Path) -> None:
 def run_training(config: TrainingConfig, request: TrainWithYamlRequest, datasets: list[Path], model_source: str,
                  output: Path, warnings: list[str], progress: Progress | None) -> dict:
     from fastbackend.storage import atomic_write_bytes
+    from fastbackend.training import generate
     from fastbackend.training.trainer import STATE_FILE, Hooks, TrainJob, train
+
+    generate.release()
 
     if not request.resume:
         (output / STATE_FILE).unlink(missing_ok=True)

@@ -1,0 +1,39 @@
+"""generate: images from a trained LoRA on its base model."""
+
+import base64
+import io
+
+from PIL import Image
+
+from handler_fast import handler
+from tests.training_helpers import install_model, train, upload_photos, user_yaml
+
+
+def generate(**payload):
+    return handler({"id": "g", "input": {"type": "generate", "model": "nowy_dataset_1.3", "prompt": "Matt, photo",
+                                         "width": 64, "height": 64, "steps": 2, "format": "png", **payload}})
+
+
+def decode(answer):
+    return [Image.open(io.BytesIO(base64.b64decode(image["content"]))) for image in answer["images"]]
+
+
+def test_generate_uses_the_lora_and_its_base_model(tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    assert train(user_yaml(model_path, steps=3, replacements={"lr: 0.0001": "lr: 0.01"}))["status"] == "success"
+    with_lora = generate(num_images=2)
+    assert with_lora["status"] == "success", with_lora
+    assert with_lora["base_model"] == model_path and [i["seed"] for i in with_lora["images"]] == [0, 1]
+    images = decode(with_lora)
+    assert [im.size for im in images] == [(64, 64), (64, 64)]
+    without = decode(generate(lora_scale=0.0, num_images=1))[0]
+    assert images[0].tobytes() != without.tobytes()
+    again = decode(generate(num_images=1))[0]
+    assert again.tobytes() == images[0].tobytes()  # same seed, same LoRA: same image
+
+
+def test_generate_refuses_unknown_models(data_root):
+    answer = generate()
+    assert answer["error"] == "input.model: no LoRA file 'nowy_dataset_1.3.safetensors' in model 'nowy_dataset_1.3'"
+    assert generate(width=4096)["error"] == "input.width: must be <= 2048, got 4096"
