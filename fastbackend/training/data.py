@@ -203,15 +203,16 @@ class BucketSampler:
     batch_size: int
     rng: random.Random
     buckets: dict[tuple[int, int], list[Example]] = field(init=False)
+    weights: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
         self.buckets = {}
         for example in self.examples:
             self.buckets.setdefault(example.bucket, []).append(example)
+        self.weights = [example.weight for example in self.examples]
 
     def next_batch(self) -> list[Example]:
-        weights = [example.weight for example in self.examples]
-        first = self.rng.choices(self.examples, weights=weights)[0]
+        first = self.rng.choices(self.examples, weights=self.weights)[0]
         pool = self.buckets[first.bucket]
         others = [e for e in pool if e is not first]
         if len(others) >= self.batch_size - 1:

@@ -91,6 +91,7 @@ class Run:
     loss_options: LossOptions
     rng: random.Random
     dataset_hash: str
+    weight_dtype: torch.dtype = torch.float32  # of the base weights; inputs are cast to it
     step: int = 0
     history: list[tuple[int, float]] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
@@ -160,7 +161,7 @@ def set_up(job: TrainJob) -> Run:
         noise_offset=train_cfg.noise_offset, min_snr_gamma=train_cfg.min_snr_gamma,
     )
     return Run(job, arch, pipe, denoiser, params, accelerator, optimizer, make_lr_scheduler(train_cfg, optimizer),
-               ema, sampler, texts, loss_options, random.Random(seed + 1), digest)
+               ema, sampler, texts, loss_options, random.Random(seed + 1), digest, weight_dtype=weight_dtype)
 
 
 def choose_device(requested: str, dtype_name: str, warnings: list[str]) -> tuple[torch.device, torch.dtype]:
@@ -370,8 +371,8 @@ def next_batch(run: Run) -> Batch:
     examples = run.sampler.next_batch()
     options = [caption_options(run, e) for e in examples]
     captions = [data.caption_for_step(e.caption, o, run.rng) for e, o in zip(examples, options)]
-    dtype = next(run.denoiser.parameters()).dtype
-    device = run.accelerator.device
+    dtype = run.weight_dtype
+    device = run.denoiser.device  # the configured device (accelerate only knows its default one)
     posteriors = [latent_posterior(run, e) for e in examples]
     mean = torch.stack([m for m, _ in posteriors]).to(device)
     std = torch.stack([s for _, s in posteriors]).to(device)
@@ -552,7 +553,7 @@ def sample(run: Run) -> list[Path]:
     sample_cfg = run.job.config.process.sample
     multiple = run.arch.pixel_multiple(run.pipe)
     width, height = (max(multiple, size // multiple * multiple) for size in (sample_cfg.width, sample_cfg.height))
-    device = run.accelerator.device
+    device = run.denoiser.device
     for module in run.arch.encoders(run.pipe):
         module.to(device)
     run.denoiser.eval()
