@@ -36,3 +36,15 @@ def test_generate_refuses_unknown_models(data_root):
     answer = generate()
     assert answer["error"] == "input.model: no LoRA file 'nowy_dataset_1.3.safetensors' in model 'nowy_dataset_1.3'"
     assert generate(width=4096)["error"] == "input.width: must be <= 2048, got 4096"
+
+
+def test_images_over_the_result_limit_are_refused(tiny_models, data_root, monkeypatch):
+    from fastbackend.training import generate as module
+
+    model_path = install_model(tiny_models, data_root, "sd15")
+    upload_photos()
+    assert train(user_yaml(model_path, "sd15", steps=1))["status"] == "success"
+    monkeypatch.setattr(module, "MAX_RESULT_BYTES", 100)
+    answer = generate()
+    assert answer["error_code"] == "result_too_large"
+    assert answer["error"].endswith("byte result limit; ask for fewer or smaller images, or format jpg")

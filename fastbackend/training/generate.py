@@ -23,6 +23,8 @@ from fastbackend.training.operation import resolve_model
 
 Progress = Callable[[dict], None]
 ADAPTER = "generate"
+# RunPod refuses results over 10 MB on /run; leave room for the other fields.
+MAX_RESULT_BYTES = 9_500_000
 _LOADED: dict[str, object] = {}  # base model -> pipeline; at most one entry
 _LOCK = threading.Lock()
 
@@ -45,8 +47,12 @@ def generate(request: GenerateRequest, progress: Progress | None = None) -> dict
             images = _render(arch, pipe, request)
         finally:
             pipe.delete_adapters([ADAPTER])
-    return {"status": "success", "model": request.model, "filename": lora.name, "base_model": base,
-            "images": [_encode(image, request.format) | {"seed": request.seed + i} for i, image in enumerate(images)]}
+    encoded = [_encode(image, request.format) | {"seed": request.seed + i} for i, image in enumerate(images)]
+    size = sum(len(image["content"]) for image in encoded)
+    if size > MAX_RESULT_BYTES:
+        raise FastBackendError(f"output: {size:,} bytes of images is over RunPod's {MAX_RESULT_BYTES:,}-byte result "
+                               "limit; ask for fewer or smaller images, or format jpg", code="result_too_large")
+    return {"status": "success", "model": request.model, "filename": lora.name, "base_model": base, "images": encoded}
 
 
 def release() -> None:
