@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -109,3 +110,16 @@ def test_optimizer_params_that_do_not_fit_are_refused():
     config = TrainConfig(optimizer="sgd", optimizer_params={"betas": [0.9, 0.99]})
     with pytest.raises(FastBackendError, match=r"config.process\[0\].train.optimizer_params: not valid for sgd"):
         make_optimizer(config, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"), [])
+
+
+def test_v_prediction_min_snr_noise_offset_and_warmup_train(tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, "sd15")
+    upload_photos()
+    yaml_text = user_yaml(model_path, "sd15", steps=3, replacements={
+        "arch: sd15": "arch: sd15\n      is_v_pred: true",
+        "dtype: bf16": "dtype: bf16\n      min_snr_gamma: 5\n      noise_offset: 0.05\n      lr_scheduler: cosine\n"
+                       "      lr_warmup_steps: 1\n      seed: 7",
+        "sample_every: 100": "sample_every: 1000"})
+    answer = train(yaml_text)
+    assert answer["status"] == "success", answer
+    assert all(math.isfinite(loss) for _, loss in answer["loss_history"])

@@ -141,9 +141,8 @@ def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(scheduler, timesteps)
-    weights = torch.clamp(snr, max=gamma) / snr
-    if scheduler.config.prediction_type == "v_prediction":
-        weights = torch.clamp(snr, max=gamma) / (snr + 1)
+    clipped = torch.clamp(snr, max=gamma)
+    weights = clipped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
     return weights.float()
 
 
