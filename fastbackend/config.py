@@ -117,7 +117,6 @@ class TrainConfig(Section):
     IGNORED = {
         "xformers": "PyTorch's scaled-dot-product attention is always used",
         "sdp": "PyTorch's scaled-dot-product attention is always used",
-        "text_encoder_lr": "text encoders are not trained",
         "embedding_lr": "no embeddings are trained",
         "adapter_lr": "no adapters are trained",
         "weight_jitter": "not supported",
@@ -143,6 +142,7 @@ class TrainConfig(Section):
     optimizer_params: dict[str, float | list[float]] = Field(default_factory=dict)
     lr: float = Field(1e-4, gt=0, le=10)
     unet_lr: float | None = Field(None, gt=0, le=10)
+    text_encoder_lr: float | None = Field(None, gt=0, le=10, description="With train_text_encoder; default lr.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
     lr_scheduler_params: dict[str, float] = Field(default_factory=dict)
     lr_warmup_steps: int = Field(0, ge=0)
@@ -263,7 +263,7 @@ class ProcessConfig(Section):
     @model_validator(mode="after")
     def _something_to_train(self) -> "ProcessConfig":
         if not self.train.train_unet:
-            raise ValueError("train.train_unet is false: nothing would be trained (text encoders are not trained)")
+            raise ValueError("train.train_unet is false: training only text encoders is not supported")
         return self
 
 
@@ -419,9 +419,8 @@ def semantic_warnings(config: TrainingConfig) -> list[str]:
     process = config.process
     prefix = "config.process[0]"
     notes = []
-    if process.train.train_text_encoder:
-        notes.append(f"{prefix}.train.train_text_encoder: ignored (only the {process.model.resolved_arch} "
-                     "denoiser gets a LoRA; text encoders stay frozen)")
+    if process.train.train_text_encoder and process.model.resolved_arch == "flux":
+        notes.append(f"{prefix}.train.train_text_encoder: ignored (FLUX text encoders stay frozen, as in ai-toolkit)")
     if process.save.push_to_hub:
         notes.append(f"{prefix}.save.push_to_hub: ignored (download the LoRA with download_model)")
     objective = "flowmatch" if process.model.resolved_arch == "flux" else "ddpm"

@@ -180,3 +180,25 @@ def test_progress_reports_every_step(tiny_models, data_root):
     assert [info["step"] for info in seen] == [1, 2, 3]
     assert set(seen[0]) == {"step", "total_steps", "loss", "lr", "s_per_step", "eta_s"}
     assert seen[-1]["eta_s"] == 0
+
+
+@pytest.mark.parametrize(("arch", "prefixes"), [("sd15", {"lora_unet", "lora_te1"}),
+                                                 ("sdxl", {"lora_unet", "lora_te1", "lora_te2"})])
+def test_text_encoder_lora_is_trained_saved_and_loaded(arch, prefixes, tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, arch)
+    upload_photos()
+    answer = train(user_yaml(model_path, arch, steps=3, replacements={
+        "train_text_encoder: false": "train_text_encoder: true\n      text_encoder_lr: 0.001",
+        "sample_every: 100": "sample_every: 1000"}))
+    assert answer["status"] == "success", answer
+    assert not any("train_text_encoder" in w for w in answer["warnings"])
+    tensors, _ = read_lora(answer["lora_path"])
+    assert {key.split("_", 2)[0] + "_" + key.split("_", 2)[1] for key in tensors} == prefixes
+    te_up = [v for k, v in tensors.items() if k.startswith("lora_te1") and k.endswith("lora_up.weight")]
+    assert te_up and any(v.abs().sum() > 0 for v in te_up)
+
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(data_root / "models" / arch))
+    pipe.load_lora_weights(answer["lora_path"], adapter_name="trained")
+    assert any("lora_A" in name for name, _ in pipe.text_encoder.named_modules())

@@ -26,46 +26,56 @@ SAVE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torc
 KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
 
 
-def add_lora(denoiser: torch.nn.Module, targets: str | list[str], rank: int, alpha: float, dropout: float) -> list[torch.nn.Parameter]:
+def add_lora(module: torch.nn.Module, targets: str | list[str], rank: int, alpha: float, dropout: float) -> list[torch.nn.Parameter]:
     """Inject LoRA layers (``lora_B`` starts at zero, so the model is unchanged) and return them."""
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
                         target_modules=targets)
-    denoiser.add_adapter(config, adapter_name=ADAPTER)
-    params = [p for name, p in denoiser.named_parameters() if "lora_" in name]
+    module.requires_grad_(False)
+    module.add_adapter(config, adapter_name=ADAPTER)
+    params = [p for name, p in module.named_parameters() if "lora_" in name]
     for param in params:
         param.data = param.data.float()  # LoRA weights train in fp32 even over a bf16 base
         param.requires_grad_(True)
     return params
 
 
-def lora_state(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+Components = dict[str, torch.nn.Module]  # pipeline name ("unet", "transformer", "text_encoder", ...) -> module
+States = dict[str, dict[str, torch.Tensor]]  # the same names -> that module's LoRA weights
+
+
+def lora_state(modules: Components) -> States:
     """The LoRA weights in peft's naming (``<module>.lora_A.weight``), detached on the CPU."""
-    state = get_peft_model_state_dict(denoiser, adapter_name=ADAPTER)
-    return {key: value.detach().to("cpu", copy=True) for key, value in state.items()}
+    return {name: {key: value.detach().to("cpu", copy=True)
+                   for key, value in get_peft_model_state_dict(module, adapter_name=ADAPTER).items()}
+            for name, module in modules.items()}
 
 
-def load_lora_state(denoiser: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    result = set_peft_model_state_dict(denoiser, state, adapter_name=ADAPTER)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"saved LoRA state does not fit this model: {unexpected[:3]}")
+def load_lora_state(modules: Components, states: States) -> None:
+    for name, module in modules.items():
+        result = set_peft_model_state_dict(module, states[name], adapter_name=ADAPTER)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"saved LoRA state does not fit {name}: {unexpected[:3]}")
 
 
-def to_file_format(arch: str, state: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, torch.Tensor]:
+def to_file_format(arch: str, states: States, rank: int, alpha: float) -> dict[str, torch.Tensor]:
     """peft-named weights -> the keys ai-toolkit writes for ``arch``."""
     if arch == "flux":
         scale = alpha / rank
-        return {f"transformer.{key}": value * scale if ".lora_B." in key else value for key, value in state.items()}
+        return {f"transformer.{key}": value * scale if ".lora_B." in key else value
+                for key, value in states["transformer"].items()}
     from diffusers.utils import convert_state_dict_to_kohya
 
-    kohya = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in state.items()})
+    # "unet." -> lora_unet_*, "text_encoder." -> lora_te1_*, "text_encoder_2." -> lora_te2_*
+    prefixed = {f"{name}.{key}": value for name, state in states.items() for key, value in state.items()}
+    kohya = convert_state_dict_to_kohya(prefixed)
     return {key: torch.tensor(float(alpha)) if key.endswith(".alpha") else value for key, value in kohya.items()}
 
 
-def save_lora(path: Path, arch: str, state: dict[str, torch.Tensor], rank: int, alpha: float, dtype: str,
+def save_lora(path: Path, arch: str, states: States, rank: int, alpha: float, dtype: str,
               metadata: dict[str, object]) -> str:
     """Write the LoRA file atomically; returns its sha256."""
-    tensors = {key: value.to(SAVE_DTYPES[dtype]).contiguous() for key, value in to_file_format(arch, state, rank, alpha).items()}
+    tensors = {key: value.to(SAVE_DTYPES[dtype]).contiguous() for key, value in to_file_format(arch, states, rank, alpha).items()}
     header = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     with temporary_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)

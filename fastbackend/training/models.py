@@ -3,7 +3,8 @@
 Each ``Arch`` wraps a diffusers pipeline loaded by ``name_or_path`` (a hub id, cached under
 the data root, or a local folder). The trainer only talks to this interface:
 
-* ``encode_prompt(pipe, text)`` -> conditioning tensors for one caption (batch dim 1);
+* ``encode_prompt(pipe, text)`` -> conditioning tensors for one caption (batch dim 1; with
+  gradients when the caller enables them, for text-encoder LoRA);
 * ``encode_pixels(pipe, pixels)`` -> the VAE's latent mean and std (unscaled), to cache;
 * ``loss(pipe, denoiser, latents, cond, sizes)`` -> the training loss of one batch;
 * ``sample(pipe, prompt, ...)`` -> a PIL image from the pipeline with the LoRA active.
@@ -27,6 +28,8 @@ FLUX_SCHNELL_MAX_SEQUENCE = 256
 # LoRA targets: attention and feed-forward projections of every transformer block, as the
 # diffusers example scripts and ai-toolkit target them. Regexes, matched against full names.
 UNET_TARGETS = r".*(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|.*\.ff\.net\.(0\.proj|2)"
+# CLIP text encoders: the attention projections of every layer.
+TEXT_ENCODER_TARGETS = r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 FLUX_TARGETS = (
     r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
     r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)"
@@ -73,6 +76,11 @@ class Arch:
     def denoiser(self, pipe) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_name)
 
+    def trainable_text_encoders(self, pipe) -> dict[str, torch.nn.Module]:
+        """Text encoders that can take a LoRA, by their pipeline name (none for FLUX, as in ai-toolkit)."""
+        names = ("text_encoder", "text_encoder_2")
+        return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
+
     def encoders(self, pipe) -> list[torch.nn.Module]:
         """Modules needed only to encode text and images (they leave the device after caching)."""
         return [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), pipe.vae) if m is not None]
@@ -103,10 +111,9 @@ class SD15(Arch):
     def __init__(self, v_prediction: bool = False):
         self.v_prediction = v_prediction
 
-    @torch.no_grad()
     def encode_prompt(self, pipe, text: str) -> dict[str, torch.Tensor]:
         embeds, _ = pipe.encode_prompt(text, pipe.text_encoder.device, 1, do_classifier_free_guidance=False)
-        return {"prompt_embeds": embeds.float().cpu()}
+        return {"prompt_embeds": embeds.float()}
 
     def training_scheduler(self, pipe):
         from diffusers import DDPMScheduler
@@ -150,11 +157,10 @@ class SDXL(SD15):
     name = "sdxl"
     pipeline_class_name = "StableDiffusionXLPipeline"
 
-    @torch.no_grad()
     def encode_prompt(self, pipe, text: str) -> dict[str, torch.Tensor]:
         embeds, _, pooled, _ = pipe.encode_prompt(text, device=pipe.text_encoder.device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
-        return {"prompt_embeds": embeds.float().cpu(), "pooled": pooled.float().cpu()}
+        return {"prompt_embeds": embeds.float(), "pooled": pooled.float()}
 
     def unet_kwargs(self, batch: Batch) -> dict:
         # SDXL's micro-conditioning: original size, crop corner and target size of each image.
@@ -172,15 +178,17 @@ class Flux(Arch):
     def pixel_multiple(self, pipe) -> int:
         return pipe.vae_scale_factor * 2  # latents are packed in 2x2 patches
 
+    def trainable_text_encoders(self, pipe) -> dict[str, torch.nn.Module]:
+        return {}
+
     def max_sequence_length(self, pipe) -> int:
         guided = self.denoiser(pipe).config.guidance_embeds
         return FLUX_DEV_MAX_SEQUENCE if guided else FLUX_SCHNELL_MAX_SEQUENCE
 
-    @torch.no_grad()
     def encode_prompt(self, pipe, text: str) -> dict[str, torch.Tensor]:
         embeds, pooled, _ = pipe.encode_prompt(text, prompt_2=None, device=pipe.text_encoder.device,
                                                max_sequence_length=self.max_sequence_length(pipe))
-        return {"prompt_embeds": embeds.float().cpu(), "pooled": pooled.float().cpu()}
+        return {"prompt_embeds": embeds.float(), "pooled": pooled.float()}
 
     def scale_latents(self, pipe, raw: torch.Tensor) -> torch.Tensor:
         return (raw - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor

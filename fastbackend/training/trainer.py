@@ -26,7 +26,7 @@ from fastbackend.config import TrainingConfig
 from fastbackend.errors import FastBackendError
 from fastbackend.storage import atomic_write_bytes, hf_cache_dir, temporary_path
 from fastbackend.training import data, lora_io
-from fastbackend.training.models import Arch, Batch, LossOptions, arch_for
+from fastbackend.training.models import TEXT_ENCODER_TARGETS, Arch, Batch, LossOptions, arch_for
 
 log = logging.getLogger("fastbackend.trainer")
 STATE_FILE = "training_state.pt"
@@ -81,6 +81,7 @@ class Run:
     arch: Arch
     pipe: object
     denoiser: torch.nn.Module
+    lora_modules: lora_io.Components  # the denoiser, and the text encoders when they train too
     params: list[torch.nn.Parameter]
     accelerator: object
     optimizer: object
@@ -92,6 +93,7 @@ class Run:
     rng: random.Random
     dataset_hash: str
     weight_dtype: torch.dtype = torch.float32  # of the base weights; inputs are cast to it
+    trains_text_encoder: bool = False
     step: int = 0
     history: list[tuple[int, float]] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
@@ -145,23 +147,33 @@ def set_up(job: TrainJob) -> Run:
     torch.manual_seed(seed)
     arch = arch_for(process.model.resolved_arch, process.model.is_v_pred)
     pipe = load_pipeline(arch, job, device, weight_dtype)
-    texts, sampler, digest = prepare_data(arch, pipe, job, device, random.Random(seed))
+    text_encoders = arch.trainable_text_encoders(pipe) if train_cfg.train_text_encoder else {}
+    texts, sampler, digest = prepare_data(arch, pipe, job, device, random.Random(seed), bool(text_encoders))
     denoiser = arch.denoiser(pipe)
-    denoiser.requires_grad_(False)
-    params = lora_io.add_lora(denoiser, arch.lora_targets, process.network.rank, process.network.alpha,
-                              process.network.dropout)
+    modules = {arch.denoiser_name: denoiser} | text_encoders
+    groups = [{"params": add_lora_to(name, module, arch, process), "lr": train_cfg.learning_rate
+               if module is denoiser else train_cfg.text_encoder_lr or train_cfg.learning_rate}
+              for name, module in modules.items()]
+    params = [param for group in groups for param in group["params"]]
     if train_cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-    denoiser.train()
-    optimizer = accelerator.prepare(make_optimizer(train_cfg, params, device, job.warnings))
+    optimizer = accelerator.prepare(make_optimizer(train_cfg, groups, device, job.warnings))
     ema = make_ema(train_cfg, params)
     loss_options = LossOptions(
         scheduler=arch.training_scheduler(pipe),
         timestep_type=train_cfg.timestep_type or ("linear" if train_cfg.linear_timesteps else "sigmoid"),
         noise_offset=train_cfg.noise_offset, min_snr_gamma=train_cfg.min_snr_gamma,
     )
-    return Run(job, arch, pipe, denoiser, params, accelerator, optimizer, make_lr_scheduler(train_cfg, optimizer),
-               ema, sampler, texts, loss_options, random.Random(seed + 1), digest, weight_dtype=weight_dtype)
+    return Run(job, arch, pipe, denoiser, modules, params, accelerator, optimizer,
+               make_lr_scheduler(train_cfg, optimizer), ema, sampler, texts, loss_options, random.Random(seed + 1),
+               digest, weight_dtype=weight_dtype, trains_text_encoder=bool(text_encoders))
+
+
+def add_lora_to(name: str, module: torch.nn.Module, arch: Arch, process) -> list[torch.nn.Parameter]:
+    targets = arch.lora_targets if name == arch.denoiser_name else TEXT_ENCODER_TARGETS
+    params = lora_io.add_lora(module, targets, process.network.rank, process.network.alpha, process.network.dropout)
+    module.train()
+    return params
 
 
 def choose_device(requested: str, dtype_name: str, warnings: list[str]) -> tuple[torch.device, torch.dtype]:
@@ -198,6 +210,8 @@ def load_pipeline(arch: Arch, job: TrainJob, device: torch.device, weight_dtype:
                             "the base model is kept in full precision")
     log.info("loading %s model %s (%s, %s)", arch.name, model_cfg.name_or_path, device, weight_dtype)
     pipe = arch.load(job.model_source, weight_dtype, str(hf_cache_dir()), quantize, model_cfg.revision)
+    for module in [arch.denoiser(pipe), *arch.encoders(pipe)]:
+        module.requires_grad_(False)  # only LoRA layers train
     if not quantize:
         pipe.to(device)
     else:
@@ -215,17 +229,22 @@ def _bitsandbytes_available() -> bool:
 
 
 class TextCache:
-    """Caption -> conditioning tensors, encoded once each (or every time, with ``memoize`` off)."""
+    """Caption -> conditioning tensors, encoded once each; or every step, with gradients when the
+    text encoders train (``trainable``) or when ``memoize`` is off."""
 
-    def __init__(self, arch: Arch, pipe, device: torch.device, memoize: bool = True):
-        self.arch, self.pipe, self.device, self.memoize = arch, pipe, device, memoize
+    def __init__(self, arch: Arch, pipe, device: torch.device, memoize: bool = True, trainable: bool = False):
+        self.arch, self.pipe, self.device = arch, pipe, device
+        self.memoize, self.trainable = memoize and not trainable, trainable
         self.cache: dict[str, dict[str, torch.Tensor]] = {}
 
     def get(self, caption: str) -> dict[str, torch.Tensor]:
         if not self.memoize:
-            return self.arch.encode_prompt(self.pipe, caption)
+            with torch.set_grad_enabled(self.trainable):
+                return self.arch.encode_prompt(self.pipe, caption)
         if caption not in self.cache:
-            self.cache[caption] = self.arch.encode_prompt(self.pipe, caption)
+            with torch.no_grad():
+                encoded = self.arch.encode_prompt(self.pipe, caption)
+            self.cache[caption] = {key: value.cpu() for key, value in encoded.items()}
         return self.cache[caption]
 
     def batch(self, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -233,13 +252,14 @@ class TextCache:
         return {key: torch.cat([c[key] for c in conds]).to(self.device) for key in conds[0]}
 
 
-def encoders_stay(process) -> bool:
+def encoders_stay(process, trains_text_encoder: bool) -> bool:
     """Whether steps still need the VAE or text encoders (anything not cached up front)."""
-    return (not process.train.cache_text_embeddings
+    return (trains_text_encoder or not process.train.cache_text_embeddings
             or any(d.shuffle_tokens or not (d.cache_latents or d.cache_latents_to_disk) for d in process.datasets))
 
 
-def prepare_data(arch: Arch, pipe, job: TrainJob, device: torch.device, rng: random.Random):
+def prepare_data(arch: Arch, pipe, job: TrainJob, device: torch.device, rng: random.Random,
+                 trains_text_encoder: bool):
     """Examples with cached latents, a caption cache, the batch sampler and the dataset hash."""
     process = job.config.process
     multiple = arch.pixel_multiple(pipe)
@@ -255,13 +275,13 @@ def prepare_data(arch: Arch, pipe, job: TrainJob, device: torch.device, rng: ran
     started = time.monotonic()
     cached = [e for e in examples if e.item.path.parent in caches]
     encoded = data.cache_latents(cached, lambda pixels: arch.encode_pixels(pipe, pixels), caches)
-    texts = TextCache(arch, pipe, device, memoize=process.train.cache_text_embeddings)
+    texts = TextCache(arch, pipe, device, memoize=process.train.cache_text_embeddings, trainable=trains_text_encoder)
     if texts.memoize:
         for caption in {e.caption for e in examples} | {""}:
             texts.get(caption)
     log.info("cached %d of %d latents (%d encoded, %d from disk) and %d captions in %.1fs", len(cached),
              len(examples), encoded, len(cached) - encoded, len(texts.cache), time.monotonic() - started)
-    if not encoders_stay(process):
+    if not encoders_stay(process, trains_text_encoder):
         offload_encoders(arch, pipe)
     return texts, data.BucketSampler(examples, process.train.batch_size, rng), data.dataset_hash(items)
 
@@ -281,7 +301,8 @@ def offload_encoders(arch: Arch, pipe) -> None:
         torch.cuda.empty_cache()
 
 
-def make_optimizer(train_cfg, params: list[torch.nn.Parameter], device: torch.device, warnings: list[str]):
+def make_optimizer(train_cfg, params: list, device: torch.device, warnings: list[str]):
+    """The configured optimizer over ``params`` (parameters, or groups with their own lr)."""
     name = train_cfg.optimizer
     options = dict(train_cfg.optimizer_params)
     if "betas" in options:
@@ -324,10 +345,11 @@ def make_ema(train_cfg, params: list[torch.nn.Parameter]):
 def log_run_shape(run: Run) -> None:
     train_cfg = run.job.config.process.train
     trainable = sum(p.numel() for p in run.params)
-    layers = sum(1 for name, _ in run.denoiser.named_modules() if name.endswith(f"lora_A.{lora_io.ADAPTER}"))
-    log.info("training %s LoRA: rank %d, %d layers, %s trainable parameters, %d examples in %d buckets, "
+    layers = sum(1 for module in run.lora_modules.values() for name, _ in module.named_modules()
+                 if name.endswith(f"lora_A.{lora_io.ADAPTER}"))
+    log.info("training %s LoRA on %s: rank %d, %d layers, %s trainable parameters, %d examples in %d buckets, "
              "batch %d x %d accumulation, steps %d (from %d), lr %g",
-             run.arch.name, run.job.config.process.network.rank, layers, f"{trainable:,}",
+             run.arch.name, ", ".join(run.lora_modules), run.job.config.process.network.rank, layers, f"{trainable:,}",
              len(run.sampler.examples), len(run.sampler.buckets), train_cfg.batch_size,
              train_cfg.gradient_accumulation_steps, train_cfg.steps, run.step, train_cfg.learning_rate)
 
@@ -440,8 +462,8 @@ def save_checkpoint(run: Run, hooks: Hooks, final: bool) -> Path:
         run.job.config.model_dump_json(exclude_defaults=True),
     )
     with ema_weights(run):
-        state = lora_io.lora_state(run.denoiser)
-    run.sha256[path.name] = lora_io.save_lora(path, run.arch.name, state, process.network.rank,
+        states = lora_io.lora_state(run.lora_modules)
+    run.sha256[path.name] = lora_io.save_lora(path, run.arch.name, states, process.network.rank,
                                               process.network.alpha, process.save.dtype, metadata)
     if not final:
         run.saves.append(path)
@@ -482,7 +504,7 @@ def save_state(run: Run) -> None:
     state = {
         "step": run.step,
         "fingerprint": fingerprint(run),
-        "lora": lora_io.lora_state(run.denoiser),
+        "lora": lora_io.lora_state(run.lora_modules),
         "optimizer": run.optimizer.state_dict(),
         "lr_scheduler": run.lr_scheduler.state_dict(),
         "ema": run.ema.state_dict() if run.ema is not None else None,
@@ -499,7 +521,7 @@ def fingerprint(run: Run) -> dict:
     """What must match for a saved state to be continued: same model, network and data."""
     process = run.job.config.process
     return {"arch": run.arch.name, "model": process.model.name_or_path, "rank": process.network.rank,
-            "alpha": process.network.alpha, "dataset": run.dataset_hash}
+            "alpha": process.network.alpha, "dataset": run.dataset_hash, "lora_modules": sorted(run.lora_modules)}
 
 
 def restore_state(run: Run) -> int:
@@ -512,7 +534,7 @@ def restore_state(run: Run) -> int:
         run.job.warnings.append(f"saved state at step {state['step']} was made with another model, network or "
                                 "dataset; training started from step 0")
         return 0
-    lora_io.load_lora_state(run.denoiser, state["lora"])
+    lora_io.load_lora_state(run.lora_modules, state["lora"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if run.ema is not None and state["ema"] is not None:
@@ -556,7 +578,8 @@ def sample(run: Run) -> list[Path]:
     device = run.denoiser.device
     for module in run.arch.encoders(run.pipe):
         module.to(device)
-    run.denoiser.eval()
+    for module in run.lora_modules.values():
+        module.eval()
     paths = []
     try:
         with ema_weights(run):
@@ -570,8 +593,9 @@ def sample(run: Run) -> list[Path]:
                 ).images[0]
                 paths.append(save_image(image, run.job.output / "samples" / f"{run.step:09d}_{index}.{sample_cfg.format}"))
     finally:
-        run.denoiser.train()
-        if not encoders_stay(run.job.config.process):
+        for module in run.lora_modules.values():
+            module.train()
+        if not encoders_stay(run.job.config.process, run.trains_text_encoder):
             offload_encoders(run.arch, run.pipe)
     run.samples += paths
     return paths
