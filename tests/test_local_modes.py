@@ -66,9 +66,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def local_server(tmp_path_factory):
+def server_volume(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server-volume")
+
+
+@pytest.fixture(scope="module")
+def local_server(server_volume):
     port = free_port()
-    env = dict(os.environ, FASTBACKEND_DATA_DIR=str(tmp_path_factory.mktemp("server-volume")))
+    env = dict(os.environ, FASTBACKEND_DATA_DIR=str(server_volume))
     process = subprocess.Popen(
         [sys.executable, "handler_fast.py", "--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -99,3 +104,29 @@ def test_server_runsync_bad_request_fails_with_the_error_string(local_server):
     answer = requests.post(f"{local_server}/runsync", json={"input": {"type": "health", "x": 1}}, timeout=60).json()
     assert answer["status"] == "FAILED"
     assert answer["error"] == "input.x: unknown key; valid keys: type, deep"
+
+
+def test_server_uploads_trains_lists_and_downloads(local_server, server_volume, tiny_models):
+    """The user's whole flow through RunPod's own local server."""
+    import base64
+    import shutil
+
+    from tests.photos import b64, nine_photos
+    from tests.training_helpers import user_yaml
+
+    shutil.copytree(tiny_models / "sdxl", server_volume / "models" / "sdxl")
+
+    def runsync(payload: dict) -> dict:
+        answer = requests.post(f"{local_server}/runsync", json={"input": payload}, timeout=300).json()
+        assert answer["status"] == "COMPLETED", answer
+        return answer["output"]
+
+    files = [{"filename": n, "content": b64(d), "caption": c} for n, d, c in nine_photos()[:3]]
+    assert runsync({"type": "upload_training_data", "training_name": "matt_training_test", "files": files})["total_images"] == 3
+    trained = runsync({"type": "train_with_yaml", "yaml_config": user_yaml("/workspace/models/sdxl", "sdxl", steps=2)})
+    assert trained["steps"] == 2
+    listed = runsync({"type": "list_models"})
+    assert [m["filename"] for m in listed["models"]] == ["nowy_dataset_1.3.safetensors"]
+    chunk = runsync({"type": "download_model", "model": "nowy_dataset_1.3"})
+    assert chunk["next_offset"] is None and chunk["sha256"] == trained["sha256"]
+    assert base64.b64decode(chunk["content"]) == Path(trained["lora_path"]).read_bytes()
