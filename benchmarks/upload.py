@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    import logging
+
+    logging.getLogger("fastbackend").setLevel(logging.WARNING)  # one log line per request would be timed too
     photos = make_photos(args.photos)
     megabytes = sum(len(d) for _, d in photos) / 1e6
     times: dict[str, list[float]] = {"Pillow decode + write (floor)": [], "handler upload_training_data": []}
