@@ -365,7 +365,7 @@ def sweep_keys(node: Any, section: type[Section], path: str, warnings: list[str]
         return node
     kept = {}
     for key, value in node.items():
-        key_path = f"{path}.{key}"
+        key_path = f"{path}.{key}" if path else str(key)
         field = section.model_fields.get(key) if isinstance(key, str) else None
         if field is not None:
             child = _section_of(field.annotation)
@@ -396,14 +396,12 @@ def parse_training_config(source: str | dict) -> tuple[TrainingConfig, list[str]
     if not isinstance(document, dict):
         raise ValidationFailed(f"config: must be a mapping with `job` and `config`, got {show_value(document)}",
                                code="invalid_config")
-    config_name = (document.get("config") or {}).get("name") if isinstance(document.get("config"), dict) else None
-    if isinstance(config_name, str):
-        document = substitute_name(document, config_name)
+    section = document.get("config")
+    if isinstance(section, dict) and isinstance(section.get("name"), str):
+        document = substitute_name(document, section["name"])
     warnings: list[str] = []
     problems: list[str] = []
     document = sweep_keys(document, TrainingConfig, "", warnings, problems)
-    warnings = [w.lstrip(".") for w in warnings]
-    problems = [p.lstrip(".") for p in problems]
     try:
         config = TrainingConfig.model_validate(document)
     except ValidationError as exc:
