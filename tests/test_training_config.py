@@ -119,3 +119,11 @@ def test_a_hub_model_that_cannot_be_fetched_leaves_nothing(data_root, monkeypatc
     answer = refused(data_root, user_yaml("nobody/no-such-model"))
     assert answer["error_code"] == "model_load_failed"
     assert answer["error"].startswith("config.process[0].model.name_or_path: could not load 'nobody/no-such-model'")
+
+
+def test_a_model_of_another_architecture_is_refused_cleanly(tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    answer = refused(data_root, user_yaml(model_path, "sdxl"))
+    assert answer["error_code"] == "model_load_failed", answer
+    assert answer["error"].startswith(f"config.process[0].model.name_or_path: could not load '{model_path}'")

@@ -17,6 +17,7 @@ from fastbackend.config import TrainingConfig, parse_training_config
 from fastbackend.errors import FastBackendError, NotFound, ValidationFailed
 from fastbackend.schemas import TrainWithYamlRequest
 from fastbackend.storage import (
+    atomic_write_bytes,
     data_root,
     datasets_dir,
     list_names,
@@ -38,12 +39,12 @@ def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = N
     datasets = resolve_datasets(config)
     model_source = resolve_model(config.process.model.name_or_path)
     output = resolve_output(config)
-    try:
-        with locked(output, timeout_s=MODEL_LOCK_TIMEOUT_S):
+    with locked(output, timeout_s=MODEL_LOCK_TIMEOUT_S):
+        try:
             return run_training(config, request, datasets, model_source, output, warnings, progress)
-    except BaseException:
-        remove_if_nothing_saved(output)
-        raise
+        except BaseException:
+            remove_if_nothing_saved(output)
+            raise
 
 
 def remove_if_nothing_saved(output: Path) -> None:
@@ -58,23 +59,17 @@ def remove_if_nothing_saved(output: Path) -> None:
 
 def run_training(config: TrainingConfig, request: TrainWithYamlRequest, datasets: list[Path], model_source: str,
                  output: Path, warnings: list[str], progress: Progress | None) -> dict:
-    from fastbackend.storage import atomic_write_bytes
+    # torch comes in only here: a refused config is answered without it.
     from fastbackend.training import generate
     from fastbackend.training.trainer import STATE_FILE, Hooks, TrainJob, train
 
     generate.release()
-
     if not request.resume:
         (output / STATE_FILE).unlink(missing_ok=True)
     if request.yaml_config is not None:
         atomic_write_bytes(output / "config.yaml", request.yaml_config.encode())
     job = TrainJob(config, model_source, datasets, output, resume=request.resume, warnings=warnings)
-    hooks = Hooks(on_step=progress or (lambda info: None))
-    try:
-        result = train(job, hooks)
-    except OSError as exc:
-        raise FastBackendError(f"{PREFIX}.model.name_or_path: could not load {config.process.model.name_or_path!r} "
-                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", code="model_load_failed") from None
+    result = train(job, Hooks(on_step=progress or (lambda info: None)))
     return {
         "status": "success",
         "model": config.name,
