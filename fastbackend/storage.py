@@ -165,7 +165,7 @@ def locked(folder: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise FastBackendError(
-                        f"{folder.name!r} is locked by another job for over {timeout_s:.0f}s", code="locked"
+                        f"{folder.name!r} is locked by another job for over {timeout_s:g}s", code="locked"
                     ) from None
                 time.sleep(0.1)
         try:

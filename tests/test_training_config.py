@@ -127,3 +127,19 @@ def test_a_model_of_another_architecture_is_refused_cleanly(tiny_models, data_ro
     answer = refused(data_root, user_yaml(model_path, "sdxl"))
     assert answer["error_code"] == "model_load_failed", answer
     assert answer["error"].startswith(f"config.process[0].model.name_or_path: could not load '{model_path}'")
+
+
+def test_a_second_job_for_the_same_model_is_refused_while_the_first_runs(tiny_models, data_root, monkeypatch):
+    from fastbackend import storage
+    from fastbackend.training import operation
+
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    monkeypatch.setattr(operation, "MODEL_LOCK_TIMEOUT_S", 0.3)
+    output = data_root / "output" / "nowy_dataset_1.3"
+    with storage.locked(output):  # the first job, on another worker
+        (output / "config.yaml").write_text("the first job's")
+        answer = train(user_yaml(model_path))
+    assert answer["error_code"] == "locked"
+    assert answer["error"] == "'nowy_dataset_1.3' is locked by another job for over 0.3s"
+    assert (output / "config.yaml").read_text() == "the first job's"
