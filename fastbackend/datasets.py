@@ -101,14 +101,14 @@ def gather(request: UploadTrainingDataRequest) -> tuple[list[RawFile], dict[str,
     for index, item in enumerate(request.files):
         source = f"input.files[{index}] ({item.filename!r})"
         try:
-            files.append(RawFile(item.filename, base64.b64decode(item.content, validate=True), source))
+            files.append(RawFile(item.filename, decode_base64(item.content), source))
         except (binascii.Error, ValueError):
             problems.append(f"{source}: content is not valid base64")
         if item.caption is not None:
             captions[PurePosixPath(item.filename).stem] = item.caption
     if request.zip is not None:
         try:
-            files += unpack_zip(base64.b64decode(request.zip, validate=True), "input.zip", problems)
+            files += unpack_zip(decode_base64(request.zip), "input.zip", problems)
         except (binascii.Error, ValueError):
             problems.append("input.zip: not valid base64")
     for index, url in enumerate(request.urls):
@@ -116,6 +116,15 @@ def gather(request: UploadTrainingDataRequest) -> tuple[list[RawFile], dict[str,
     if len(files) > MAX_FILES_PER_REQUEST:
         problems.append(f"input: {len(files)} files in one request is over the limit of {MAX_FILES_PER_REQUEST}")
     return files, captions, problems
+
+
+def decode_base64(text: str) -> bytes:
+    """Strict base64, tolerating what clients commonly add: line breaks and a data-URL prefix."""
+    if text.startswith("data:") and ";base64," in text[:100]:
+        text = text.split(",", 1)[1]
+    if "\n" in text or " " in text:
+        text = "".join(text.split())
+    return base64.b64decode(text, validate=True)
 
 
 def _shown_url(url: str) -> str:

@@ -311,3 +311,13 @@ def test_two_processes_appending_at_once_both_land(data_root):
     assert sorted(manifest) == sorted(n for n, _, _ in nine_photos())
     on_disk = sorted(p.name for p in folder.glob("IMG_*.*") if p.suffix != ".txt")
     assert on_disk == sorted(manifest)
+
+
+def test_wrapped_base64_and_data_urls_are_accepted():
+    name, data, caption = nine_photos()[0]
+    encoded = b64(data)
+    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))  # `base64` without -w0
+    answer = upload(files=[{"filename": name, "content": wrapped},
+                           {"filename": "IMG_0001.jpg", "content": "data:image/jpeg;base64," + b64(nine_photos()[1][1])}])
+    assert answer["status"] == "success", answer
+    assert answer["total_images"] == 2
