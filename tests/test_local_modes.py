@@ -106,27 +106,30 @@ def test_server_runsync_bad_request_fails_with_the_error_string(local_server):
     assert answer["error"] == "input.x: unknown key; valid keys: type, deep"
 
 
-def test_server_uploads_trains_lists_and_downloads(local_server, server_volume, tiny_models):
-    """The user's whole flow through RunPod's own local server."""
-    import base64
+def test_server_uploads_trains_lists_and_downloads(local_server, server_volume, tiny_models, tmp_path, monkeypatch):
+    """The user's whole flow through RunPod's own local server, with the package's client."""
     import shutil
 
-    from tests.photos import b64, nine_photos
+    from fastbackend import client as client_module
+    from tests.photos import nine_photos
     from tests.training_helpers import user_yaml
 
     shutil.copytree(tiny_models / "sdxl", server_volume / "models" / "sdxl")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, data, caption in nine_photos()[:4]:
+        (photos / name).write_bytes(data)
+        (photos / name).with_suffix(".txt").write_text(caption)
+    monkeypatch.setattr(client_module, "BATCH_BYTES", 1_500_000)  # small batches: several requests
+    client = client_module.Client(local_server)
 
-    def runsync(payload: dict) -> dict:
-        answer = requests.post(f"{local_server}/runsync", json={"input": payload}, timeout=300).json()
-        assert answer["status"] == "COMPLETED", answer
-        return answer["output"]
-
-    files = [{"filename": n, "content": b64(d), "caption": c} for n, d, c in nine_photos()[:3]]
-    assert runsync({"type": "upload_training_data", "training_name": "matt_training_test", "files": files})["total_images"] == 3
-    trained = runsync({"type": "train_with_yaml", "yaml_config": user_yaml("/workspace/models/sdxl", "sdxl", steps=2)})
+    uploaded = client.upload_folder("matt_training_test", photos)
+    assert uploaded["requests"] > 1 and uploaded["total_images"] == 4 and len(uploaded["uploaded_files"]) == 4
+    trained = client.call({"type": "train_with_yaml", "yaml_config": user_yaml("/workspace/models/sdxl", "sdxl", steps=2)})
     assert trained["steps"] == 2
-    listed = runsync({"type": "list_models"})
+    listed = client.call({"type": "list_models"})
     assert [m["filename"] for m in listed["models"]] == ["nowy_dataset_1.3.safetensors"]
-    chunk = runsync({"type": "download_model", "model": "nowy_dataset_1.3"})
-    assert chunk["next_offset"] is None and chunk["sha256"] == trained["sha256"]
-    assert base64.b64decode(chunk["content"]) == Path(trained["lora_path"]).read_bytes()
+    downloaded = client.download("nowy_dataset_1.3", tmp_path)
+    assert downloaded.read_bytes() == Path(trained["lora_path"]).read_bytes()
+    with pytest.raises(client_module.WorkerError, match="input.model: model 'nope' does not exist"):
+        client.call({"type": "delete_model", "model": "nope"})

@@ -1,0 +1,157 @@
+"""A small client for the worker: upload a folder of photos, train, list, download.
+
+It splits uploads so that every request stays under RunPod's 10 MB limit, waits for long jobs
+through ``/run`` + ``/status`` on RunPod, and checks downloads against their sha256.
+
+    python -m fastbackend.client --url http://localhost:8000 upload matt_training_test photos/
+    python -m fastbackend.client --url https://api.runpod.ai/v2/<endpoint id> --api-key $RUNPOD_API_KEY \\
+        train examples/training.yaml
+    python -m fastbackend.client --url ... list
+    python -m fastbackend.client --url ... download nowy_dataset_1.3 ./loras/
+
+Locally (``--rp_serve_api``) use the default ``--route runsync``: the local server only runs
+``/run`` jobs when their status is asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REQUEST_LIMIT_BYTES = 10_000_000
+# Room for the JSON around the files, so that a batch never lands exactly on the limit.
+BATCH_BYTES = REQUEST_LIMIT_BYTES - 100_000
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+POLL_INTERVAL_S = 5.0
+
+
+class WorkerError(RuntimeError):
+    """The worker answered with an error (its one-line message)."""
+
+
+class Client:
+    def __init__(self, url: str, api_key: str | None = None, route: str = "runsync", timeout_s: float = 3600):
+        self.url, self.route, self.timeout_s = url.rstrip("/"), route, timeout_s
+        self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def call(self, payload: dict) -> dict:
+        """Run one request and return its output; raise WorkerError when it failed."""
+        if self.route == "run":
+            answer = self._run_and_wait(payload)
+        else:
+            response = self.session.post(f"{self.url}/runsync", json={"input": payload}, timeout=self.timeout_s)
+            response.raise_for_status()
+            answer = response.json()
+        if answer.get("status") != "COMPLETED":
+            raise WorkerError(answer.get("error") or f"job ended {answer.get('status')}")
+        return answer["output"]
+
+    def _run_and_wait(self, payload: dict) -> dict:
+        response = self.session.post(f"{self.url}/run", json={"input": payload}, timeout=60)
+        response.raise_for_status()
+        job_id = response.json()["id"]
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            status = self.session.get(f"{self.url}/status/{job_id}", timeout=60).json()
+            if status.get("status") in ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"):
+                return status
+            if isinstance(status.get("output"), dict) and "step" in status["output"]:
+                progress = status["output"]
+                print(f"step {progress['step']}/{progress['total_steps']} loss {progress['loss']}", file=sys.stderr)
+            time.sleep(POLL_INTERVAL_S)
+        raise WorkerError(f"job {job_id} did not finish within {self.timeout_s:.0f}s")
+
+    def upload_folder(self, name: str, folder: Path, mode: str = "append") -> dict:
+        """Every image in ``folder`` with its ``.txt`` caption, in as many requests as the limit needs."""
+        answers = []
+        for index, batch in enumerate(batches(folder)):
+            payload = {"type": "upload_training_data", "training_name": name, "files": batch,
+                       "mode": mode if index == 0 else "append"}
+            answers.append(self.call(payload))
+        if not answers:
+            raise WorkerError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+        last = answers[-1]
+        return last | {"uploaded_files": [f for a in answers for f in a["uploaded_files"]],
+                       "skipped": [s for a in answers for s in a["skipped"]], "requests": len(answers)}
+
+    def download(self, model: str, destination: Path, filename: str | None = None) -> Path:
+        """Fetch a LoRA in chunks and check it against the worker's sha256."""
+        offset, digest, target = 0, hashlib.sha256(), None
+        while offset is not None:
+            chunk = self.call({"type": "download_model", "model": model, "offset": offset,
+                               **({"filename": filename} if filename else {})})
+            target = destination / chunk["filename"] if destination.is_dir() else destination
+            data = base64.b64decode(chunk["content"])
+            with open(target, "wb" if offset == 0 else "ab") as handle:
+                handle.write(data)
+            digest.update(data)
+            offset = chunk["next_offset"]
+        if digest.hexdigest() != chunk["sha256"]:
+            raise WorkerError(f"{target}: sha256 mismatch after download")
+        return target
+
+
+def batches(folder: Path) -> list[list[dict]]:
+    """Files of ``folder`` grouped so that each group's base64 stays under BATCH_BYTES."""
+    groups, current, size = [], [], 0
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        entry = {"filename": path.name, "content": base64.b64encode(path.read_bytes()).decode("ascii")}
+        caption = path.with_suffix(".txt")
+        if caption.exists():
+            entry["caption"] = caption.read_text(encoding="utf-8").strip()
+        entry_size = len(json.dumps(entry))
+        if entry_size > BATCH_BYTES:
+            raise WorkerError(f"{path.name} is too large for one request; upload it with `urls` instead")
+        if current and size + entry_size > BATCH_BYTES:
+            groups.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += entry_size
+    return groups + ([current] if current else [])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Talk to a FastBackend worker.")
+    parser.add_argument("--url", required=True, help="http://localhost:8000, or your RunPod endpoint's URL")
+    parser.add_argument("--api-key", help="RunPod API key (for a RunPod endpoint)")
+    parser.add_argument("--route", choices=["runsync", "run"], default="runsync")
+    commands = parser.add_subparsers(dest="command", required=True)
+    upload = commands.add_parser("upload", help="upload a folder of photos (+ .txt captions)")
+    upload.add_argument("name")
+    upload.add_argument("folder", type=Path)
+    upload.add_argument("--replace", action="store_true")
+    commands.add_parser("train", help="train from an ai-toolkit YAML file").add_argument("config", type=Path)
+    commands.add_parser("list", help="list the trained LoRAs")
+    download = commands.add_parser("download", help="download a LoRA")
+    download.add_argument("model")
+    download.add_argument("destination", type=Path)
+    args = parser.parse_args(argv)
+
+    client = Client(args.url, args.api_key, args.route)
+    try:
+        if args.command == "upload":
+            result = client.upload_folder(args.name, args.folder, "replace" if args.replace else "append")
+        elif args.command == "train":
+            result = client.call({"type": "train_with_yaml", "yaml_config": args.config.read_text()})
+        elif args.command == "list":
+            result = client.call({"type": "list_models"})
+        else:
+            result = {"path": str(client.download(args.model, args.destination))}
+    except (WorkerError, requests.RequestException) as exc:
+        sys.exit(f"error: {exc}")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

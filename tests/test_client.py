@@ -1,0 +1,26 @@
+"""The client splits uploads under the request limit and refuses what cannot fit."""
+
+import json
+
+import pytest
+
+from fastbackend import client
+
+
+def test_batches_stay_under_the_limit_and_carry_captions(tmp_path, monkeypatch):
+    monkeypatch.setattr(client, "BATCH_BYTES", 3000)
+    for index in range(5):
+        (tmp_path / f"img{index}.jpg").write_bytes(bytes(1000))
+    (tmp_path / "img0.txt").write_text("Matt, photo\n")
+    (tmp_path / "notes.md").write_text("not an image")
+    groups = client.batches(tmp_path)
+    assert [len(group) for group in groups] == [2, 2, 1]
+    assert all(sum(len(json.dumps(entry)) for entry in group) <= 3000 for group in groups)
+    assert groups[0][0]["caption"] == "Matt, photo" and "caption" not in groups[0][1]
+
+
+def test_a_file_too_large_for_any_request_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(client, "BATCH_BYTES", 1000)
+    (tmp_path / "huge.jpg").write_bytes(bytes(2000))
+    with pytest.raises(client.WorkerError, match="huge.jpg is too large for one request; upload it with `urls` instead"):
+        client.batches(tmp_path)
