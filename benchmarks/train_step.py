@@ -50,26 +50,57 @@ def build_model(folder: Path) -> None:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(64, 128, 256), layers_per_block=1, sample_size=32, cross_attention_dim=128,
+        block_out_channels=(64, 128, 256),
+        layers_per_block=1,
+        sample_size=32,
+        cross_attention_dim=128,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
     )
-    vae = AutoencoderKL(block_out_channels=(32, 64, 128, 128), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=128, intermediate_size=512, num_attention_heads=4,
-                                                num_hidden_layers=4, vocab_size=600, max_position_embeddings=77,
-                                                bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64, 128, 128),
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=128,
+            intermediate_size=512,
+            num_attention_heads=4,
+            num_hidden_layers=4,
+            vocab_size=600,
+            max_position_embeddings=77,
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+        )
+    )
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
-                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(folder)
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
 
 
 def upload_dataset(handler) -> None:
     from fastbackend.demo import synthetic_photo
 
-    files = [{"filename": f"img{i}.jpg", "content": _b64(synthetic_photo(320, 320, i)),
-              "caption": f"Matt, photo number {i}, outdoors"} for i in range(IMAGES)]
+    files = [
+        {
+            "filename": f"img{i}.jpg",
+            "content": _b64(synthetic_photo(320, 320, i)),
+            "caption": f"Matt, photo number {i}, outdoors",
+        }
+        for i in range(IMAGES)
+    ]
     answer = handler({"id": "b", "input": {"type": "upload_training_data", "training_name": "bench", "files": files}})
     assert answer["status"] == "success", answer
 
@@ -85,7 +116,7 @@ def trainer_config(model: Path, steps: int, cached: bool) -> str:
     return f"""
 job: extension
 config:
-  name: bench_{'cached' if cached else 'uncached'}
+  name: bench_{"cached" if cached else "uncached"}
   process:
   - type: sd_trainer
     device: cpu
@@ -116,7 +147,9 @@ def run_trainer(model: Path, steps: int, cached: bool) -> tuple[list[float], flo
 
     infos: list[dict] = []
     started = time.perf_counter()
-    request = TrainWithYamlRequest(type="train_with_yaml", yaml_config=trainer_config(model, steps, cached), resume=False)
+    request = TrainWithYamlRequest(
+        type="train_with_yaml", yaml_config=trainer_config(model, steps, cached), resume=False
+    )
     answer = train_with_yaml(request, progress=infos.append)
     total = time.perf_counter() - started
     step_times = [info["s_per_step"] for info in infos]
@@ -147,8 +180,11 @@ def run_minimal_loop(model: Path, dataset: Path, steps: int) -> tuple[list[float
     images, captions = [], []
     for path in sorted(dataset.glob("*.jpg")):
         image = Image.open(path).convert("RGB").resize((RESOLUTION, RESOLUTION))
-        images.append(torch.tensor(list(image.getdata()), dtype=torch.float32).view(RESOLUTION, RESOLUTION, 3)
-                      .permute(2, 0, 1) / 127.5 - 1)
+        images.append(
+            torch.tensor(list(image.getdata()), dtype=torch.float32).view(RESOLUTION, RESOLUTION, 3).permute(2, 0, 1)
+            / 127.5
+            - 1
+        )
         captions.append(path.with_suffix(".txt").read_text())
     setup = time.perf_counter() - started
     rng = random.Random(0)
@@ -157,9 +193,16 @@ def run_minimal_loop(model: Path, dataset: Path, steps: int) -> tuple[list[float
         step_started = time.perf_counter()
         picks = rng.sample(range(len(images)), BATCH)
         with torch.no_grad():
-            latents = vae.encode(torch.stack([images[i] for i in picks])).latent_dist.sample() * vae.config.scaling_factor
-            ids = tokenizer([captions[i] for i in picks], padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
+            latents = (
+                vae.encode(torch.stack([images[i] for i in picks])).latent_dist.sample() * vae.config.scaling_factor
+            )
+            ids = tokenizer(
+                [captions[i] for i in picks],
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             text = text_encoder(ids)[0]
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (BATCH,))
@@ -194,8 +237,11 @@ def main() -> None:
         build_model(model)
         upload_dataset(handler)
         dataset = root / "training_data" / "bench"
-        rows = {"minimal diffusers+peft loop": ([], []), "trainer, caching off": ([], []),
-                "trainer, caching on": ([], [])}
+        rows = {
+            "minimal diffusers+peft loop": ([], []),
+            "trainer, caching off": ([], []),
+            "trainer, caching on": ([], []),
+        }
         for _ in range(args.rounds):
             for name in rows:
                 if name.startswith("minimal"):
@@ -211,8 +257,10 @@ def main() -> None:
 
 def report(rows: dict[str, tuple[list[float], list[float]]], args) -> None:
     base = statistics.median(rows["minimal diffusers+peft loop"][0])
-    print(f"SD-1.5-shaped UNet (64, 128, 256), {RESOLUTION} px, batch {BATCH}, rank {RANK}, "
-          f"{args.steps} timed steps x {args.rounds} rounds, {args.threads} threads")
+    print(
+        f"SD-1.5-shaped UNet (64, 128, 256), {RESOLUTION} px, batch {BATCH}, rank {RANK}, "
+        f"{args.steps} timed steps x {args.rounds} rounds, {args.threads} threads"
+    )
     print(f"{'run':<30}{'s/step':>9}{'ratio':>8}{'set-up s':>10}")
     for name, (steps, setups) in rows.items():
         median = statistics.median(steps)

@@ -50,9 +50,14 @@ def through_handler(photos: list[tuple[str, bytes]], root: Path) -> float:
     # Encoding the requests is the client's work, not the worker's: done before the clock.
     jobs = []
     for start in range(0, len(photos), PER_REQUEST):
-        files = [{"filename": n, "content": base64.b64encode(d).decode(), "caption": "Matt, photo"}
-                 for n, d in photos[start:start + PER_REQUEST]]
-        job = {"id": f"bench-{start}", "input": {"type": "upload_training_data", "training_name": "bench", "files": files}}
+        files = [
+            {"filename": n, "content": base64.b64encode(d).decode(), "caption": "Matt, photo"}
+            for n, d in photos[start : start + PER_REQUEST]
+        ]
+        job = {
+            "id": f"bench-{start}",
+            "input": {"type": "upload_training_data", "training_name": "bench", "files": files},
+        }
         assert len(json.dumps(job["input"]).encode()) < LIMIT_BYTES
         jobs.append(job)
     begin = time.perf_counter()

@@ -74,21 +74,34 @@ class Client:
         """Every image in ``folder`` with its ``.txt`` caption, in as many requests as the limit needs."""
         answers = []
         for index, batch in enumerate(batches(folder)):
-            payload = {"type": "upload_training_data", "training_name": name, "files": batch,
-                       "mode": mode if index == 0 else "append"}
+            payload = {
+                "type": "upload_training_data",
+                "training_name": name,
+                "files": batch,
+                "mode": mode if index == 0 else "append",
+            }
             answers.append(self.call(payload))
         if not answers:
             raise WorkerError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
         last = answers[-1]
-        return last | {"uploaded_files": [f for a in answers for f in a["uploaded_files"]],
-                       "skipped": [s for a in answers for s in a["skipped"]], "requests": len(answers)}
+        return last | {
+            "uploaded_files": [f for a in answers for f in a["uploaded_files"]],
+            "skipped": [s for a in answers for s in a["skipped"]],
+            "requests": len(answers),
+        }
 
     def download(self, model: str, destination: Path, filename: str | None = None) -> Path:
         """Fetch a LoRA in chunks and check it against the worker's sha256."""
         offset, digest, target = 0, hashlib.sha256(), None
         while offset is not None:
-            chunk = self.call({"type": "download_model", "model": model, "offset": offset,
-                               **({"filename": filename} if filename else {})})
+            chunk = self.call(
+                {
+                    "type": "download_model",
+                    "model": model,
+                    "offset": offset,
+                    **({"filename": filename} if filename else {}),
+                }
+            )
             target = destination / chunk["filename"] if destination.is_dir() else destination
             data = base64.b64decode(chunk["content"])
             with open(target, "wb" if offset == 0 else "ab") as handle:

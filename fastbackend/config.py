@@ -77,9 +77,26 @@ class SaveConfig(Section):
 class DatasetConfig(Section):
     IGNORED = {
         key: "not supported; the dataset is used as uploaded"
-        for key in ("flip_x", "flip_y", "random_crop", "random_scale", "scale", "augments", "augmentations",
-                    "shuffle_augmentations", "control_path", "mask_path", "alpha_mask", "mask_min_value", "poi",
-                    "is_reg", "network_weight", "token_dropout_rate", "type", "random_triggers")
+        for key in (
+            "flip_x",
+            "flip_y",
+            "random_crop",
+            "random_scale",
+            "scale",
+            "augments",
+            "augmentations",
+            "shuffle_augmentations",
+            "control_path",
+            "mask_path",
+            "alpha_mask",
+            "mask_min_value",
+            "poi",
+            "is_reg",
+            "network_weight",
+            "token_dropout_rate",
+            "type",
+            "random_triggers",
+        )
     } | {"buckets": "aspect-ratio buckets are always used", "bucket_tolerance": "buckets snap to the model's size step"}
     folder_path: str = Field(description="An uploaded dataset: its name, or a path under the data root.")
     caption_ext: Literal["txt", ".txt"] = "txt"
@@ -143,7 +160,9 @@ class TrainConfig(Section):
     lr: float = Field(1e-4, gt=0, le=10)
     unet_lr: float | None = Field(None, gt=0, le=10)
     text_encoder_lr: float | None = Field(None, gt=0, le=10, description="With train_text_encoder; default lr.")
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
     lr_scheduler_params: dict[str, float] = Field(default_factory=dict)
     lr_warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
@@ -162,7 +181,9 @@ class TrainConfig(Section):
     def _known_optimizer_params(cls, value: dict) -> dict:
         unknown = sorted(set(value) - {"weight_decay", "betas", "eps", "momentum", "d_coef"})
         if unknown:
-            raise ValueError(f"unknown optimizer parameter(s) {unknown}; valid: weight_decay, betas, eps, momentum, d_coef")
+            raise ValueError(
+                f"unknown optimizer parameter(s) {unknown}; valid: weight_decay, betas, eps, momentum, d_coef"
+            )
         return value
 
     @field_validator("lr_scheduler_params")
@@ -208,7 +229,9 @@ class ModelConfig(Section):
             raise ValueError("Stable Diffusion 2 and 3 are not supported; use arch flux, sdxl or sd15")
         flags = [name for name, on in (("flux", self.is_flux), ("sdxl", self.is_xl)) if on]
         if len(flags) > 1 or (self.arch and flags and self.resolved_arch != flags[0]):
-            raise ValueError(f"conflicting architecture settings: arch={self.arch!r}, is_flux={self.is_flux}, is_xl={self.is_xl}")
+            raise ValueError(
+                f"conflicting architecture settings: arch={self.arch!r}, is_flux={self.is_flux}, is_xl={self.is_xl}"
+            )
         return self
 
     @property
@@ -304,13 +327,16 @@ _ConfigLoader.add_implicit_resolver(
 
 def read_yaml(text: str) -> Any:
     if len(text.encode()) > MAX_YAML_BYTES:
-        raise ValidationFailed(f"yaml_config: {len(text.encode()):,} bytes is over the {MAX_YAML_BYTES:,}-byte limit",
-                               code="invalid_config")
+        raise ValidationFailed(
+            f"yaml_config: {len(text.encode()):,} bytes is over the {MAX_YAML_BYTES:,}-byte limit",
+            code="invalid_config",
+        )
     try:
         document = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ValidationFailed(f"yaml_config: not valid YAML ({' '.join(str(exc).split())[:200]})",
-                               code="invalid_config") from None
+        raise ValidationFailed(
+            f"yaml_config: not valid YAML ({' '.join(str(exc).split())[:200]})", code="invalid_config"
+        ) from None
     check_expanded_size(document)
     return document
 
@@ -324,7 +350,8 @@ def check_expanded_size(document: Any) -> None:
         budget -= 1
         if budget < 0:
             raise ValidationFailed(
-                f"yaml_config: expands to over {MAX_EXPANDED_NODES:,} values (a YAML alias bomb?)", code="invalid_config"
+                f"yaml_config: expands to over {MAX_EXPANDED_NODES:,} values (a YAML alias bomb?)",
+                code="invalid_config",
             )
         if isinstance(node, dict):
             stack.extend(node.keys())
@@ -370,7 +397,9 @@ def sweep_keys(node: Any, section: type[Section], path: str, warnings: list[str]
         if field is not None:
             child = _section_of(field.annotation)
             if child is not None and isinstance(value, list):
-                value = [sweep_keys(item, child, f"{key_path}[{i}]", warnings, problems) for i, item in enumerate(value)]
+                value = [
+                    sweep_keys(item, child, f"{key_path}[{i}]", warnings, problems) for i, item in enumerate(value)
+                ]
             elif child is not None:
                 value = sweep_keys(value, child, key_path, warnings, problems)
             kept[key] = value
@@ -394,8 +423,9 @@ def parse_training_config(source: str | dict) -> tuple[TrainingConfig, list[str]
     """The typed config and the warnings for ignored keys; ValidationFailed lists every problem."""
     document = read_yaml(source) if isinstance(source, str) else source
     if not isinstance(document, dict):
-        raise ValidationFailed(f"config: must be a mapping with `job` and `config`, got {show_value(document)}",
-                               code="invalid_config")
+        raise ValidationFailed(
+            f"config: must be a mapping with `job` and `config`, got {show_value(document)}", code="invalid_config"
+        )
     section = document.get("config")
     if isinstance(section, dict) and isinstance(section.get("name"), str):
         document = substitute_name(document, section["name"])
@@ -423,7 +453,8 @@ def semantic_warnings(config: TrainingConfig) -> list[str]:
         notes.append(f"{prefix}.save.push_to_hub: ignored (download the LoRA with download_model)")
     objective = "flowmatch" if process.model.resolved_arch == "flux" else "ddpm"
     if (process.train.noise_scheduler == "flowmatch") != (objective == "flowmatch"):
-        notes.append(f"{prefix}.train.noise_scheduler: {process.train.noise_scheduler!r} does not fit "
-                     f"{process.model.resolved_arch}; its own objective ({objective}) is used")
+        notes.append(
+            f"{prefix}.train.noise_scheduler: {process.train.noise_scheduler!r} does not fit "
+            f"{process.model.resolved_arch}; its own objective ({objective}) is used"
+        )
     return notes
-

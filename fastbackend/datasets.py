@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 from urllib.parse import urlsplit
 
-from fastbackend.errors import NotFound, ValidationFailed
+from fastbackend.errors import ValidationFailed
 from fastbackend.fetch import FetchProblem, fetch
 from fastbackend.images import IMAGE_EXTENSIONS, CheckedImage, ImageProblem, check_image
 from fastbackend.schemas import MAX_CAPTION_CHARS, DeleteDatasetRequest, ListDatasetsRequest, UploadTrainingDataRequest
@@ -196,7 +196,7 @@ def check_batch(files: list[RawFile], captions: dict[str, str], problems: list[s
     images = [raw for raw in files if _suffix(raw) in IMAGE_EXTENSIONS]
     # Pillow decodes and hashlib hashes without the GIL: a request's photos are checked in parallel.
     with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, max(1, len(images)))) as pool:
-        results = dict(zip(map(id, images), pool.map(_check_one, images)))
+        results = dict(zip(map(id, images), pool.map(_check_one, images), strict=True))
     seen: dict[str, str] = {}
     for raw in files:
         if id(raw) in results:
@@ -204,12 +204,13 @@ def check_batch(files: list[RawFile], captions: dict[str, str], problems: list[s
         elif _suffix(raw) == CAPTION_EXTENSION:
             _add_caption_file(batch, raw)
         else:
-            batch.problems.append(
-                f"{raw.source}: {raw.filename!r} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a caption (.txt)"
-            )
+            kinds = f"an image ({', '.join(IMAGE_EXTENSIONS)}) nor a caption (.txt)"
+            batch.problems.append(f"{raw.source}: {raw.filename!r} is neither {kinds}")
     for stem, caption in batch.captions.items():
         if len(caption) > MAX_CAPTION_CHARS:
-            batch.problems.append(f"caption for {stem!r}: {len(caption)} characters is over the limit of {MAX_CAPTION_CHARS}")
+            batch.problems.append(
+                f"caption for {stem!r}: {len(caption)} characters is over the limit of {MAX_CAPTION_CHARS}"
+            )
     return batch
 
 
@@ -232,7 +233,9 @@ def _add_caption_file(batch: Batch, raw: RawFile) -> None:
         batch.problems.append(f"{raw.source}: caption is not UTF-8 text")
 
 
-def _add_image(batch: Batch, raw: RawFile, digest: str, result: CheckedImage | ImageProblem, seen: dict[str, str]) -> None:
+def _add_image(
+    batch: Batch, raw: RawFile, digest: str, result: CheckedImage | ImageProblem, seen: dict[str, str]
+) -> None:
     if raw.filename in batch.images:
         batch.problems.append(f"{raw.source}: file name {raw.filename!r} appears twice in this request")
     elif digest in seen:
@@ -261,11 +264,23 @@ def commit(folder: Path, batch: Batch, replace: bool) -> tuple[list[dict], list[
         checked = item["checked"]
         atomic_write_bytes(folder / filename, checked.data)
         images[filename] = {
-            "sha256": item["sha256"], "width": checked.width, "height": checked.height,
-            "bytes": len(checked.data), "caption": None, "added": _now(),
+            "sha256": item["sha256"],
+            "width": checked.width,
+            "height": checked.height,
+            "bytes": len(checked.data),
+            "caption": None,
+            "added": _now(),
         }
-        uploaded.append({"filename": filename, "path": str(folder / filename), "size": len(checked.data),
-                         "width": checked.width, "height": checked.height, "sha256": item["sha256"]})
+        uploaded.append(
+            {
+                "filename": filename,
+                "path": str(folder / filename),
+                "size": len(checked.data),
+                "width": checked.width,
+                "height": checked.height,
+                "sha256": item["sha256"],
+            }
+        )
     _apply_captions(folder, images, batch.captions)
     write_manifest(folder, manifest)
     remove_unlisted(folder, images)
@@ -282,7 +297,9 @@ def _apply_captions(folder: Path, images: dict, captions: dict[str, str]) -> Non
 
 def remove_unlisted(folder: Path, images: dict) -> None:
     """Delete files no manifest entry owns: leftovers of a killed upload or of a replace."""
-    owned = set(images) | {f"{PurePosixPath(name).stem}{CAPTION_EXTENSION}" for name, e in images.items() if e["caption"]}
+    owned = set(images) | {
+        f"{PurePosixPath(name).stem}{CAPTION_EXTENSION}" for name, e in images.items() if e["caption"]
+    }
     for path in folder.iterdir():
         if path.is_file() and path.name not in owned and path.name != MANIFEST and not path.name.startswith("."):
             path.unlink()
@@ -323,7 +340,9 @@ def _check_orphan_captions(batch: Batch, existing: set[str]) -> None:
     stems = {PurePosixPath(name).stem for name in [*batch.images, *existing]}
     stems |= {PurePosixPath(s["filename"]).stem for s in batch.skipped}
     for stem in sorted(set(batch.captions) - stems):
-        batch.problems.append(f"caption {stem + CAPTION_EXTENSION!r}: no image named {stem!r} in this request or the dataset")
+        batch.problems.append(
+            f"caption {stem + CAPTION_EXTENSION!r}: no image named {stem!r} in this request or the dataset"
+        )
 
 
 def dataset_summary(name: str) -> dict:

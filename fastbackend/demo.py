@@ -67,13 +67,23 @@ def main() -> None:
 
     print(json.dumps(call(handler, {"type": "health"}), indent=1))
     for batch in (range(0, 5), range(5, 9)):  # two requests, as a client under the 10 MB limit sends them
-        files = [{"filename": f"IMG_{i:04d}.jpg", "content": _b64(synthetic_photo(384 + 32 * i, 512 - 16 * i, i)),
-                  "caption": f"Matt, photo {i}"} for i in batch]
+        files = [
+            {
+                "filename": f"IMG_{i:04d}.jpg",
+                "content": _b64(synthetic_photo(384 + 32 * i, 512 - 16 * i, i)),
+                "caption": f"Matt, photo {i}",
+            }
+            for i in batch
+        ]
         uploaded = call(handler, {"type": "upload_training_data", "training_name": DATASET, "files": files})
     print(f"dataset {DATASET}: {uploaded['total_images']} images in {uploaded['training_folder']}")
 
     if args.model:
-        config = CONFIG.read_text().replace("black-forest-labs/FLUX.1-dev", args.model).replace("steps: 2000", f"steps: {args.steps}")
+        config = (
+            CONFIG.read_text()
+            .replace("black-forest-labs/FLUX.1-dev", args.model)
+            .replace("steps: 2000", f"steps: {args.steps}")
+        )
     else:
         from fastbackend import tiny
 
@@ -81,7 +91,9 @@ def main() -> None:
         print(f"built a tiny random-weight {args.arch} pipeline in {folder} (proves the pipeline, not image quality)")
         config = tiny_config(str(folder), args.arch, args.steps)
     trained = call(handler, {"type": "train_with_yaml", "yaml_config": config})
-    summary = {k: trained[k] for k in ("model", "arch", "steps", "final_loss", "duration_s", "lora_path", "size", "sha256")}
+    summary = {
+        k: trained[k] for k in ("model", "arch", "steps", "final_loss", "duration_s", "lora_path", "size", "sha256")
+    }
     print(json.dumps(summary | {"warnings": trained["warnings"], "samples": trained["samples"][-3:]}, indent=1))
     models = call(handler, {"type": "list_models"})
     print(f"list_models: {models['total_count']} file(s): {[m['filename'] for m in models['models']]}")

@@ -73,7 +73,9 @@ def _check_open_image(image: Image.Image, data: bytes) -> CheckedImage:
     orientation = image.getexif().get(EXIF_ORIENTATION, 1)
     upright = ImageOps.exif_transpose(image) if orientation != 1 else image
     if min(upright.size) < MIN_IMAGE_SIDE:
-        raise ImageProblem(f"{upright.width}x{upright.height} is too small: the shorter side must be >= {MIN_IMAGE_SIDE} px")
+        raise ImageProblem(
+            f"{upright.width}x{upright.height} is too small: the shorter side must be >= {MIN_IMAGE_SIDE} px"
+        )
     if upright is image:
         return CheckedImage(data, width, height, image.format, rotated=False)
     return CheckedImage(_encode(upright, image.format), upright.width, upright.height, image.format, rotated=True)

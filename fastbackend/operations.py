@@ -55,7 +55,12 @@ def gpu_facts() -> dict:
         props = torch.cuda.get_device_properties(index)
         free, total = torch.cuda.mem_get_info(index)
         devices.append(
-            {"index": index, "name": props.name, "memory_total_gb": round(total / 1e9, 2), "memory_free_gb": round(free / 1e9, 2)}
+            {
+                "index": index,
+                "name": props.name,
+                "memory_total_gb": round(total / 1e9, 2),
+                "memory_free_gb": round(free / 1e9, 2),
+            }
         )
     return {"available": True, "cuda": torch.version.cuda, "torch": torch.__version__, "devices": devices}
 

@@ -122,8 +122,12 @@ def field_path(loc: tuple, root: str = "input") -> str:
 
 
 # pydantic error type -> how the bound reads in our messages.
-BOUND_WORDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
-               "less_than_equal": ("le", "<=")}
+BOUND_WORDS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
 
 
 def describe_error(error: dict, root: str = "input", valid_keys: list[str] | None = None) -> str:

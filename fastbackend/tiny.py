@@ -55,9 +55,16 @@ def clip_text_encoder(with_projection: bool = False, seed: int = 0):
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
-        hidden_size=TINY_CLIP_HIDDEN, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-        vocab_size=600, projection_dim=TINY_CLIP_HIDDEN, max_position_embeddings=77,
-        bos_token_id=512, eos_token_id=513, pad_token_id=513,
+        hidden_size=TINY_CLIP_HIDDEN,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=600,
+        projection_dim=TINY_CLIP_HIDDEN,
+        max_position_embeddings=77,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
     )
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
@@ -65,10 +72,20 @@ def clip_text_encoder(with_projection: bool = False, seed: int = 0):
 def vae(flux: bool = False):
     from diffusers import AutoencoderKL
 
-    options = dict(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False) if flux else {}
+    options = (
+        dict(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+        if flux
+        else {}
+    )
     return AutoencoderKL(
-        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, **options,
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        **options,
     )
 
 
@@ -78,15 +95,29 @@ def build_sd15(folder: Path) -> Path:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TINY_CLIP_HIDDEN, attention_head_dim=8, norm_num_groups=32,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_CLIP_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=32,
     )
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              steps_offset=1, clip_sample=False)
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False
+    )
     pipe = StableDiffusionPipeline(
-        vae=vae(), text_encoder=clip_text_encoder(), tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae(),
+        text_encoder=clip_text_encoder(),
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
     return folder
@@ -99,20 +130,34 @@ def build_sdxl(folder: Path) -> Path:
     torch.manual_seed(0)
     time_embed_dim = 8
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
-        addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        norm_num_groups=32,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
         transformer_layers_per_block=(1, 1),
         # Six size/crop numbers, each embedded, plus the pooled text embedding.
         projection_class_embeddings_input_dim=6 * time_embed_dim + TINY_CLIP_HIDDEN,
         cross_attention_dim=2 * TINY_CLIP_HIDDEN,  # both encoders' hidden states side by side
     )
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
     pipe = StableDiffusionXLPipeline(
-        vae=vae(), text_encoder=clip_text_encoder(seed=0), text_encoder_2=clip_text_encoder(True, seed=1),
-        tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler,
+        vae=vae(),
+        text_encoder=clip_text_encoder(seed=0),
+        text_encoder_2=clip_text_encoder(True, seed=1),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
     )
     pipe.save_pretrained(folder)
     return folder
@@ -126,24 +171,50 @@ def build_flux(folder: Path, guidance_embeds: bool = True) -> Path:
 
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * 4,  # 2x2 patches of the 4 latent channels
-        num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=TINY_T5_DIM, pooled_projection_dim=TINY_CLIP_HIDDEN,
-        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        patch_size=1,
+        in_channels=4 * 4,  # 2x2 patches of the 4 latent channels
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TINY_T5_DIM,
+        pooled_projection_dim=TINY_CLIP_HIDDEN,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
     )
-    t5 = T5EncoderModel(T5Config(d_model=TINY_T5_DIM, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=160,
-                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    t5 = T5EncoderModel(
+        T5Config(
+            d_model=TINY_T5_DIM,
+            d_ff=64,
+            d_kv=8,
+            num_layers=2,
+            num_heads=4,
+            vocab_size=160,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     pipe = FluxPipeline(
-        scheduler=scheduler, vae=vae(flux=True), text_encoder=clip_text_encoder(), tokenizer=clip_tokenizer(),
-        text_encoder_2=t5, tokenizer_2=t5_tokenizer(), transformer=transformer,
+        scheduler=scheduler,
+        vae=vae(flux=True),
+        text_encoder=clip_text_encoder(),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer(),
+        transformer=transformer,
     )
     pipe.save_pretrained(folder)
     return folder
 
 
-BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "flux": build_flux,
-            "flux_schnell": lambda folder: build_flux(folder, guidance_embeds=False)}
+BUILDERS = {
+    "sd15": build_sd15,
+    "sdxl": build_sdxl,
+    "flux": build_flux,
+    "flux_schnell": lambda folder: build_flux(folder, guidance_embeds=False),
+}
 
 
 def build(arch: str, folder: Path) -> Path:

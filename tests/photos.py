@@ -13,9 +13,15 @@ from fastbackend.demo import synthetic_photo
 EXIF_ORIENTATION = 0x0112
 # (width, height, format, EXIF orientation or None): nine photos of "one person".
 NINE = [
-    (640, 480, "JPEG", None), (480, 640, "JPEG", None), (512, 512, "PNG", None),
-    (800, 600, "JPEG", 6), (600, 800, "JPEG", 8), (700, 400, "PNG", None),
-    (400, 700, "JPEG", 3), (1024, 768, "JPEG", None), (300, 300, "PNG", None),
+    (640, 480, "JPEG", None),
+    (480, 640, "JPEG", None),
+    (512, 512, "PNG", None),
+    (800, 600, "JPEG", 6),
+    (600, 800, "JPEG", 8),
+    (700, 400, "PNG", None),
+    (400, 700, "JPEG", 3),
+    (1024, 768, "JPEG", None),
+    (300, 300, "PNG", None),
 ]
 
 
@@ -47,7 +53,7 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny PNG whose header claims ``width`` x ``height`` pixels."""
     data = bytearray(photo(300, 300, "PNG"))
     ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
-    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[12:ihdr + 13]))
-    data[ihdr + 13:ihdr + 17] = struct.pack(">I", crc)
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12 : ihdr + 13]))
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
     return bytes(data)

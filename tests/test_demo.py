@@ -10,8 +10,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_demo_runs_the_whole_flow_offline(data_root):
     env = dict(os.environ, FASTBACKEND_DATA_DIR=str(data_root))
-    result = subprocess.run([sys.executable, "-m", "fastbackend.demo", "--arch", "sdxl", "--steps", "3"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastbackend.demo", "--arch", "sdxl", "--steps", "3"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lora = data_root / "output" / "nowy_dataset_1.3" / "nowy_dataset_1.3.safetensors"
     assert f"Your LoRA: {lora}" in result.stdout

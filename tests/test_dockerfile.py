@@ -20,5 +20,10 @@ def test_dockerfile_passes_hadolint():
 
 def test_dockerfile_copies_the_package_and_both_entry_points():
     text = (REPO / "Dockerfile").read_text()
-    for needed in ("COPY requirements.txt", "COPY fastbackend/", "handler.py handler_fast.py", 'CMD ["python", "-u", "handler_fast.py"]'):
+    for needed in (
+        "COPY requirements.txt",
+        "COPY fastbackend/",
+        "handler.py handler_fast.py",
+        'CMD ["python", "-u", "handler_fast.py"]',
+    ):
         assert needed in text

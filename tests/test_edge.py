@@ -119,7 +119,11 @@ def test_payload_limit_follows_environment(monkeypatch):
 
 
 def test_list_models_on_empty_root_is_an_empty_list():
-    assert handler({"id": "1", "input": {"type": "list_models"}}) == {"status": "success", "models": [], "total_count": 0}
+    assert handler({"id": "1", "input": {"type": "list_models"}}) == {
+        "status": "success",
+        "models": [],
+        "total_count": 0,
+    }
 
 
 def test_data_root_falls_back_to_local_data(monkeypatch, tmp_path):

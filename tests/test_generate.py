@@ -10,8 +10,21 @@ from tests.training_helpers import install_model, train, upload_photos, user_yam
 
 
 def generate(**payload):
-    return handler({"id": "g", "input": {"type": "generate", "model": "nowy_dataset_1.3", "prompt": "Matt, photo",
-                                         "width": 64, "height": 64, "steps": 2, "format": "png", **payload}})
+    return handler(
+        {
+            "id": "g",
+            "input": {
+                "type": "generate",
+                "model": "nowy_dataset_1.3",
+                "prompt": "Matt, photo",
+                "width": 64,
+                "height": 64,
+                "steps": 2,
+                "format": "png",
+                **payload,
+            },
+        }
+    )
 
 
 def decode(answer):

@@ -15,8 +15,10 @@ known_types = st.sampled_from(sorted(handler_fast.OPERATIONS) + ["", "HEALTH", "
 inputs = st.one_of(
     json_values,
     st.dictionaries(st.text(max_size=20), json_values, max_size=5),
-    st.fixed_dictionaries({"type": known_types}, optional={"training_name": json_values, "model": json_values,
-                                                          "deep": json_values, "files": json_values}),
+    st.fixed_dictionaries(
+        {"type": known_types},
+        optional={"training_name": json_values, "model": json_values, "deep": json_values, "files": json_values},
+    ),
 )
 jobs = st.one_of(json_values, st.fixed_dictionaries({"id": st.text(max_size=10)}, optional={"input": inputs}))
 

@@ -76,7 +76,10 @@ def local_server(server_volume):
     env = dict(os.environ, FASTBACKEND_DATA_DIR=str(server_volume))
     process = subprocess.Popen(
         [sys.executable, "handler_fast.py", "--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -125,7 +128,9 @@ def test_server_uploads_trains_lists_and_downloads(local_server, server_volume, 
 
     uploaded = client.upload_folder("matt_training_test", photos)
     assert uploaded["requests"] > 1 and uploaded["total_images"] == 4 and len(uploaded["uploaded_files"]) == 4
-    trained = client.call({"type": "train_with_yaml", "yaml_config": user_yaml("/workspace/models/sdxl", "sdxl", steps=2)})
+    trained = client.call(
+        {"type": "train_with_yaml", "yaml_config": user_yaml("/workspace/models/sdxl", "sdxl", steps=2)}
+    )
     assert trained["steps"] == 2
     listed = client.call({"type": "list_models"})
     assert [m["filename"] for m in listed["models"]] == ["nowy_dataset_1.3.safetensors"]

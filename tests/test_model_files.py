@@ -15,7 +15,12 @@ def make_lora(data_root, model="matt", filename=None, size=4096):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / (filename or f"{model}.safetensors")
     tensors = {"transformer.x.lora_A.weight": np.arange(size, dtype=np.float32).reshape(-1, 16)}
-    metadata = {"fastbackend_arch": "flux", "ss_sd_model_name": "black-forest-labs/FLUX.1-dev", "ss_network_dim": "16", "ss_steps": "2000"}
+    metadata = {
+        "fastbackend_arch": "flux",
+        "ss_sd_model_name": "black-forest-labs/FLUX.1-dev",
+        "ss_network_dim": "16",
+        "ss_steps": "2000",
+    }
     save_file(tensors, str(path), metadata=metadata)
     return path
 
@@ -54,16 +59,24 @@ def test_download_in_chunks_reassembles_the_file(data_root):
 def test_download_refuses_missing_file_and_oversized_chunk(data_root):
     make_lora(data_root)
     missing = call(type="download_model", model="matt", filename="other.safetensors")
-    assert missing["error"] == "input.filename: 'other.safetensors' not found in model 'matt'; files: ['matt.safetensors']"
+    assert (
+        missing["error"] == "input.filename: 'other.safetensors' not found in model 'matt'; files: ['matt.safetensors']"
+    )
     too_big = call(type="download_model", model="matt", length=MAX_DOWNLOAD_CHUNK_BYTES + 1)
-    assert too_big["error"] == f"input.length: must be <= {MAX_DOWNLOAD_CHUNK_BYTES}, got {MAX_DOWNLOAD_CHUNK_BYTES + 1}"
+    assert (
+        too_big["error"] == f"input.length: must be <= {MAX_DOWNLOAD_CHUNK_BYTES}, got {MAX_DOWNLOAD_CHUNK_BYTES + 1}"
+    )
     outside = call(type="download_model", model="..")
     assert outside["error_code"] == "validation_error"
 
 
 def test_delete_model_removes_it_from_the_listing(data_root):
     make_lora(data_root)
-    assert call(type="delete_model", model="matt") == {"status": "success", "deleted": "matt", "files": ["matt.safetensors"]}
+    assert call(type="delete_model", model="matt") == {
+        "status": "success",
+        "deleted": "matt",
+        "files": ["matt.safetensors"],
+    }
     assert call(type="list_models")["total_count"] == 0
     assert not any((data_root / "output").iterdir())
     assert call(type="delete_model", model="matt")["error_code"] == "not_found"

@@ -28,8 +28,15 @@ def render(pipeline_folder: str, lora_path: str | None, arch: str):
     if lora_path:
         pipe.load_lora_weights(lora_path, adapter_name="trained")
     options = {"max_sequence_length": 32} if arch.startswith("flux") else {}
-    return pipe("Matt, photo", num_inference_steps=2, height=64, width=64, output_type="np",
-                generator=torch.Generator().manual_seed(0), **options).images
+    return pipe(
+        "Matt, photo",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **options,
+    ).images
 
 
 def test_repository_copy_of_the_user_config_matches_the_shared_one():
@@ -42,9 +49,18 @@ def test_user_yaml_trains_a_lora_that_loads_in_diffusers_and_changes_the_output(
     model_path = install_model(tiny_models, data_root, arch)
     upload_photos()
     family = "flux" if arch.startswith("flux") else arch
-    answer = train(user_yaml(model_path, family, steps=4, replacements={"linear: 16": "linear: 4",
-                                                                          "linear_alpha: 16": "linear_alpha: 8",
-                                                                          "sample_every: 100": "sample_every: 2"}))
+    answer = train(
+        user_yaml(
+            model_path,
+            family,
+            steps=4,
+            replacements={
+                "linear: 16": "linear: 4",
+                "linear_alpha: 16": "linear_alpha: 8",
+                "sample_every: 100": "sample_every: 2",
+            },
+        )
+    )
     assert answer["status"] == "success", answer
     assert answer["steps"] == 4 and answer["arch"] == family
     assert all(math.isfinite(loss) for _, loss in answer["loss_history"]) and len(answer["loss_history"]) == 4
@@ -58,7 +74,9 @@ def test_user_yaml_trains_a_lora_that_loads_in_diffusers_and_changes_the_output(
         assert all(k.startswith("lora_unet_") for k in tensors)
         alphas = [v for k, v in tensors.items() if k.endswith(".alpha")]
         assert alphas and all(float(a) == 8.0 for a in alphas)
-        assert any(k.endswith(".lora_down.weight") for k in tensors) and any(k.endswith(".lora_up.weight") for k in tensors)
+        assert any(k.endswith(".lora_down.weight") for k in tensors) and any(
+            k.endswith(".lora_up.weight") for k in tensors
+        )
     assert all(v.dtype == torch.float16 for k, v in tensors.items() if not k.endswith(".alpha"))
     up_weights = [v for k, v in tensors.items() if "lora_B" in k or "lora_up" in k]
     assert any(v.abs().sum() > 0 for v in up_weights), "lora_B starts at zero: training must move it"
@@ -80,10 +98,24 @@ def test_fixed_batch_learns(tiny_models, data_root):
 
     model_path = install_model(tiny_models, data_root, "sd15")
     upload_photos(count=1)
-    config, _ = parse_training_config(user_yaml(model_path, "sd15", replacements={
-        "lr: 0.0001": "lr: 0.01", "caption_dropout_rate: 0.05": "caption_dropout_rate: 0.0", "use_ema: true": "use_ema: false"}))
-    job = trainer.TrainJob(config, str(data_root / "models" / "sd15"), [data_root / "training_data" / "matt_training_test"],
-                           data_root / "output" / "fixed", resume=False)
+    config, _ = parse_training_config(
+        user_yaml(
+            model_path,
+            "sd15",
+            replacements={
+                "lr: 0.0001": "lr: 0.01",
+                "caption_dropout_rate: 0.05": "caption_dropout_rate: 0.0",
+                "use_ema: true": "use_ema: false",
+            },
+        )
+    )
+    job = trainer.TrainJob(
+        config,
+        str(data_root / "models" / "sd15"),
+        [data_root / "training_data" / "matt_training_test"],
+        data_root / "output" / "fixed",
+        resume=False,
+    )
     run = trainer.set_up(job)
     batch = trainer.next_batch(run)
     losses = []
@@ -110,14 +142,27 @@ def test_list_models_shows_the_trained_lora(tiny_models, data_root):
 def test_step_saves_keep_the_newest(tiny_models, data_root):
     model_path = install_model(tiny_models, data_root, "flux")
     upload_photos()
-    answer = train(user_yaml(model_path, steps=6, replacements={"save_every: 2000": "save_every: 2",
-                                                                "max_step_saves_to_keep: 1": "max_step_saves_to_keep: 2",
-                                                                "sample_every: 100": "sample_every: 1000"}))
+    answer = train(
+        user_yaml(
+            model_path,
+            steps=6,
+            replacements={
+                "save_every: 2000": "save_every: 2",
+                "max_step_saves_to_keep: 1": "max_step_saves_to_keep: 2",
+                "sample_every: 100": "sample_every: 1000",
+            },
+        )
+    )
     output = data_root / "output" / "nowy_dataset_1.3"
     assert [p.rsplit("/", 1)[1] for p in answer["step_saves"]] == [
-        "nowy_dataset_1.3_000000002.safetensors", "nowy_dataset_1.3_000000004.safetensors"][-2:]
+        "nowy_dataset_1.3_000000002.safetensors",
+        "nowy_dataset_1.3_000000004.safetensors",
+    ][-2:]
     assert sorted(p.name for p in output.glob("*.safetensors")) == [
-        "nowy_dataset_1.3.safetensors", "nowy_dataset_1.3_000000002.safetensors", "nowy_dataset_1.3_000000004.safetensors"]
+        "nowy_dataset_1.3.safetensors",
+        "nowy_dataset_1.3_000000002.safetensors",
+        "nowy_dataset_1.3_000000004.safetensors",
+    ]
     assert (output / "config.yaml").exists() and (output / "metadata.json").exists()
 
 
@@ -126,8 +171,11 @@ def test_a_crashed_run_resumes_from_its_last_save(tiny_models, data_root, monkey
 
     model_path = install_model(tiny_models, data_root, "flux")
     upload_photos()
-    yaml_text = user_yaml(model_path, steps=5, replacements={"save_every: 2000": "save_every: 2",
-                                                             "sample_every: 100": "sample_every: 1000"})
+    yaml_text = user_yaml(
+        model_path,
+        steps=5,
+        replacements={"save_every: 2000": "save_every: 2", "sample_every: 100": "sample_every: 1000"},
+    )
     real_report = trainer.report_step
 
     def crash_at_step_3(run, *args):
@@ -160,11 +208,18 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_save(tiny_models
         return loss * float("nan") if run.step >= 3 else loss
 
     monkeypatch.setattr(trainer, "compute_loss", nan_from_step_4)
-    answer = train(user_yaml(model_path, steps=6, replacements={"save_every: 2000": "save_every: 2",
-                                                                "sample_every: 100": "sample_every: 1000"}))
+    answer = train(
+        user_yaml(
+            model_path,
+            steps=6,
+            replacements={"save_every: 2000": "save_every: 2", "sample_every: 100": "sample_every: 1000"},
+        )
+    )
     assert answer["error_code"] == "non_finite_loss"
-    assert answer["error"] == ("training stopped: the loss became nan at step 4; "
-                               "the last good save is kept (nowy_dataset_1.3_000000002.safetensors)")
+    assert answer["error"] == (
+        "training stopped: the loss became nan at step 4; "
+        "the last good save is kept (nowy_dataset_1.3_000000002.safetensors)"
+    )
     assert (data_root / "output" / "nowy_dataset_1.3" / "nowy_dataset_1.3_000000002.safetensors").exists()
 
 
@@ -182,14 +237,23 @@ def test_progress_reports_every_step(tiny_models, data_root):
     assert seen[-1]["eta_s"] == 0
 
 
-@pytest.mark.parametrize(("arch", "prefixes"), [("sd15", {"lora_unet", "lora_te1"}),
-                                                 ("sdxl", {"lora_unet", "lora_te1", "lora_te2"})])
+@pytest.mark.parametrize(
+    ("arch", "prefixes"), [("sd15", {"lora_unet", "lora_te1"}), ("sdxl", {"lora_unet", "lora_te1", "lora_te2"})]
+)
 def test_text_encoder_lora_is_trained_saved_and_loaded(arch, prefixes, tiny_models, data_root):
     model_path = install_model(tiny_models, data_root, arch)
     upload_photos()
-    answer = train(user_yaml(model_path, arch, steps=3, replacements={
-        "train_text_encoder: false": "train_text_encoder: true\n      text_encoder_lr: 0.001",
-        "sample_every: 100": "sample_every: 1000"}))
+    answer = train(
+        user_yaml(
+            model_path,
+            arch,
+            steps=3,
+            replacements={
+                "train_text_encoder: false": "train_text_encoder: true\n      text_encoder_lr: 0.001",
+                "sample_every: 100": "sample_every: 1000",
+            },
+        )
+    )
     assert answer["status"] == "success", answer
     assert not any("train_text_encoder" in w for w in answer["warnings"])
     tensors, _ = read_lora(answer["lora_path"])

@@ -32,7 +32,9 @@ def test_numbers_are_read_as_ai_toolkit_reads_them_and_name_is_substituted():
 def test_known_but_unused_keys_are_accepted_with_a_warning():
     text = fixture_yaml().replace("      quantize: true", "      quantize: true\n      low_vram: true")
     _, warnings = parse_training_config(text)
-    assert warnings == ["config.process[0].model.low_vram: ignored (memory is managed by unloading encoders after caching)"]
+    assert warnings == [
+        "config.process[0].model.low_vram: ignored (memory is managed by unloading encoders after caching)"
+    ]
 
 
 def test_already_parsed_config_object_is_accepted():
@@ -42,16 +44,24 @@ def test_already_parsed_config_object_is_accepted():
     assert config.process.train.lr == 0.0001
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (("steps: 2000", "stpes: 2000"), "config.process[0].train.stpes: unknown key; did you mean 'steps'?"),
-    (("lr: 0.0001", "lr: -1"), "config.process[0].train.lr: must be > 0, got -1"),
-    (("optimizer: adamw8bit", "optimizer: adamw9bit"),
-     "config.process[0].train.optimizer: input should be 'adamw', 'adamw8bit', 'adam', 'adam8bit', 'sgd' or 'prodigy', got 'adamw9bit'"),
-    (("job: extension", "job: extensions"), "job: input should be 'extension', got 'extensions'"),
-    (("linear: 16", "linear: 0"), "config.process[0].network.linear: must be > 0, got 0"),
-    (("name: nowy_dataset_1.3", "name: ../evil"),
-     "config.name: must be 1-64 characters from A-Z a-z 0-9 . _ -, not starting with a dot, got '../evil'"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("steps: 2000", "stpes: 2000"), "config.process[0].train.stpes: unknown key; did you mean 'steps'?"),
+        (("lr: 0.0001", "lr: -1"), "config.process[0].train.lr: must be > 0, got -1"),
+        (
+            ("optimizer: adamw8bit", "optimizer: adamw9bit"),
+            "config.process[0].train.optimizer: input should be 'adamw', 'adamw8bit', 'adam', 'adam8bit', 'sgd' "
+            "or 'prodigy', got 'adamw9bit'",
+        ),
+        (("job: extension", "job: extensions"), "job: input should be 'extension', got 'extensions'"),
+        (("linear: 16", "linear: 0"), "config.process[0].network.linear: must be > 0, got 0"),
+        (
+            ("name: nowy_dataset_1.3", "name: ../evil"),
+            "config.name: must be 1-64 characters from A-Z a-z 0-9 . _ -, not starting with a dot, got '../evil'",
+        ),
+    ],
+)
 def test_bad_values_are_refused_with_their_path(change, message):
     with pytest.raises(ValidationFailed) as caught:
         parse_training_config(fixture_yaml().replace(*change))
@@ -59,21 +69,30 @@ def test_bad_values_are_refused_with_their_path(change, message):
 
 
 def test_every_problem_is_reported_at_once():
-    text = fixture_yaml().replace("steps: 2000", "stpes: 2000").replace("lr: 0.0001", "lr: 0").replace("is_flux: true", "is_fluxx: true")
+    text = (
+        fixture_yaml()
+        .replace("steps: 2000", "stpes: 2000")
+        .replace("lr: 0.0001", "lr: 0")
+        .replace("is_flux: true", "is_fluxx: true")
+    )
     with pytest.raises(ValidationFailed, match=r"\(and 2 more problem\(s\), see details\)"):
         parse_training_config(text)
 
 
 ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+)
 
 
-@pytest.mark.parametrize(("yaml_text", "message"), [
-    (ALIAS_BOMB, "yaml_config: expands to over 20,000 values (a YAML alias bomb?)"),
-    ("!!python/object/apply:os.system ['echo pwned']", "yaml_config: not valid YAML"),
-    ("job: [unclosed", "yaml_config: not valid YAML"),
-    ("- just\n- a list", "config: must be a mapping with `job` and `config`, got ['just', 'a list']"),
-])
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        (ALIAS_BOMB, "yaml_config: expands to over 20,000 values (a YAML alias bomb?)"),
+        ("!!python/object/apply:os.system ['echo pwned']", "yaml_config: not valid YAML"),
+        ("job: [unclosed", "yaml_config: not valid YAML"),
+        ("- just\n- a list", "config: must be a mapping with `job` and `config`, got ['just', 'a list']"),
+    ],
+)
 def test_unsafe_or_malformed_yaml_is_refused(yaml_text, message):
     with pytest.raises(ValidationFailed) as caught:
         parse_training_config(yaml_text)
@@ -92,20 +111,29 @@ def test_refusals_write_nothing(tiny_models, data_root):
     model_path = install_model(tiny_models, data_root, "flux")
     assert refused(data_root, user_yaml(model_path))["error"] == (
         "config.process[0].datasets[0].folder_path: dataset 'matt_training_test' does not exist; "
-        "upload it first (existing datasets: none)")
+        "upload it first (existing datasets: none)"
+    )
     upload_photos()
     outside = refused(data_root, user_yaml(model_path).replace("/workspace/training_data/matt_training_test", "/etc"))
-    assert outside["error"] == f"config.process[0].datasets[0].folder_path: path '/etc' is outside the data root '{data_root}'"
+    assert (
+        outside["error"]
+        == f"config.process[0].datasets[0].folder_path: path '/etc' is outside the data root '{data_root}'"
+    )
     escape = refused(data_root, user_yaml(model_path).replace("matt_training_test", "../../etc"))
     assert escape["error_code"] == "invalid_dataset" and "outside the data root" in escape["error"]
     model_outside = refused(data_root, user_yaml("/etc/models/flux"))
-    assert model_outside["error"] == (f"config.process[0].model.name_or_path: path '/etc/models/flux' is outside the "
-                                      f"data root '{data_root}'")
+    assert model_outside["error"] == (
+        f"config.process[0].model.name_or_path: path '/etc/models/flux' is outside the data root '{data_root}'"
+    )
     not_model = refused(data_root, user_yaml("/workspace/training_data"))
-    assert not_model["error"] == ("config.process[0].model.name_or_path: '/workspace/training_data' is not a diffusers "
-                                  "model folder (no model_index.json)")
+    assert not_model["error"] == (
+        "config.process[0].model.name_or_path: '/workspace/training_data' is not a diffusers "
+        "model folder (no model_index.json)"
+    )
     bad_folder = refused(data_root, user_yaml(model_path).replace("training_folder: output", "training_folder: /tmp"))
-    assert bad_folder["error"] == f"config.process[0].training_folder: path '/tmp' is outside the data root '{data_root}'"
+    assert (
+        bad_folder["error"] == f"config.process[0].training_folder: path '/tmp' is outside the data root '{data_root}'"
+    )
     typo = refused(data_root, user_yaml(model_path).replace("  steps: 4", "  stpes: 4"))
     assert typo["error"] == "config.process[0].train.stpes: unknown key; did you mean 'steps'?"
     negative = refused(data_root, user_yaml(model_path).replace("lr: 0.0001", "lr: -1"))

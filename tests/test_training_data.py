@@ -11,13 +11,16 @@ from fastbackend.training import data
 from tests.training_helpers import install_model, train, upload_photos, user_yaml
 
 
-@pytest.mark.parametrize(("caption", "trigger", "expected"), [
-    ("a man, photo", "Matt", "Matt, a man, photo"),
-    ("[trigger] smiling, photo", "p3r5on", "p3r5on smiling, photo"),
-    ("Matt at the beach", "Matt", "Matt at the beach"),
-    ("", "Matt", "Matt"),
-    ("[trigger] smiling", None, "smiling"),
-])
+@pytest.mark.parametrize(
+    ("caption", "trigger", "expected"),
+    [
+        ("a man, photo", "Matt", "Matt, a man, photo"),
+        ("[trigger] smiling, photo", "p3r5on", "p3r5on smiling, photo"),
+        ("Matt at the beach", "Matt", "Matt at the beach"),
+        ("", "Matt", "Matt"),
+        ("[trigger] smiling", None, "smiling"),
+    ],
+)
 def test_trigger_word_follows_ai_toolkit(caption, trigger, expected):
     assert data.apply_trigger(caption, trigger) == expected
 
@@ -32,13 +35,16 @@ def test_caption_dropout_and_shuffle_keep_leading_tokens():
     assert data.caption_for_step("Matt", always_dropped, rng) == ""
 
 
-@pytest.mark.parametrize(("size", "resolution", "multiple", "bucket"), [
-    ((4032, 3024), 1024, 16, (1152, 832)),   # a 4:3 phone photo at 1024: ~1M pixels, sides in 64s
-    ((3024, 4032), 512, 16, (384, 576)),
-    ((1000, 1000), 768, 64, (768, 768)),
-    ((300, 300), 512, 16, (256, 256)),       # smaller than the resolution: its own size, snapped
-    ((640, 480), 64, 4, (72, 52)),           # tiny test resolutions snap to the model's own step
-])
+@pytest.mark.parametrize(
+    ("size", "resolution", "multiple", "bucket"),
+    [
+        ((4032, 3024), 1024, 16, (1152, 832)),  # a 4:3 phone photo at 1024: ~1M pixels, sides in 64s
+        ((3024, 4032), 512, 16, (384, 576)),
+        ((1000, 1000), 768, 64, (768, 768)),
+        ((300, 300), 512, 16, (256, 256)),  # smaller than the resolution: its own size, snapped
+        ((640, 480), 64, 4, (72, 52)),  # tiny test resolutions snap to the model's own step
+    ],
+)
 def test_buckets_keep_aspect_and_area(size, resolution, multiple, bucket):
     assert data.bucket_for(*size, resolution, multiple) == bucket
 
@@ -70,22 +76,31 @@ def handler_lists_one_dataset() -> bool:
 def test_training_without_any_caching_and_with_shuffled_captions(tiny_models, data_root):
     model_path = install_model(tiny_models, data_root, "sd15")
     upload_photos()
-    yaml_text = user_yaml(model_path, "sd15", steps=3, replacements={
-        "cache_latents_to_disk: true": "cache_latents_to_disk: false\n      cache_latents: false",
-        "shuffle_tokens: false": "shuffle_tokens: true",
-        "dtype: bf16": "dtype: bf16\n      cache_text_embeddings: false",
-        "sample_every: 100": "sample_every: 1000"})
+    yaml_text = user_yaml(
+        model_path,
+        "sd15",
+        steps=3,
+        replacements={
+            "cache_latents_to_disk: true": "cache_latents_to_disk: false\n      cache_latents: false",
+            "shuffle_tokens: false": "shuffle_tokens: true",
+            "dtype: bf16": "dtype: bf16\n      cache_text_embeddings: false",
+            "sample_every: 100": "sample_every: 1000",
+        },
+    )
     answer = train(yaml_text)
     assert answer["status"] == "success", answer
     assert not (data_root / "training_data" / "matt_training_test" / ".cache").exists()
 
 
-@pytest.mark.parametrize(("name", "params", "expected"), [
-    ("adamw", {"weight_decay": 0.01}, "AdamW"),
-    ("adamw8bit", {}, "AdamW"),  # no CUDA here: falls back, with a warning
-    ("sgd", {"momentum": 0.9}, "SGD"),
-    ("prodigy", {}, "Prodigy"),
-])
+@pytest.mark.parametrize(
+    ("name", "params", "expected"),
+    [
+        ("adamw", {"weight_decay": 0.01}, "AdamW"),
+        ("adamw8bit", {}, "AdamW"),  # no CUDA here: falls back, with a warning
+        ("sgd", {"momentum": 0.9}, "SGD"),
+        ("prodigy", {}, "Prodigy"),
+    ],
+)
 def test_optimizers(name, params, expected):
     import torch
 
@@ -96,8 +111,11 @@ def test_optimizers(name, params, expected):
     config = TrainConfig(optimizer=name, optimizer_params=params, lr=1.0 if name == "prodigy" else 1e-4)
     optimizer = make_optimizer(config, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"), warnings)
     assert type(optimizer).__name__ == expected
-    assert warnings == (["config.process[0].train.optimizer: adamw8bit needs CUDA and bitsandbytes; using AdamW"]
-                        if name == "adamw8bit" else [])
+    assert warnings == (
+        ["config.process[0].train.optimizer: adamw8bit needs CUDA and bitsandbytes; using AdamW"]
+        if name == "adamw8bit"
+        else []
+    )
 
 
 def test_optimizer_params_that_do_not_fit_are_refused():
@@ -115,11 +133,17 @@ def test_optimizer_params_that_do_not_fit_are_refused():
 def test_v_prediction_min_snr_noise_offset_and_warmup_train(tiny_models, data_root):
     model_path = install_model(tiny_models, data_root, "sd15")
     upload_photos()
-    yaml_text = user_yaml(model_path, "sd15", steps=3, replacements={
-        "arch: sd15": "arch: sd15\n      is_v_pred: true",
-        "dtype: bf16": "dtype: bf16\n      min_snr_gamma: 5\n      noise_offset: 0.05\n      lr_scheduler: cosine\n"
-                       "      lr_warmup_steps: 1\n      seed: 7",
-        "sample_every: 100": "sample_every: 1000"})
+    yaml_text = user_yaml(
+        model_path,
+        "sd15",
+        steps=3,
+        replacements={
+            "arch: sd15": "arch: sd15\n      is_v_pred: true",
+            "dtype: bf16": "dtype: bf16\n      min_snr_gamma: 5\n      noise_offset: 0.05\n      lr_scheduler: cosine\n"
+            "      lr_warmup_steps: 1\n      seed: 7",
+            "sample_every: 100": "sample_every: 1000",
+        },
+    )
     answer = train(yaml_text)
     assert answer["status"] == "success", answer
     assert all(math.isfinite(loss) for _, loss in answer["loss_history"])

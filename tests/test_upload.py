@@ -44,7 +44,7 @@ def make_zip(entries: dict[str, bytes], symlink: str | None = None) -> bytes:
             archive.writestr(name, data)
         if symlink:
             info = zipfile.ZipInfo(symlink)
-            info.external_attr = (0o120777 << 16)
+            info.external_attr = 0o120777 << 16
             archive.writestr(info, "/etc/passwd")
     return out.getvalue()
 
@@ -94,7 +94,9 @@ def test_missing_captions_are_allowed_and_reported():
 def test_duplicates_are_skipped_not_stored_twice(data_root):
     name, data, caption = nine_photos()[0]
     upload(files=[{"filename": name, "content": b64(data), "caption": caption}])
-    again = upload(files=[{"filename": "copy.jpg", "content": b64(data)}, {"filename": "copy2.jpg", "content": b64(data)}])
+    again = upload(
+        files=[{"filename": "copy.jpg", "content": b64(data)}, {"filename": "copy2.jpg", "content": b64(data)}]
+    )
     assert again["uploaded_files"] == []
     assert again["skipped"] == [
         {"filename": "copy2.jpg", "reason": "duplicate of 'copy.jpg' (same bytes)"},
@@ -205,7 +207,9 @@ def test_one_bad_file_refuses_the_whole_request_and_lists_every_problem(data_roo
         "input.files[10] ('latin1.txt'): caption is not UTF-8 text",
         "caption 'orphan.txt': no image named 'orphan' in this request or the dataset",
     ]
-    assert answer["details"][2].startswith("input.files[4] ('truncated.jpg'): could not be decoded (image file is truncated")
+    assert answer["details"][2].startswith(
+        "input.files[4] ('truncated.jpg'): could not be decoded (image file is truncated"
+    )
     assert snapshot(data_root) == {}
 
 
@@ -249,8 +253,13 @@ def test_refusals_leave_an_existing_dataset_unchanged(data_root):
 def test_too_long_caption_is_refused(data_root):
     name, data, _ = nine_photos()[0]
     answer = upload(files=[{"filename": name, "content": b64(data), "caption": "x" * 4001}])
-    assert answer["error"] == "input.files[0].caption: string should have at most 4000 characters, got <string of 4001 characters>"
-    answer = upload(files=[{"filename": name, "content": b64(data)}, {"filename": "IMG_0000.txt", "content": b64(b"y" * 4001)}])
+    assert (
+        answer["error"]
+        == "input.files[0].caption: string should have at most 4000 characters, got <string of 4001 characters>"
+    )
+    answer = upload(
+        files=[{"filename": name, "content": b64(data)}, {"filename": "IMG_0000.txt", "content": b64(b"y" * 4001)}]
+    )
     assert answer["error"] == "caption for 'IMG_0000': 4001 characters is over the limit of 4000"
     assert snapshot(data_root) == {}
 
@@ -269,7 +278,13 @@ def test_leftovers_of_a_killed_upload_are_never_listed_and_are_cleaned(data_root
     assert call(type="list_datasets")["datasets"][0]["image_count"] == 1
     upload(files=file_entries(nine_photos()[1:2]))
     assert sorted(p.name for p in folder.iterdir()) == [
-        ".lock", "IMG_0000.jpg", "IMG_0000.txt", "IMG_0001.jpg", "IMG_0001.txt", "manifest.json"]
+        ".lock",
+        "IMG_0000.jpg",
+        "IMG_0000.txt",
+        "IMG_0001.jpg",
+        "IMG_0001.txt",
+        "manifest.json",
+    ]
 
 
 def test_list_and_delete_datasets(data_root):
@@ -316,8 +331,12 @@ def test_two_processes_appending_at_once_both_land(data_root):
 def test_wrapped_base64_and_data_urls_are_accepted():
     name, data, caption = nine_photos()[0]
     encoded = b64(data)
-    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))  # `base64` without -w0
-    answer = upload(files=[{"filename": name, "content": wrapped},
-                           {"filename": "IMG_0001.jpg", "content": "data:image/jpeg;base64," + b64(nine_photos()[1][1])}])
+    wrapped = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))  # `base64` without -w0
+    answer = upload(
+        files=[
+            {"filename": name, "content": wrapped},
+            {"filename": "IMG_0001.jpg", "content": "data:image/jpeg;base64," + b64(nine_photos()[1][1])},
+        ]
+    )
     assert answer["status"] == "success", answer
     assert answer["total_images"] == 2

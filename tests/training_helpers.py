@@ -27,20 +27,30 @@ def install_model(tiny_models: Path, data_root: Path, arch: str) -> str:
 
 def upload_photos(count: int = 3, name: str = "matt_training_test") -> dict:
     photos = nine_photos()[:count]
-    answer = handler({"id": "up", "input": {"type": "upload_training_data", "training_name": name,
-                                            "files": [{"filename": n, "content": b64(d), "caption": c} for n, d, c in photos]}})
+    answer = handler(
+        {
+            "id": "up",
+            "input": {
+                "type": "upload_training_data",
+                "training_name": name,
+                "files": [{"filename": n, "content": b64(d), "caption": c} for n, d, c in photos],
+            },
+        }
+    )
     assert answer["status"] == "success", answer
     return answer
 
 
-def user_yaml(model_path: str, arch: str = "flux", steps: int = 4, resolutions=(64,),
-              replacements: dict[str, str] | None = None) -> str:
+def user_yaml(
+    model_path: str, arch: str = "flux", steps: int = 4, resolutions=(64,), replacements: dict[str, str] | None = None
+) -> str:
     """The fixture YAML with only the model path, steps and resolutions changed (and sample sizes made tiny)."""
     text = fixture_yaml()
     text = text.replace("name_or_path: black-forest-labs/FLUX.1-dev", f"name_or_path: {model_path}")
     text = text.replace("steps: 2000", f"steps: {steps}")
-    text = text.replace("      - 512\n      - 768\n      - 1024\n      - 1280\n",
-                        "".join(f"      - {r}\n" for r in resolutions))
+    text = text.replace(
+        "      - 512\n      - 768\n      - 1024\n      - 1280\n", "".join(f"      - {r}\n" for r in resolutions)
+    )
     if arch != "flux":
         text = text.replace("is_flux: true", f"arch: {arch}")
     text = text.replace("width: 1024", "width: 64").replace("height: 1280", "height: 64")

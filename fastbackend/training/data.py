@@ -67,8 +67,10 @@ def read_items(folder: Path, default_caption: str | None) -> list[Item]:
     manifest = folder / MANIFEST
     if manifest.exists():
         entries = json.loads(manifest.read_text())["images"]
-        return [Item(folder / name, entry["sha256"], entry["caption"] or default_caption or "")
-                for name, entry in sorted(entries.items())]
+        return [
+            Item(folder / name, entry["sha256"], entry["caption"] or default_caption or "")
+            for name, entry in sorted(entries.items())
+        ]
     items = []
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
@@ -104,7 +106,7 @@ def caption_for_step(caption: str, options: CaptionOptions, rng: random.Random) 
     if not options.shuffle:
         return caption
     parts = [part.strip() for part in caption.split(",") if part.strip()]
-    kept, rest = parts[: options.keep_tokens], parts[options.keep_tokens:]
+    kept, rest = parts[: options.keep_tokens], parts[options.keep_tokens :]
     rng.shuffle(rest)
     return ", ".join(kept + rest)
 
@@ -124,8 +126,10 @@ def load_pixels(path: Path, bucket: tuple[int, int]) -> tuple[torch.Tensor, tupl
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened).convert("RGB")
     scale = max(target_w / image.width, target_h / image.height)
-    resized = image.resize((max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))),
-                           Image.Resampling.LANCZOS)
+    resized = image.resize(
+        (max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))),
+        Image.Resampling.LANCZOS,
+    )
     left, top = (resized.width - target_w) // 2, (resized.height - target_h) // 2
     cropped = resized.crop((left, top, left + target_w, top + target_h))
     pixels = torch.frombuffer(bytearray(cropped.tobytes()), dtype=torch.uint8).view(target_h, target_w, 3)
@@ -133,15 +137,22 @@ def load_pixels(path: Path, bucket: tuple[int, int]) -> tuple[torch.Tensor, tupl
     return pixels, (image.height, image.width, top, left, target_h, target_w)
 
 
-def make_examples(items: list[Item], resolutions: list[int], multiple: int, trigger_word: str | None,
-                  weight: float) -> list[Example]:
+def make_examples(
+    items: list[Item], resolutions: list[int], multiple: int, trigger_word: str | None, weight: float
+) -> list[Example]:
     examples = []
     for item in items:
         with Image.open(item.path) as opened:
             width, height = ImageOps.exif_transpose(opened).size
         for resolution in resolutions:
-            examples.append(Example(item, apply_trigger(item.caption, trigger_word),
-                                    bucket_for(width, height, resolution, multiple), weight=weight))
+            examples.append(
+                Example(
+                    item,
+                    apply_trigger(item.caption, trigger_word),
+                    bucket_for(width, height, resolution, multiple),
+                    weight=weight,
+                )
+            )
     return examples
 
 
@@ -171,8 +182,14 @@ class LatentCache:
         if path is None:
             return
         with temporary_path(path) as tmp:
-            save_file({"mean": example.mean.contiguous(), "std": example.std.contiguous(),
-                       "sizes": torch.tensor(example.sizes)}, str(tmp))
+            save_file(
+                {
+                    "mean": example.mean.contiguous(),
+                    "std": example.std.contiguous(),
+                    "sizes": torch.tensor(example.sizes),
+                },
+                str(tmp),
+            )
 
 
 def encode_example(example: Example, encode) -> tuple[torch.Tensor, torch.Tensor]:

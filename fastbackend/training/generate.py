@@ -36,8 +36,9 @@ def generate(request: GenerateRequest, progress: Progress | None = None) -> dict
     header = read_lora_header(lora)
     arch_name, base = header.get("fastbackend_arch"), header.get("ss_sd_model_name")
     if arch_name not in ("flux", "sdxl", "sd15") or not base:
-        raise FastBackendError(f"input.model: {lora.name!r} was not made by this worker (no base model in its header)",
-                               code="unknown_lora")
+        raise FastBackendError(
+            f"input.model: {lora.name!r} was not made by this worker (no base model in its header)", code="unknown_lora"
+        )
     arch = arch_for(arch_name)
     with _LOCK:  # one pipeline, one LoRA at a time
         pipe = _pipeline(arch, resolve_model(base))
@@ -50,8 +51,11 @@ def generate(request: GenerateRequest, progress: Progress | None = None) -> dict
     encoded = [_encode(image, request.format) | {"seed": request.seed + i} for i, image in enumerate(images)]
     size = sum(len(image["content"]) for image in encoded)
     if size > MAX_RESULT_BYTES:
-        raise FastBackendError(f"output: {size:,} bytes of images is over RunPod's {MAX_RESULT_BYTES:,}-byte result "
-                               "limit; ask for fewer or smaller images, or format jpg", code="result_too_large")
+        raise FastBackendError(
+            f"output: {size:,} bytes of images is over RunPod's {MAX_RESULT_BYTES:,}-byte result "
+            "limit; ask for fewer or smaller images, or format jpg",
+            code="result_too_large",
+        )
     return {"status": "success", "model": request.model, "filename": lora.name, "base_model": base, "images": encoded}
 
 
@@ -77,13 +81,23 @@ def _render(arch, pipe, request: GenerateRequest) -> list:
     multiple = arch.pixel_multiple(pipe)
     width, height = (max(multiple, size // multiple * multiple) for size in (request.width, request.height))
     generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.num_images)]
-    return pipe([request.prompt] * request.num_images, num_inference_steps=request.steps,
-                guidance_scale=request.guidance_scale, width=width, height=height, generator=generators,
-                **arch.sample_kwargs(pipe, request.negative_prompt)).images
+    return pipe(
+        [request.prompt] * request.num_images,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        width=width,
+        height=height,
+        generator=generators,
+        **arch.sample_kwargs(pipe, request.negative_prompt),
+    ).images
 
 
 def _encode(image, fmt: str) -> dict:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG" if fmt == "jpg" else "PNG", **({"quality": 95} if fmt == "jpg" else {}))
-    return {"content": base64.b64encode(buffer.getvalue()).decode("ascii"), "format": fmt,
-            "width": image.width, "height": image.height}
+    return {
+        "content": base64.b64encode(buffer.getvalue()).decode("ascii"),
+        "format": fmt,
+        "width": image.width,
+        "height": image.height,
+    }

@@ -20,16 +20,25 @@ from safetensors.torch import save_file
 from fastbackend.storage import sha256_file, temporary_path
 
 ADAPTER = "fastbackend"
-SAVE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-               "float32": torch.float32, "fp32": torch.float32}
+SAVE_DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 # kohya's names for the base model family (ss_base_model_version).
 KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
 
 
-def add_lora(module: torch.nn.Module, targets: str | list[str], rank: int, alpha: float, dropout: float) -> list[torch.nn.Parameter]:
+def add_lora(
+    module: torch.nn.Module, targets: str | list[str], rank: int, alpha: float, dropout: float
+) -> list[torch.nn.Parameter]:
     """Inject LoRA layers (``lora_B`` starts at zero, so the model is unchanged) and return them."""
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-                        target_modules=targets)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
+    )
     module.requires_grad_(False)
     module.add_adapter(config, adapter_name=ADAPTER)
     params = [p for name, p in module.named_parameters() if "lora_" in name]
@@ -45,9 +54,13 @@ States = dict[str, dict[str, torch.Tensor]]  # the same names -> that module's L
 
 def lora_state(modules: Components) -> States:
     """The LoRA weights in peft's naming (``<module>.lora_A.weight``), detached on the CPU."""
-    return {name: {key: value.detach().to("cpu", copy=True)
-                   for key, value in get_peft_model_state_dict(module, adapter_name=ADAPTER).items()}
-            for name, module in modules.items()}
+    return {
+        name: {
+            key: value.detach().to("cpu", copy=True)
+            for key, value in get_peft_model_state_dict(module, adapter_name=ADAPTER).items()
+        }
+        for name, module in modules.items()
+    }
 
 
 def load_lora_state(modules: Components, states: States) -> None:
@@ -62,8 +75,10 @@ def to_file_format(arch: str, states: States, rank: int, alpha: float) -> dict[s
     """peft-named weights -> the keys ai-toolkit writes for ``arch``."""
     if arch == "flux":
         scale = alpha / rank
-        return {f"transformer.{key}": value * scale if ".lora_B." in key else value
-                for key, value in states["transformer"].items()}
+        return {
+            f"transformer.{key}": value * scale if ".lora_B." in key else value
+            for key, value in states["transformer"].items()
+        }
     from diffusers.utils import convert_state_dict_to_kohya
 
     # "unet." -> lora_unet_*, "text_encoder." -> lora_te1_*, "text_encoder_2." -> lora_te2_*
@@ -72,18 +87,32 @@ def to_file_format(arch: str, states: States, rank: int, alpha: float) -> dict[s
     return {key: torch.tensor(float(alpha)) if key.endswith(".alpha") else value for key, value in kohya.items()}
 
 
-def save_lora(path: Path, arch: str, states: States, rank: int, alpha: float, dtype: str,
-              metadata: dict[str, object]) -> str:
+def save_lora(
+    path: Path, arch: str, states: States, rank: int, alpha: float, dtype: str, metadata: dict[str, object]
+) -> str:
     """Write the LoRA file atomically; returns its sha256."""
-    tensors = {key: value.to(SAVE_DTYPES[dtype]).contiguous() for key, value in to_file_format(arch, states, rank, alpha).items()}
+    tensors = {
+        key: value.to(SAVE_DTYPES[dtype]).contiguous()
+        for key, value in to_file_format(arch, states, rank, alpha).items()
+    }
     header = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     with temporary_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
         return sha256_file(tmp)
 
 
-def lora_metadata(arch: str, base_model: str, rank: int, alpha: float, steps: int, resolutions: list[int],
-                  trigger_word: str | None, dataset_hash: str, name: str, config_yaml: str) -> dict[str, object]:
+def lora_metadata(
+    arch: str,
+    base_model: str,
+    rank: int,
+    alpha: float,
+    steps: int,
+    resolutions: list[int],
+    trigger_word: str | None,
+    dataset_hash: str,
+    name: str,
+    config_yaml: str,
+) -> dict[str, object]:
     """Header fields: ours, plus kohya's ``ss_*`` names where kohya has one."""
     return {
         "fastbackend_arch": arch,
@@ -98,6 +127,9 @@ def lora_metadata(arch: str, base_model: str, rank: int, alpha: float, steps: in
         "ss_steps": str(steps),
         "ss_resolution": json.dumps(resolutions),
         "ss_dataset_hash": dataset_hash,
-        "modelspec.architecture": {"flux": "flux-1-dev/lora", "sdxl": "stable-diffusion-xl-v1-base/lora",
-                                   "sd15": "stable-diffusion-v1/lora"}[arch],
+        "modelspec.architecture": {
+            "flux": "flux-1-dev/lora",
+            "sdxl": "stable-diffusion-xl-v1-base/lora",
+            "sd15": "stable-diffusion-v1/lora",
+        }[arch],
     }

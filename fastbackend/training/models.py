@@ -70,8 +70,9 @@ class Arch:
 
         model_class = getattr(diffusers, self.denoiser_class_name)
         quantization = diffusers.BitsAndBytesConfig(load_in_8bit=True)
-        return model_class.from_pretrained(name_or_path, subfolder=self.denoiser_name,
-                                           quantization_config=quantization, **options)
+        return model_class.from_pretrained(
+            name_or_path, subfolder=self.denoiser_name, quantization_config=quantization, **options
+        )
 
     def denoiser(self, pipe) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_name)
@@ -83,7 +84,11 @@ class Arch:
 
     def encoders(self, pipe) -> list[torch.nn.Module]:
         """Modules needed only to encode text and images (they leave the device after caching)."""
-        return [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), pipe.vae) if m is not None]
+        return [
+            m
+            for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), pipe.vae)
+            if m is not None
+        ]
 
     def pixel_multiple(self, pipe) -> int:
         """Image sides must be a multiple of this for the VAE and the denoiser."""
@@ -135,8 +140,14 @@ class SD15(Arch):
             noise += options.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        prediction = denoiser(noisy, timesteps, batch.cond["prompt_embeds"], return_dict=False, **self.unet_kwargs(batch))[0]
+        target = (
+            noise
+            if scheduler.config.prediction_type == "epsilon"
+            else scheduler.get_velocity(latents, noise, timesteps)
+        )
+        prediction = denoiser(
+            noisy, timesteps, batch.cond["prompt_embeds"], return_dict=False, **self.unet_kwargs(batch)
+        )[0]
         per_item = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if options.min_snr_gamma:
             per_item = per_item * _min_snr_weights(scheduler, timesteps, options.min_snr_gamma)
@@ -158,8 +169,9 @@ class SDXL(SD15):
     pipeline_class_name = "StableDiffusionXLPipeline"
 
     def encode_prompt(self, pipe, text: str) -> dict[str, torch.Tensor]:
-        embeds, _, pooled, _ = pipe.encode_prompt(text, device=pipe.text_encoder.device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            text, device=pipe.text_encoder.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
         return {"prompt_embeds": embeds.float(), "pooled": pooled.float()}
 
     def unet_kwargs(self, batch: Batch) -> dict:
@@ -186,8 +198,9 @@ class Flux(Arch):
         return FLUX_DEV_MAX_SEQUENCE if guided else FLUX_SCHNELL_MAX_SEQUENCE
 
     def encode_prompt(self, pipe, text: str) -> dict[str, torch.Tensor]:
-        embeds, pooled, _ = pipe.encode_prompt(text, prompt_2=None, device=pipe.text_encoder.device,
-                                               max_sequence_length=self.max_sequence_length(pipe))
+        embeds, pooled, _ = pipe.encode_prompt(
+            text, prompt_2=None, device=pipe.text_encoder.device, max_sequence_length=self.max_sequence_length(pipe)
+        )
         return {"prompt_embeds": embeds.float(), "pooled": pooled.float()}
 
     def scale_latents(self, pipe, raw: torch.Tensor) -> torch.Tensor:
@@ -214,9 +227,16 @@ class Flux(Arch):
         text = batch.cond["prompt_embeds"]
         text_ids = torch.zeros(text.shape[1], 3, device=latents.device, dtype=latents.dtype)
         guidance = torch.ones(b, device=latents.device) if denoiser.config.guidance_embeds else None
-        prediction = denoiser(hidden_states=packed, timestep=sigmas.to(latents.dtype), guidance=guidance,
-                              pooled_projections=batch.cond["pooled"], encoder_hidden_states=text,
-                              txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+        prediction = denoiser(
+            hidden_states=packed,
+            timestep=sigmas.to(latents.dtype),
+            guidance=guidance,
+            pooled_projections=batch.cond["pooled"],
+            encoder_hidden_states=text,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
         target = FluxPipeline._pack_latents(noise - latents, b, c, h, w)
         return F.mse_loss(prediction.float(), target.float())
 

@@ -57,8 +57,15 @@ def remove_if_nothing_saved(output: Path) -> None:
             output.parent.rmdir()  # only when no other model is there
 
 
-def run_training(config: TrainingConfig, request: TrainWithYamlRequest, datasets: list[Path], model_source: str,
-                 output: Path, warnings: list[str], progress: Progress | None) -> dict:
+def run_training(
+    config: TrainingConfig,
+    request: TrainWithYamlRequest,
+    datasets: list[Path],
+    model_source: str,
+    output: Path,
+    warnings: list[str],
+    progress: Progress | None,
+) -> dict:
     # torch comes in only here: a refused config is answered without it.
     from fastbackend.training import generate
     from fastbackend.training.trainer import STATE_FILE, Hooks, TrainJob, train
@@ -102,8 +109,9 @@ def resolve_datasets(config: TrainingConfig) -> list[Path]:
             continue
         if not folder.is_dir() or not _has_images(folder):
             state = "is empty" if folder.is_dir() else "does not exist"
-            problems.append(f"{field}: dataset {folder.name!r} {state}; upload it first "
-                            f"(existing datasets: {existing or 'none'})")
+            problems.append(
+                f"{field}: dataset {folder.name!r} {state}; upload it first (existing datasets: {existing or 'none'})"
+            )
         folders.append(folder)
     if problems:
         raise ValidationFailed.from_problems(problems, code="invalid_dataset")
@@ -116,8 +124,11 @@ def dataset_folder(text: str, field: str) -> Path:
         return datasets_dir() / text
     folder = map_user_path(text, field)
     if folder.parent != Path(datasets_dir()).resolve():
-        raise FastBackendError(f"{field}: {text!r} is not a dataset folder; use <data root>/training_data/<name> "
-                               "or just the dataset's name", code="path_outside_root")
+        raise FastBackendError(
+            f"{field}: {text!r} is not a dataset folder; use <data root>/training_data/<name> "
+            "or just the dataset's name",
+            code="path_outside_root",
+        )
     return folder
 
 
@@ -133,8 +144,10 @@ def resolve_model(name_or_path: str) -> str:
     looks_local = name_or_path.startswith(("/", ".", "~")) or (data_root() / name_or_path).exists()
     if not looks_local:
         if HUB_ID.fullmatch(name_or_path) is None:
-            raise FastBackendError(f"{field}: {name_or_path!r} is neither a hub id (org/name) nor a folder under the "
-                                   "data root", code="invalid_config")
+            raise FastBackendError(
+                f"{field}: {name_or_path!r} is neither a hub id (org/name) nor a folder under the data root",
+                code="invalid_config",
+            )
         return name_or_path
     folder = map_user_path(name_or_path, field)
     if not (folder / "model_index.json").is_file():
@@ -147,6 +160,8 @@ def resolve_output(config: TrainingConfig) -> Path:
     field = f"{PREFIX}.training_folder"
     folder = map_user_path(config.process.training_folder, field)
     if folder != Path(outputs_dir()).resolve():
-        raise FastBackendError(f"{field}: must be the data root's output folder ('output'), got "
-                               f"{config.process.training_folder!r}", code="invalid_config")
+        raise FastBackendError(
+            f"{field}: must be the data root's output folder ('output'), got {config.process.training_folder!r}",
+            code="invalid_config",
+        )
     return folder / config.name

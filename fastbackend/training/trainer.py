@@ -31,8 +31,14 @@ from fastbackend.training.models import TEXT_ENCODER_TARGETS, Arch, Batch, LossO
 log = logging.getLogger("fastbackend.trainer")
 STATE_FILE = "training_state.pt"
 LOSS_HISTORY_POINTS = 100
-WEIGHT_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-                 "fp32": torch.float32, "float32": torch.float32}
+WEIGHT_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
 
 
@@ -128,10 +134,16 @@ def train(job: TrainJob, hooks: Hooks | None = None) -> TrainResult:
     if should_sample(run, total, final=True):
         hooks.on_sample(sample(run))
     return TrainResult(
-        lora_path=final, sha256=run.sha256[final.name], steps=run.step,
-        final_loss=run.history[-1][1] if run.history else None, loss_history=downsample(run.history),
-        duration_s=round(time.monotonic() - started, 2), samples=run.samples, saves=run.saves,
-        resumed_from=resumed_from, warnings=job.warnings,
+        lora_path=final,
+        sha256=run.sha256[final.name],
+        steps=run.step,
+        final_loss=run.history[-1][1] if run.history else None,
+        loss_history=downsample(run.history),
+        duration_s=round(time.monotonic() - started, 2),
+        samples=run.samples,
+        saves=run.saves,
+        resumed_from=resumed_from,
+        warnings=job.warnings,
     )
 
 
@@ -151,9 +163,15 @@ def set_up(job: TrainJob) -> Run:
     texts, sampler, digest = prepare_data(arch, pipe, job, device, random.Random(seed), bool(text_encoders))
     denoiser = arch.denoiser(pipe)
     modules = {arch.denoiser_name: denoiser} | text_encoders
-    groups = [{"params": add_lora_to(name, module, arch, process), "lr": train_cfg.learning_rate
-               if module is denoiser else train_cfg.text_encoder_lr or train_cfg.learning_rate}
-              for name, module in modules.items()]
+    groups = [
+        {
+            "params": add_lora_to(name, module, arch, process),
+            "lr": train_cfg.learning_rate
+            if module is denoiser
+            else train_cfg.text_encoder_lr or train_cfg.learning_rate,
+        }
+        for name, module in modules.items()
+    ]
     params = [param for group in groups for param in group["params"]]
     if train_cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
@@ -162,11 +180,28 @@ def set_up(job: TrainJob) -> Run:
     loss_options = LossOptions(
         scheduler=arch.training_scheduler(pipe),
         timestep_type=train_cfg.timestep_type or ("linear" if train_cfg.linear_timesteps else "sigmoid"),
-        noise_offset=train_cfg.noise_offset, min_snr_gamma=train_cfg.min_snr_gamma,
+        noise_offset=train_cfg.noise_offset,
+        min_snr_gamma=train_cfg.min_snr_gamma,
     )
-    return Run(job, arch, pipe, denoiser, modules, params, accelerator, optimizer,
-               make_lr_scheduler(train_cfg, optimizer), ema, sampler, texts, loss_options, random.Random(seed + 1),
-               digest, weight_dtype=weight_dtype, trains_text_encoder=bool(text_encoders))
+    return Run(
+        job,
+        arch,
+        pipe,
+        denoiser,
+        modules,
+        params,
+        accelerator,
+        optimizer,
+        make_lr_scheduler(train_cfg, optimizer),
+        ema,
+        sampler,
+        texts,
+        loss_options,
+        random.Random(seed + 1),
+        digest,
+        weight_dtype=weight_dtype,
+        trains_text_encoder=bool(text_encoders),
+    )
 
 
 def add_lora_to(name: str, module: torch.nn.Module, arch: Arch, process) -> list[torch.nn.Parameter]:
@@ -206,15 +241,19 @@ def load_pipeline(arch: Arch, job: TrainJob, device: torch.device, weight_dtype:
     model_cfg = job.config.process.model
     quantize = model_cfg.quantize and device.type == "cuda" and _bitsandbytes_available()
     if model_cfg.quantize and not quantize:
-        job.warnings.append("config.process[0].model.quantize: 8-bit base weights need CUDA and bitsandbytes; "
-                            "the base model is kept in full precision")
+        job.warnings.append(
+            "config.process[0].model.quantize: 8-bit base weights need CUDA and bitsandbytes; "
+            "the base model is kept in full precision"
+        )
     log.info("loading %s model %s (%s, %s)", arch.name, model_cfg.name_or_path, device, weight_dtype)
     try:
         pipe = arch.load(job.model_source, weight_dtype, str(hf_cache_dir()), quantize, model_cfg.revision)
     except (OSError, ValueError) as exc:  # not found, gated, offline, or a pipeline of another architecture
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
-        raise FastBackendError(f"config.process[0].model.name_or_path: could not load {model_cfg.name_or_path!r} "
-                               f"({reason})", code="model_load_failed") from None
+        raise FastBackendError(
+            f"config.process[0].model.name_or_path: could not load {model_cfg.name_or_path!r} ({reason})",
+            code="model_load_failed",
+        ) from None
     for module in [arch.denoiser(pipe), *arch.encoders(pipe)]:
         module.requires_grad_(False)  # only LoRA layers train
     if not quantize:
@@ -259,22 +298,28 @@ class TextCache:
 
 def encoders_stay(process, trains_text_encoder: bool) -> bool:
     """Whether steps still need the VAE or text encoders (anything not cached up front)."""
-    return (trains_text_encoder or not process.train.cache_text_embeddings
-            or any(d.shuffle_tokens or not (d.cache_latents or d.cache_latents_to_disk) for d in process.datasets))
+    return (
+        trains_text_encoder
+        or not process.train.cache_text_embeddings
+        or any(d.shuffle_tokens or not (d.cache_latents or d.cache_latents_to_disk) for d in process.datasets)
+    )
 
 
-def prepare_data(arch: Arch, pipe, job: TrainJob, device: torch.device, rng: random.Random,
-                 trains_text_encoder: bool):
+def prepare_data(arch: Arch, pipe, job: TrainJob, device: torch.device, rng: random.Random, trains_text_encoder: bool):
     """Examples with cached latents, a caption cache, the batch sampler and the dataset hash."""
     process = job.config.process
     multiple = arch.pixel_multiple(pipe)
     examples, items, caches = [], [], {}
-    for folder, dataset_cfg in zip(job.dataset_folders, process.datasets):
+    for folder, dataset_cfg in zip(job.dataset_folders, process.datasets, strict=True):
         found = data.read_items(folder, dataset_cfg.default_caption)
         items += found
-        made = data.make_examples(found, dataset_cfg.resolution, multiple, process.trigger_word, dataset_cfg.num_repeats)
+        made = data.make_examples(
+            found, dataset_cfg.resolution, multiple, process.trigger_word, dataset_cfg.num_repeats
+        )
         if dataset_cfg.cache_latents or dataset_cfg.cache_latents_to_disk:
-            cache_folder = folder / data.CACHE_DIR / "latents" / _model_key(job) if dataset_cfg.cache_latents_to_disk else None
+            cache_folder = (
+                folder / data.CACHE_DIR / "latents" / _model_key(job) if dataset_cfg.cache_latents_to_disk else None
+            )
             caches[folder] = data.LatentCache(cache_folder)
         examples += made
     started = time.monotonic()
@@ -284,8 +329,15 @@ def prepare_data(arch: Arch, pipe, job: TrainJob, device: torch.device, rng: ran
     if texts.memoize:
         for caption in {e.caption for e in examples} | {""}:
             texts.get(caption)
-    log.info("cached %d of %d latents (%d encoded, %d from disk) and %d captions in %.1fs", len(cached),
-             len(examples), encoded, len(cached) - encoded, len(texts.cache), time.monotonic() - started)
+    log.info(
+        "cached %d of %d latents (%d encoded, %d from disk) and %d captions in %.1fs",
+        len(cached),
+        len(examples),
+        encoded,
+        len(cached) - encoded,
+        len(texts.cache),
+        time.monotonic() - started,
+    )
     if not encoders_stay(process, trains_text_encoder):
         offload_encoders(arch, pipe)
     return texts, data.BucketSampler(examples, process.train.batch_size, rng), data.dataset_hash(items)
@@ -328,15 +380,21 @@ def make_optimizer(train_cfg, params: list, device: torch.device, warnings: list
     try:
         return optimizer_class(params, lr=lr, **options)
     except TypeError as exc:
-        raise FastBackendError(f"config.process[0].train.optimizer_params: not valid for {name} ({exc})",
-                               code="invalid_config") from None
+        raise FastBackendError(
+            f"config.process[0].train.optimizer_params: not valid for {name} ({exc})", code="invalid_config"
+        ) from None
 
 
 def make_lr_scheduler(train_cfg, optimizer):
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(train_cfg.lr_scheduler, optimizer, num_warmup_steps=train_cfg.lr_warmup_steps,
-                         num_training_steps=train_cfg.steps, **train_cfg.lr_scheduler_params)
+    return get_scheduler(
+        train_cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=train_cfg.lr_warmup_steps,
+        num_training_steps=train_cfg.steps,
+        **train_cfg.lr_scheduler_params,
+    )
 
 
 def make_ema(train_cfg, params: list[torch.nn.Parameter]):
@@ -350,13 +408,28 @@ def make_ema(train_cfg, params: list[torch.nn.Parameter]):
 def log_run_shape(run: Run) -> None:
     train_cfg = run.job.config.process.train
     trainable = sum(p.numel() for p in run.params)
-    layers = sum(1 for module in run.lora_modules.values() for name, _ in module.named_modules()
-                 if name.endswith(f"lora_A.{lora_io.ADAPTER}"))
-    log.info("training %s LoRA on %s: rank %d, %d layers, %s trainable parameters, %d examples in %d buckets, "
-             "batch %d x %d accumulation, steps %d (from %d), lr %g",
-             run.arch.name, ", ".join(run.lora_modules), run.job.config.process.network.rank, layers, f"{trainable:,}",
-             len(run.sampler.examples), len(run.sampler.buckets), train_cfg.batch_size,
-             train_cfg.gradient_accumulation_steps, train_cfg.steps, run.step, train_cfg.learning_rate)
+    layers = sum(
+        1
+        for module in run.lora_modules.values()
+        for name, _ in module.named_modules()
+        if name.endswith(f"lora_A.{lora_io.ADAPTER}")
+    )
+    log.info(
+        "training %s LoRA on %s: rank %d, %d layers, %s trainable parameters, %d examples in %d buckets, "
+        "batch %d x %d accumulation, steps %d (from %d), lr %g",
+        run.arch.name,
+        ", ".join(run.lora_modules),
+        run.job.config.process.network.rank,
+        layers,
+        f"{trainable:,}",
+        len(run.sampler.examples),
+        len(run.sampler.buckets),
+        train_cfg.batch_size,
+        train_cfg.gradient_accumulation_steps,
+        train_cfg.steps,
+        run.step,
+        train_cfg.learning_rate,
+    )
 
 
 # ---------------------------------------------------------------- one step
@@ -370,8 +443,10 @@ def optimizer_step(run: Run) -> float:
     for _ in range(accumulation):
         loss = compute_loss(run, next_batch(run))
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"training stopped: the loss became {loss.item()} at step {run.step + 1}; "
-                                f"the last good save is kept ({_last_save(run)})")
+            raise NonFiniteLoss(
+                f"training stopped: the loss became {loss.item()} at step {run.step + 1}; "
+                f"the last good save is kept ({_last_save(run)})"
+            )
         run.accelerator.backward(loss / accumulation)
         total += loss.item()
     if train_cfg.max_grad_norm:
@@ -397,7 +472,7 @@ def next_batch(run: Run) -> Batch:
     """Draw examples from one bucket, sample their latents, and pick each step's captions."""
     examples = run.sampler.next_batch()
     options = [caption_options(run, e) for e in examples]
-    captions = [data.caption_for_step(e.caption, o, run.rng) for e, o in zip(examples, options)]
+    captions = [data.caption_for_step(e.caption, o, run.rng) for e, o in zip(examples, options, strict=True)]
     dtype = run.weight_dtype
     device = run.denoiser.device  # the configured device (accelerate only knows its default one)
     posteriors = [latent_posterior(run, e) for e in examples]
@@ -420,15 +495,21 @@ def latent_posterior(run: Run, example: data.Example) -> tuple[torch.Tensor, tor
 def caption_options(run: Run, example: data.Example) -> data.CaptionOptions:
     process = run.job.config.process
     dataset_cfg = process.datasets[run.job.dataset_folders.index(example.item.path.parent)]
-    return data.CaptionOptions(process.trigger_word, dataset_cfg.caption_dropout_rate, dataset_cfg.shuffle_tokens,
-                               dataset_cfg.keep_tokens)
+    return data.CaptionOptions(
+        process.trigger_word, dataset_cfg.caption_dropout_rate, dataset_cfg.shuffle_tokens, dataset_cfg.keep_tokens
+    )
 
 
 def report_step(run: Run, hooks: Hooks, loss: float, seconds: float, progress) -> None:
     total = run.job.config.process.train.steps
-    info = {"step": run.step, "total_steps": total, "loss": round(loss, 6),
-            "lr": run.lr_scheduler.get_last_lr()[0], "s_per_step": round(seconds, 3),
-            "eta_s": round(seconds * (total - run.step), 1)}
+    info = {
+        "step": run.step,
+        "total_steps": total,
+        "loss": round(loss, 6),
+        "lr": run.lr_scheduler.get_last_lr()[0],
+        "s_per_step": round(seconds, 3),
+        "eta_s": round(seconds * (total - run.step), 1),
+    }
     hooks.on_step(info)
     if progress is not None:
         progress.set_postfix(loss=f"{loss:.4f}")
@@ -449,7 +530,7 @@ def downsample(history: list[tuple[int, float]], points: int = LOSS_HISTORY_POIN
     if not history:
         return []
     size = math.ceil(len(history) / points)
-    chunks = [history[i:i + size] for i in range(0, len(history), size)]
+    chunks = [history[i : i + size] for i in range(0, len(history), size)]
     return [[chunk[-1][0], round(sum(loss for _, loss in chunk) / len(chunk), 6)] for chunk in chunks]
 
 
@@ -462,14 +543,22 @@ def save_checkpoint(run: Run, hooks: Hooks, final: bool) -> Path:
     name = run.job.config.name
     path = run.job.output / (f"{name}.safetensors" if final else f"{name}_{run.step:09d}.safetensors")
     metadata = lora_io.lora_metadata(
-        run.arch.name, process.model.name_or_path, process.network.rank, process.network.alpha, run.step,
-        process.datasets[0].resolution, process.trigger_word, run.dataset_hash, name,
+        run.arch.name,
+        process.model.name_or_path,
+        process.network.rank,
+        process.network.alpha,
+        run.step,
+        process.datasets[0].resolution,
+        process.trigger_word,
+        run.dataset_hash,
+        name,
         run.job.config.model_dump_json(exclude_defaults=True),
     )
     with ema_weights(run):
         states = lora_io.lora_state(run.lora_modules)
-    run.sha256[path.name] = lora_io.save_lora(path, run.arch.name, states, process.network.rank,
-                                              process.network.alpha, process.save.dtype, metadata)
+    run.sha256[path.name] = lora_io.save_lora(
+        path, run.arch.name, states, process.network.rank, process.network.alpha, process.save.dtype, metadata
+    )
     if not final:
         run.saves.append(path)
         prune_step_saves(run)
@@ -525,8 +614,14 @@ def save_state(run: Run) -> None:
 def fingerprint(run: Run) -> dict:
     """What must match for a saved state to be continued: same model, network and data."""
     process = run.job.config.process
-    return {"arch": run.arch.name, "model": process.model.name_or_path, "rank": process.network.rank,
-            "alpha": process.network.alpha, "dataset": run.dataset_hash, "lora_modules": sorted(run.lora_modules)}
+    return {
+        "arch": run.arch.name,
+        "model": process.model.name_or_path,
+        "rank": process.network.rank,
+        "alpha": process.network.alpha,
+        "dataset": run.dataset_hash,
+        "lora_modules": sorted(run.lora_modules),
+    }
 
 
 def restore_state(run: Run) -> int:
@@ -536,8 +631,10 @@ def restore_state(run: Run) -> int:
         return 0
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file, in our own folder
     if state["fingerprint"] != fingerprint(run):
-        run.job.warnings.append(f"saved state at step {state['step']} was made with another model, network or "
-                                "dataset; training started from step 0")
+        run.job.warnings.append(
+            f"saved state at step {state['step']} was made with another model, network or "
+            "dataset; training started from step 0"
+        )
         return 0
     lora_io.load_lora_state(run.lora_modules, state["lora"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -558,10 +655,17 @@ def write_model_record(run: Run) -> None:
     import json
 
     process = run.job.config.process
-    record = {"name": run.job.config.name, "arch": run.arch.name, "base_model": process.model.name_or_path,
-              "rank": process.network.rank, "alpha": process.network.alpha, "steps": run.step,
-              "dataset_hash": run.dataset_hash, "sha256": run.sha256,
-              "loss_history": downsample(run.history)}
+    record = {
+        "name": run.job.config.name,
+        "arch": run.arch.name,
+        "base_model": process.model.name_or_path,
+        "rank": process.network.rank,
+        "alpha": process.network.alpha,
+        "steps": run.step,
+        "dataset_hash": run.dataset_hash,
+        "sha256": run.sha256,
+        "loss_history": downsample(run.history),
+    }
     atomic_write_bytes(run.job.output / "metadata.json", json.dumps(record, indent=1).encode())
 
 
@@ -592,11 +696,17 @@ def sample(run: Run) -> list[Path]:
                 prompt = data.apply_trigger(prompt, run.job.config.process.trigger_word)
                 seed = sample_cfg.seed + index if sample_cfg.walk_seed else sample_cfg.seed
                 image = run.pipe(
-                    prompt, num_inference_steps=sample_cfg.sample_steps, guidance_scale=sample_cfg.guidance_scale,
-                    width=width, height=height, generator=torch.Generator("cpu").manual_seed(seed),
+                    prompt,
+                    num_inference_steps=sample_cfg.sample_steps,
+                    guidance_scale=sample_cfg.guidance_scale,
+                    width=width,
+                    height=height,
+                    generator=torch.Generator("cpu").manual_seed(seed),
                     **run.arch.sample_kwargs(run.pipe, sample_cfg.negative_prompt),
                 ).images[0]
-                paths.append(save_image(image, run.job.output / "samples" / f"{run.step:09d}_{index}.{sample_cfg.format}"))
+                paths.append(
+                    save_image(image, run.job.output / "samples" / f"{run.step:09d}_{index}.{sample_cfg.format}")
+                )
     finally:
         for module in run.lora_modules.values():
             module.train()
