@@ -6,8 +6,9 @@ the data root, or a local folder). The trainer only talks to this interface:
 * ``encode_prompt(pipe, text)`` -> conditioning tensors for one caption (batch dim 1; with
   gradients when the caller enables them, for text-encoder LoRA);
 * ``encode_pixels(pipe, pixels)`` -> the VAE's latent mean and std (unscaled), to cache;
-* ``loss(pipe, denoiser, latents, cond, sizes)`` -> the training loss of one batch;
-* ``sample(pipe, prompt, ...)`` -> a PIL image from the pipeline with the LoRA active.
+* ``scale_latents(pipe, raw)`` -> latents as the denoiser expects them;
+* ``loss(pipe, denoiser, batch, options)`` -> the training loss of one ``Batch``;
+* ``sample_kwargs(pipe, negative_prompt)`` -> what the pipeline call needs beyond the prompt.
 
 SD 1.5 and SDXL learn the scheduler's epsilon (or v) target at uniform timesteps; SDXL adds
 its size/crop conditioning. FLUX learns the flow-matching velocity ``noise - latents`` at
