@@ -266,3 +266,19 @@ def test_text_encoder_lora_is_trained_saved_and_loaded(arch, prefixes, tiny_mode
     pipe = DiffusionPipeline.from_pretrained(str(data_root / "models" / arch))
     pipe.load_lora_weights(answer["lora_path"], adapter_name="trained")
     assert any("lora_A" in name for name, _ in pipe.text_encoder.named_modules())
+
+
+def test_running_out_of_gpu_memory_is_a_clear_error(tiny_models, data_root, monkeypatch):
+    from fastbackend.training import trainer
+
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+
+    def out_of_memory(run, batch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "compute_loss", out_of_memory)
+    answer = train(user_yaml(model_path))
+    assert answer["error_code"] == "out_of_memory"
+    assert answer["error"].startswith("training ran out of GPU memory; try model.quantize: true")
+    assert not (data_root / "output" / "nowy_dataset_1.3").exists()

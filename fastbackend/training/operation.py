@@ -67,6 +67,8 @@ def run_training(
     progress: Progress | None,
 ) -> dict:
     # torch comes in only here: a refused config is answered without it.
+    import torch
+
     from fastbackend.training import generate
     from fastbackend.training.trainer import STATE_FILE, Hooks, TrainJob, train
 
@@ -76,7 +78,17 @@ def run_training(
     if request.yaml_config is not None:
         atomic_write_bytes(output / "config.yaml", request.yaml_config.encode())
     job = TrainJob(config, model_source, datasets, output, resume=request.resume, warnings=warnings)
-    result = train(job, Hooks(on_step=progress or (lambda info: None)))
+    try:
+        result = train(job, Hooks(on_step=progress or (lambda info: None)))
+    except torch.cuda.OutOfMemoryError:
+        raise FastBackendError(
+            "training ran out of GPU memory; try model.quantize: true, train.gradient_checkpointing: true, "
+            "a smaller train.batch_size or smaller datasets[].resolution (a resumable state, if any, is kept)",
+            code="out_of_memory",
+        ) from None
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the run's model is gone; give its cached blocks back for the next job
     return {
         "status": "success",
         "model": config.name,
