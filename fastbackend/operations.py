@@ -124,7 +124,7 @@ def download_model(request: DownloadModelRequest, progress: Progress | None = No
     folder = model_dir(request.model)
     filename = request.filename or f"{request.model}.safetensors"
     path = folder / filename
-    if not path.is_file():
+    if not path.is_file() or path.suffix != ".safetensors":
         available = sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
         raise NotFound(f"input.filename: {filename!r} not found in model {request.model!r}; files: {available}")
     total = path.stat().st_size

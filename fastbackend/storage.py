@@ -174,12 +174,16 @@ def locked(folder: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+DELETE_LOCK_TIMEOUT_S = 5
+
+
 def remove_tree(folder: Path) -> None:
     """Delete a dataset or model folder so that no reader ever sees it half-deleted.
 
-    Under the folder's lock it is renamed to a hidden name (atomic), then removed.
+    Under the folder's lock it is renamed to a hidden name (atomic), then removed. A folder
+    that a running upload or training holds is refused after a short wait, not waited for.
     """
-    with locked(folder):
+    with locked(folder, timeout_s=DELETE_LOCK_TIMEOUT_S):
         trash = folder.with_name(f".deleted-{folder.name}-{os.getpid()}-{time.time_ns()}")
         folder.rename(trash)
     shutil.rmtree(trash)

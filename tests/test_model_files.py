@@ -80,3 +80,23 @@ def test_delete_model_removes_it_from_the_listing(data_root):
     assert call(type="list_models")["total_count"] == 0
     assert not any((data_root / "output").iterdir())
     assert call(type="delete_model", model="matt")["error_code"] == "not_found"
+
+
+def test_only_lora_files_are_downloadable(data_root):
+    make_lora(data_root)
+    (data_root / "output" / "matt" / "training_state.pt").write_bytes(b"state")
+    answer = call(type="download_model", model="matt", filename="training_state.pt")
+    assert (
+        answer["error"] == "input.filename: 'training_state.pt' not found in model 'matt'; files: ['matt.safetensors']"
+    )
+
+
+def test_deleting_a_model_that_is_being_trained_is_refused(data_root, monkeypatch):
+    from fastbackend import storage
+
+    make_lora(data_root)
+    monkeypatch.setattr(storage, "DELETE_LOCK_TIMEOUT_S", 0.2)
+    with storage.locked(data_root / "output" / "matt"):
+        answer = call(type="delete_model", model="matt")
+    assert answer["error"] == "'matt' is locked by another job for over 0.2s"
+    assert (data_root / "output" / "matt" / "matt.safetensors").exists()
