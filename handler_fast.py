@@ -27,6 +27,7 @@ from fastbackend.schemas import (
     DeleteModelRequest,
     DownloadModelRequest,
     GenerateRequest,
+    GetSamplesRequest,
     HealthRequest,
     ListDatasetsRequest,
     ListModelsRequest,
@@ -53,6 +54,7 @@ OPERATIONS: dict[str, tuple[type[Request], str]] = {
     "delete_dataset": (DeleteDatasetRequest, "fastbackend.datasets:delete_dataset"),
     "train_with_yaml": (TrainWithYamlRequest, "fastbackend.training.operation:train_with_yaml"),
     "generate": (GenerateRequest, "fastbackend.training.generate:generate"),
+    "get_samples": (GetSamplesRequest, "fastbackend.operations:get_samples"),
     "download_model": (DownloadModelRequest, "fastbackend.operations:download_model"),
     "delete_model": (DeleteModelRequest, "fastbackend.operations:delete_model"),
 }

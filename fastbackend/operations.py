@@ -18,11 +18,19 @@ from typing import Callable
 
 from fastbackend import __version__
 from fastbackend.errors import FastBackendError, NotFound
-from fastbackend.schemas import DeleteModelRequest, DownloadModelRequest, HealthRequest, ListModelsRequest
+from fastbackend.schemas import (
+    DeleteModelRequest,
+    DownloadModelRequest,
+    GetSamplesRequest,
+    HealthRequest,
+    ListModelsRequest,
+)
 from fastbackend.storage import RUNPOD_VOLUME, data_root, model_dir, outputs_dir, remove_tree, sha256_file
 
 Progress = Callable[[dict], None]
 METADATA_FILE = "metadata.json"
+# RunPod refuses results over 10 MB on /run; leave room for the other fields.
+MAX_RESULT_BYTES = 9_500_000
 
 
 def health(request: HealthRequest, progress: Progress | None = None) -> dict:
@@ -145,6 +153,34 @@ def download_model(request: DownloadModelRequest, progress: Progress | None = No
         "sha256": _recorded_sha256(folder).get(filename) or sha256_file(path),
         "content": base64.b64encode(chunk).decode("ascii"),
     }
+
+
+def check_result_size(images: list[dict], what: str, advice: str) -> None:
+    """Refuse base64 images that together would break RunPod's result limit."""
+    size = sum(len(image["content"]) for image in images)
+    if size > MAX_RESULT_BYTES:
+        raise FastBackendError(
+            f"output: {size:,} bytes of {what} is over RunPod's {MAX_RESULT_BYTES:,}-byte result limit; {advice}",
+            code="result_too_large",
+        )
+
+
+def get_samples(request: GetSamplesRequest, progress: Progress | None = None) -> dict:
+    """The sample images of one step (default: the newest), base64, and the steps that have samples."""
+    folder = model_dir(request.model) / "samples"
+    by_step: dict[int, list[Path]] = {}
+    for path in sorted(folder.glob("*_*.*")) if folder.is_dir() else []:
+        step, _, _ = path.stem.partition("_")
+        if step.isdigit() and not path.name.startswith("."):
+            by_step.setdefault(int(step), []).append(path)
+    if not by_step:
+        raise NotFound(f"input.model: model {request.model!r} has no samples")
+    step = max(by_step) if request.step is None else request.step
+    if step not in by_step:
+        raise NotFound(f"input.step: no samples at step {step}; steps with samples: {sorted(by_step)}")
+    images = [{"filename": p.name, "content": base64.b64encode(p.read_bytes()).decode("ascii")} for p in by_step[step]]
+    check_result_size(images, "samples", "ask for one step at a time")
+    return {"status": "success", "model": request.model, "step": step, "steps": sorted(by_step), "images": images}
 
 
 def delete_model(request: DeleteModelRequest, progress: Progress | None = None) -> dict:

@@ -64,6 +64,11 @@ class DownloadModelRequest(Request):
     length: int = Field(MAX_DOWNLOAD_CHUNK_BYTES, gt=0, le=MAX_DOWNLOAD_CHUNK_BYTES)
 
 
+class GetSamplesRequest(Request):
+    model: SafeName
+    step: int | None = Field(None, ge=0, description="The step whose samples to return; default the newest.")
+
+
 class UploadFile(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 

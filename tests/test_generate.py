@@ -52,12 +52,29 @@ def test_generate_refuses_unknown_models(data_root):
 
 
 def test_images_over_the_result_limit_are_refused(tiny_models, data_root, monkeypatch):
-    from fastbackend.training import generate as module
+    from fastbackend import operations
 
     model_path = install_model(tiny_models, data_root, "sd15")
     upload_photos()
     assert train(user_yaml(model_path, "sd15", steps=1))["status"] == "success"
-    monkeypatch.setattr(module, "MAX_RESULT_BYTES", 100)
+    monkeypatch.setattr(operations, "MAX_RESULT_BYTES", 100)
     answer = generate()
     assert answer["error_code"] == "result_too_large"
     assert answer["error"].endswith("byte result limit; ask for fewer or smaller images, or format jpg")
+
+
+def test_get_samples_returns_the_newest_step_and_lists_the_others(tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    trained = train(user_yaml(model_path, steps=4, replacements={"sample_every: 100": "sample_every: 2"}))
+    newest = handler({"id": "s", "input": {"type": "get_samples", "model": "nowy_dataset_1.3"}})
+    assert (newest["step"], newest["steps"]) == (4, [2, 4])
+    assert [image["filename"] for image in newest["images"]] == [
+        "000000004_0.jpg",
+        "000000004_1.jpg",
+        "000000004_2.jpg",
+    ]
+    assert decode(newest)[0].size == (64, 64)
+    assert len(trained["samples"]) == 6
+    missing = handler({"id": "s", "input": {"type": "get_samples", "model": "nowy_dataset_1.3", "step": 3}})
+    assert missing["error"] == "input.step: no samples at step 3; steps with samples: [2, 4]"

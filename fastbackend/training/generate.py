@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from fastbackend.errors import FastBackendError, NotFound
-from fastbackend.operations import read_lora_header
+from fastbackend.operations import check_result_size, read_lora_header
 from fastbackend.schemas import GenerateRequest
 from fastbackend.storage import hf_cache_dir, model_dir
 from fastbackend.training.models import arch_for
@@ -23,8 +23,6 @@ from fastbackend.training.operation import resolve_model
 
 Progress = Callable[[dict], None]
 ADAPTER = "generate"
-# RunPod refuses results over 10 MB on /run; leave room for the other fields.
-MAX_RESULT_BYTES = 9_500_000
 _LOADED: dict[str, object] = {}  # base model -> pipeline; at most one entry
 _LOCK = threading.Lock()
 
@@ -49,13 +47,7 @@ def generate(request: GenerateRequest, progress: Progress | None = None) -> dict
         finally:
             pipe.delete_adapters([ADAPTER])
     encoded = [_encode(image, request.format) | {"seed": request.seed + i} for i, image in enumerate(images)]
-    size = sum(len(image["content"]) for image in encoded)
-    if size > MAX_RESULT_BYTES:
-        raise FastBackendError(
-            f"output: {size:,} bytes of images is over RunPod's {MAX_RESULT_BYTES:,}-byte result "
-            "limit; ask for fewer or smaller images, or format jpg",
-            code="result_too_large",
-        )
+    check_result_size(encoded, "images", "ask for fewer or smaller images, or format jpg")
     return {"status": "success", "model": request.model, "filename": lora.name, "base_model": base, "images": encoded}
 
 
