@@ -12,8 +12,8 @@ from pathlib import Path
 
 TINY_CLIP_HIDDEN = 32
 TINY_T5_DIM = 32
-# Every denoiser here divides the image side by at most 4 (VAE x2, UNet or patching x2).
-TINY_RESOLUTION = 64
+# What the SD 1.5 and SDXL UNets share: two levels, one layer each, 4 latent channels.
+TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4)
 
 
 def clip_tokenizer():
@@ -95,11 +95,7 @@ def build_sd15(folder: Path) -> Path:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
+        **TINY_UNET,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TINY_CLIP_HIDDEN,
@@ -130,11 +126,7 @@ def build_sdxl(folder: Path) -> Path:
     torch.manual_seed(0)
     time_embed_dim = 8
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
+        **TINY_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
