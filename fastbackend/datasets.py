@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from fastbackend.errors import ValidationFailed
 from fastbackend.fetch import FetchProblem, fetch
-from fastbackend.images import IMAGE_EXTENSIONS, CheckedImage, ImageProblem, check_image
+from fastbackend.images import IMAGE_EXTENSIONS, MAX_IMAGE_BYTES, CheckedImage, ImageProblem, check_image
 from fastbackend.schemas import MAX_CAPTION_CHARS, DeleteDatasetRequest, ListDatasetsRequest, UploadTrainingDataRequest
 from fastbackend.storage import (
     atomic_write_bytes,
@@ -184,6 +184,8 @@ def _unsafe_entry(info: zipfile.ZipInfo) -> str | None:
         return "has an absolute or parent (..) path"
     if stat.S_ISLNK(info.external_attr >> 16):
         return "is a symbolic link"
+    if info.file_size > MAX_IMAGE_BYTES:  # refused before it is unpacked into memory
+        return f"unpacks to {info.file_size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte limit per file"
     return name_problem(path.name)
 
 

@@ -233,6 +233,15 @@ def test_unsafe_zip_entries_are_refused(data_root):
     assert snapshot(data_root) == {}
 
 
+def test_zip_entries_over_the_file_limit_are_refused_before_unpacking(monkeypatch, data_root):
+    from fastbackend import datasets
+
+    monkeypatch.setattr(datasets, "MAX_IMAGE_BYTES", 1000)
+    answer = upload(zip=b64(make_zip({"big.jpg": b"\0" * 5000})))
+    assert answer["error"] == "input.zip: entry 'big.jpg' unpacks to 5,000 bytes, over the 1,000-byte limit per file"
+    assert snapshot(data_root) == {}
+
+
 def test_zip_over_the_unpacked_limit_is_refused(monkeypatch, data_root):
     from fastbackend import datasets
 
