@@ -103,6 +103,8 @@ def map_user_path(text: str, field: str) -> Path:
     map onto the root; any other absolute path must already lie inside the root.
     """
     root = data_root()
+    if "\x00" in text:
+        raise FastBackendError(f"{field}: path {text!r} contains a NUL byte", code="path_outside_root")
     path = Path(text)
     for alias in VOLUME_ALIASES:
         if path.is_absolute() and path.is_relative_to(alias):

@@ -35,3 +35,36 @@ def test_handler_always_answers_success_or_string_error(job):
         assert answer["error_code"] != "internal_error", answer
     else:
         assert answer["status"] in ("success", "healthy")
+
+
+settings_for_configs = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@settings_for_configs
+@given(folder=st.text(max_size=80), model=st.text(max_size=80), steps=json_values, lr=json_values)
+def test_train_with_yaml_refuses_any_bad_config_cleanly(folder, model, steps, lr):
+    config = {
+        "job": "extension",
+        "config": {
+            "name": "fuzz",
+            "process": [
+                {
+                    "type": "sd_trainer",
+                    "datasets": [{"folder_path": folder}],
+                    "model": {"name_or_path": model},
+                    "train": {"steps": steps, "lr": lr},
+                }
+            ],
+        },
+    }
+    answer = handler({"id": "f", "input": {"type": "train_with_yaml", "config": config}})
+    assert answer["status"] == "error" and answer["error_code"] != "internal_error", answer
+
+
+@settings_for_configs
+@given(text=st.text(max_size=300))
+def test_any_yaml_text_is_parsed_or_refused_cleanly(text):
+    answer = handler({"id": "f", "input": {"type": "train_with_yaml", "yaml_config": text}})
+    assert answer["status"] == "error" and answer["error_code"] != "internal_error", answer

@@ -171,3 +171,10 @@ def test_a_second_job_for_the_same_model_is_refused_while_the_first_runs(tiny_mo
     assert answer["error_code"] == "locked"
     assert answer["error"] == "'nowy_dataset_1.3' is locked by another job for over 0.3s"
     assert (output / "config.yaml").read_text() == "the first job's"
+
+
+def test_a_path_with_a_nul_byte_is_refused(tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    answer = refused(data_root, user_yaml(model_path).replace("/workspace/training_data/matt_training_test", '"a\\0b"'))
+    assert answer["error"] == "config.process[0].datasets[0].folder_path: path 'a\\x00b' contains a NUL byte"
