@@ -247,8 +247,11 @@ class SampleConfig(Section):
         "adapter_conditioning_scale": "no adapters",
         "samples": "use `prompts`",
         "refiner_start_at": "no refiner",
+        "network_multiplier": "samples use the LoRA at full strength",
     }
-    sampler: str = "flowmatch"
+    sampler: Literal["flowmatch", "ddpm", "ddim", "euler", "euler_a", "lms", "dpmsolver"] = Field(
+        "flowmatch", description="Samples use the base model's own scheduler; a mismatch is warned about."
+    )
     sample_every: int = Field(250, gt=0)
     width: int = Field(1024, ge=32, le=4096)
     height: int = Field(1024, ge=32, le=4096)
@@ -258,7 +261,6 @@ class SampleConfig(Section):
     walk_seed: bool = False
     guidance_scale: float = Field(4.0, ge=0, le=50)
     sample_steps: int = Field(20, gt=0, le=200)
-    network_multiplier: float = Field(1.0, ge=0, le=4)
     format: Literal["jpg", "png", "webp"] = "jpg"
 
     @property
@@ -452,6 +454,11 @@ def semantic_warnings(config: TrainingConfig) -> list[str]:
     if process.save.push_to_hub:
         notes.append(f"{prefix}.save.push_to_hub: ignored (download the LoRA with download_model)")
     objective = "flowmatch" if process.model.resolved_arch == "flux" else "ddpm"
+    if process.sample is not None and (process.sample.sampler == "flowmatch") != (objective == "flowmatch"):
+        notes.append(
+            f"{prefix}.sample.sampler: {process.sample.sampler!r} does not fit {process.model.resolved_arch}; "
+            "samples use the model's own scheduler"
+        )
     if (process.train.noise_scheduler == "flowmatch") != (objective == "flowmatch"):
         notes.append(
             f"{prefix}.train.noise_scheduler: {process.train.noise_scheduler!r} does not fit "

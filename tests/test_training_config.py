@@ -178,3 +178,17 @@ def test_a_path_with_a_nul_byte_is_refused(tiny_models, data_root):
     upload_photos()
     answer = refused(data_root, user_yaml(model_path).replace("/workspace/training_data/matt_training_test", '"a\\0b"'))
     assert answer["error"] == "config.process[0].datasets[0].folder_path: path 'a\\x00b' contains a NUL byte"
+
+
+def test_settings_that_do_not_fit_the_architecture_are_warned_about():
+    text = (
+        fixture_yaml()
+        .replace("is_flux: true", "arch: sd15")
+        .replace("neg: ''", "neg: ''\n      network_multiplier: 0.8")
+    )
+    _, warnings = parse_training_config(text)
+    assert warnings == [
+        "config.process[0].sample.network_multiplier: ignored (samples use the LoRA at full strength)",
+        "config.process[0].sample.sampler: 'flowmatch' does not fit sd15; samples use the model's own scheduler",
+        "config.process[0].train.noise_scheduler: 'flowmatch' does not fit sd15; its own objective (ddpm) is used",
+    ]
