@@ -444,6 +444,24 @@ def parse_training_config(source: str | dict) -> tuple[TrainingConfig, list[str]
     return config, warnings + semantic_warnings(config)
 
 
+def unused_for_arch(process: ProcessConfig) -> list[tuple[str, str]]:
+    """Keys that are set but that the chosen architecture's objective does not use."""
+    train, arch = process.train, process.model.resolved_arch
+    if arch == "flux":
+        candidates = [
+            ("train.noise_offset", train.noise_offset > 0, "an SD 1.5 / SDXL setting; FLUX uses flow matching"),
+            ("train.min_snr_gamma", train.min_snr_gamma is not None, "an SD 1.5 / SDXL setting"),
+            ("model.is_v_pred", process.model.is_v_pred, "an SD 1.5 / SDXL setting"),
+            ("sample.neg", bool(process.sample and process.sample.negative_prompt), "FLUX samples take no negative"),
+        ]
+    else:
+        candidates = [
+            ("train.timestep_type", train.timestep_type is not None, "a FLUX setting; timesteps are uniform"),
+            ("train.linear_timesteps", train.linear_timesteps, "a FLUX setting; timesteps are uniform"),
+        ]
+    return [(path, why) for path, is_set, why in candidates if is_set]
+
+
 def semantic_warnings(config: TrainingConfig) -> list[str]:
     """Settings that are valid but will not do what they might seem to."""
     process = config.process
@@ -453,6 +471,7 @@ def semantic_warnings(config: TrainingConfig) -> list[str]:
         notes.append(f"{prefix}.train.train_text_encoder: ignored (FLUX text encoders stay frozen, as in ai-toolkit)")
     if process.save.push_to_hub:
         notes.append(f"{prefix}.save.push_to_hub: ignored (download the LoRA with download_model)")
+    notes += [f"{prefix}.{path}: ignored ({why})" for path, why in unused_for_arch(process)]
     objective = "flowmatch" if process.model.resolved_arch == "flux" else "ddpm"
     if process.sample is not None and (process.sample.sampler == "flowmatch") != (objective == "flowmatch"):
         notes.append(

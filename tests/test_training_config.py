@@ -192,3 +192,19 @@ def test_settings_that_do_not_fit_the_architecture_are_warned_about():
         "config.process[0].sample.sampler: 'flowmatch' does not fit sd15; samples use the model's own scheduler",
         "config.process[0].train.noise_scheduler: 'flowmatch' does not fit sd15; its own objective (ddpm) is used",
     ]
+
+
+def test_keys_the_architecture_does_not_use_are_warned_about():
+    text = fixture_yaml().replace("dtype: bf16", "dtype: bf16\n      noise_offset: 0.1\n      min_snr_gamma: 5")
+    _, warnings = parse_training_config(text)
+    assert warnings == [
+        "config.process[0].train.noise_offset: ignored (an SD 1.5 / SDXL setting; FLUX uses flow matching)",
+        "config.process[0].train.min_snr_gamma: ignored (an SD 1.5 / SDXL setting)",
+    ]
+    sd_text = (
+        fixture_yaml()
+        .replace("is_flux: true", "arch: sdxl")
+        .replace("dtype: bf16", "dtype: bf16\n      timestep_type: shift")
+    )
+    _, sd_warnings = parse_training_config(sd_text)
+    assert "config.process[0].train.timestep_type: ignored (a FLUX setting; timesteps are uniform)" in sd_warnings
