@@ -40,7 +40,13 @@ def generate(request: GenerateRequest, progress: Progress | None = None) -> dict
     arch = arch_for(arch_name)
     with _LOCK:  # one pipeline, one LoRA at a time
         pipe = _pipeline(arch, resolve_model(base))
-        pipe.load_lora_weights(str(lora), adapter_name=ADAPTER)
+        try:
+            pipe.load_lora_weights(str(lora), adapter_name=ADAPTER)
+        except (OSError, ValueError, KeyError) as exc:
+            _LOADED.clear()  # the pipeline may hold half an adapter now
+            raise FastBackendError(
+                f"input.model: {lora.name!r} does not load into {base!r} ({type(exc).__name__})", code="unknown_lora"
+            ) from None
         try:
             pipe.set_adapters([ADAPTER], adapter_weights=[request.lora_scale])
             images = _render(arch, pipe, request)
@@ -63,7 +69,8 @@ def _pipeline(arch, source: str):
     if source not in _LOADED:
         _LOADED.clear()
         cuda = torch.cuda.is_available()
-        pipe = arch.load(source, torch.bfloat16 if cuda else torch.float32, str(hf_cache_dir()), quantize=False)
+        dtype = torch.bfloat16 if cuda else torch.float32
+        pipe = arch.load(source, dtype, str(hf_cache_dir()), field="the LoRA's base model (ss_sd_model_name)")
         _LOADED[source] = pipe.to("cuda" if cuda else "cpu")
     return _LOADED[source]
 

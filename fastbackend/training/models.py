@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastbackend.errors import FastBackendError
+
 # Fixed for FLUX.1-dev by its authors; schnell was distilled with 256.
 FLUX_DEV_MAX_SEQUENCE = 512
 FLUX_SCHNELL_MAX_SEQUENCE = 256
@@ -53,15 +55,31 @@ class Arch:
     denoiser_name = "unet"
     denoiser_class_name = "UNet2DConditionModel"
 
-    def load(self, name_or_path: str, dtype: torch.dtype, cache_dir: str, quantize: bool, revision: str | None = None):
+    def load(
+        self,
+        name_or_path: str,
+        dtype: torch.dtype,
+        cache_dir: str,
+        quantize: bool = False,
+        revision: str | None = None,
+        field: str = "model",
+        shown: str | None = None,
+    ):
+        """The pipeline, or a ``model_load_failed`` error naming ``field`` and the model as the user
+        wrote it (``shown``): not found, gated, offline, or a pipeline of another architecture."""
         import diffusers
 
         pipeline_class = getattr(diffusers, self.pipeline_class_name)
         # HF_TOKEN (gated models) is passed, never logged or returned.
         options = dict(dtype=dtype, cache_dir=cache_dir, revision=revision, token=os.environ.get("HF_TOKEN") or None)
-        if quantize:
-            options[self.denoiser_name] = self._load_quantized(name_or_path, options)
-        pipe = pipeline_class.from_pretrained(name_or_path, **options)
+        try:
+            if quantize:
+                options[self.denoiser_name] = self._load_quantized(name_or_path, options)
+            pipe = pipeline_class.from_pretrained(name_or_path, **options)
+        except (OSError, ValueError) as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
+            message = f"{field}: could not load {shown or name_or_path!r} ({reason})"
+            raise FastBackendError(message, code="model_load_failed") from None
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -246,14 +246,15 @@ def load_pipeline(arch: Arch, job: TrainJob, device: torch.device, weight_dtype:
             "the base model is kept in full precision"
         )
     log.info("loading %s model %s (%s, %s)", arch.name, model_cfg.name_or_path, device, weight_dtype)
-    try:
-        pipe = arch.load(job.model_source, weight_dtype, str(hf_cache_dir()), quantize, model_cfg.revision)
-    except (OSError, ValueError) as exc:  # not found, gated, offline, or a pipeline of another architecture
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
-        raise FastBackendError(
-            f"config.process[0].model.name_or_path: could not load {model_cfg.name_or_path!r} ({reason})",
-            code="model_load_failed",
-        ) from None
+    pipe = arch.load(
+        job.model_source,
+        weight_dtype,
+        str(hf_cache_dir()),
+        quantize,
+        model_cfg.revision,
+        field="config.process[0].model.name_or_path",
+        shown=model_cfg.name_or_path,
+    )
     for module in [arch.denoiser(pipe), *arch.encoders(pipe)]:
         module.requires_grad_(False)  # only LoRA layers train
     if not quantize:
