@@ -106,6 +106,7 @@ def test_fixed_batch_learns(tiny_models, data_root):
                 "lr: 0.0001": "lr: 0.01",
                 "caption_dropout_rate: 0.05": "caption_dropout_rate: 0.0",
                 "use_ema: true": "use_ema: false",
+                "dtype: bf16": "dtype: bf16\n      seed: 0",
             },
         )
     )
@@ -119,7 +120,7 @@ def test_fixed_batch_learns(tiny_models, data_root):
     run = trainer.set_up(job)
     batch = trainer.next_batch(run)
     losses = []
-    for _ in range(15):
+    for _ in range(30):
         torch.manual_seed(0)  # same noise and timesteps every step
         loss = trainer.compute_loss(run, batch)
         run.accelerator.backward(loss)
@@ -127,6 +128,7 @@ def test_fixed_batch_learns(tiny_models, data_root):
         run.optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False)), losses
 
 
 def test_list_models_shows_the_trained_lora(tiny_models, data_root):
