@@ -116,7 +116,7 @@ def dispatch(job: dict) -> dict:
     size = check_payload_size(job)
     payload = job["input"]
     kind = payload.get("type")
-    if kind not in OPERATIONS:
+    if not isinstance(kind, str) or kind not in OPERATIONS:  # a list or dict here is unhashable
         raise FastBackendError(
             f"input.type: unknown type {str(kind)[:64]!r}; valid types: {', '.join(OPERATIONS)}", code="unknown_type"
         )

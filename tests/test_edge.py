@@ -49,6 +49,13 @@ def test_malformed_jobs_are_refused(job):
     assert answer["error"] == 'input: the job must be {"input": {"type": ...}}'
 
 
+@pytest.mark.parametrize("kind", [[], {}, None, 3])
+def test_a_type_that_is_not_a_string_is_an_unknown_type(kind):
+    answer = handler({"id": "1", "input": {"type": kind}})
+    assert answer["error_code"] == "unknown_type"
+    assert answer["error"].startswith(f"input.type: unknown type {str(kind)!r}; valid types: health")
+
+
 def test_unknown_key_is_refused_with_its_name_and_the_valid_keys():
     answer = handler({"id": "1", "input": {"type": "health", "depp": True}})
     assert answer["error_code"] == "validation_error"
