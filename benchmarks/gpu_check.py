@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from fastbackend.tiny import TINY_FLUX_TRANSFORMER  # noqa: E402 - after the environment is set
+
 # FLUX.1-dev's transformer, as published (transformer/config.json).
 FLUX_DEV = dict(
     patch_size=1,
@@ -38,18 +40,6 @@ FLUX_DEV = dict(
     pooled_projection_dim=768,
     guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
-)
-FLUX_TINY = dict(
-    patch_size=1,
-    in_channels=16,
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    guidance_embeds=True,
-    axes_dims_rope=(4, 6, 6),
 )
 
 
@@ -151,7 +141,7 @@ def main() -> None:
         memory = props.total_memory / 1e9
         print(f"GPU: {props.name}, {memory:.0f} GB, torch {torch.__version__}, CUDA {torch.version.cuda}")
     tiny_pipelines_on_device(device)
-    config, size = (FLUX_TINY, 64) if args.smoke else (FLUX_DEV, 1024)
+    config, size = (TINY_FLUX_TRANSFORMER, 64) if args.smoke else (FLUX_DEV, 1024)
     print(f"\n{'FLUX.1-dev transformer, LoRA rank 16' if not args.smoke else 'tiny FLUX (smoke)'}, {size} px, batch 1")
     print(f"{'gradient checkpointing':<26}{'s/step':>8}{'peak GB':>9}")
     for checkpointing in (True, False):

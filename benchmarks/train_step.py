@@ -43,10 +43,10 @@ IMAGES = 8
 def build_model(folder: Path) -> None:
     """An SD-1.5-shaped pipeline, random weights, about 12M UNet parameters."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from fastbackend.tiny import clip_tokenizer
+    from fastbackend.tiny import save_sd15
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -78,16 +78,7 @@ def build_model(folder: Path) -> None:
         )
     )
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
-    StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(folder)
+    save_sd15(folder, unet, vae, text_encoder, scheduler)
 
 
 def upload_dataset(handler) -> None:

@@ -12,6 +12,18 @@ from pathlib import Path
 
 TINY_CLIP_HIDDEN = 32
 TINY_T5_DIM = 32
+TINY_FLUX_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=4 * 4,  # 2x2 patches of the 4 latent channels
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=TINY_T5_DIM,
+    pooled_projection_dim=TINY_CLIP_HIDDEN,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+)
 # What the SD 1.5 and SDXL UNets share: two levels, one layer each, 4 latent channels.
 TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4)
 
@@ -91,7 +103,7 @@ def vae(flux: bool = False):
 
 def build_sd15(folder: Path) -> Path:
     import torch
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -105,9 +117,16 @@ def build_sd15(folder: Path) -> Path:
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False
     )
+    return save_sd15(folder, unet, vae(), clip_text_encoder(), scheduler)
+
+
+def save_sd15(folder: Path, unet, vae_model, text_encoder, scheduler) -> Path:
+    """An SD 1.5 pipeline of these parts, with the byte-level tokenizer and no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline(
-        vae=vae(),
-        text_encoder=clip_text_encoder(),
+        vae=vae_model,
+        text_encoder=text_encoder,
         tokenizer=clip_tokenizer(),
         unet=unet,
         scheduler=scheduler,
@@ -162,18 +181,7 @@ def build_flux(folder: Path, guidance_embeds: bool = True) -> Path:
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4 * 4,  # 2x2 patches of the 4 latent channels
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=TINY_T5_DIM,
-        pooled_projection_dim=TINY_CLIP_HIDDEN,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
-    )
+    transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER | {"guidance_embeds": guidance_embeds})
     t5 = T5EncoderModel(
         T5Config(
             d_model=TINY_T5_DIM,

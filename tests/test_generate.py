@@ -78,3 +78,24 @@ def test_get_samples_returns_the_newest_step_and_lists_the_others(tiny_models, d
     assert len(trained["samples"]) == 6
     missing = handler({"id": "s", "input": {"type": "get_samples", "model": "nowy_dataset_1.3", "step": 3}})
     assert missing["error"] == "input.step: no samples at step 3; steps with samples: [2, 4]"
+
+
+def test_the_base_pipeline_is_loaded_once_for_several_jobs(tiny_models, data_root, monkeypatch):
+    from fastbackend.training import generate as module
+    from fastbackend.training.models import Arch
+
+    model_path = install_model(tiny_models, data_root, "sdxl")
+    upload_photos()
+    assert train(user_yaml(model_path, "sdxl", steps=1))["status"] == "success"
+    module.release()
+    loads = []
+    real_load = Arch.load
+
+    def counted_load(self, source, *args, **kwargs):
+        loads.append(source)
+        return real_load(self, source, *args, **kwargs)
+
+    monkeypatch.setattr(Arch, "load", counted_load)
+    for seed in (0, 1, 2):
+        assert generate(seed=seed)["status"] == "success"
+    assert loads == [str(data_root / "models" / "sdxl")]

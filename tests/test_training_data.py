@@ -147,3 +147,19 @@ def test_v_prediction_min_snr_noise_offset_and_warmup_train(tiny_models, data_ro
     answer = train(yaml_text)
     assert answer["status"] == "success", answer
     assert all(math.isfinite(loss) for _, loss in answer["loss_history"])
+
+
+def test_a_folder_made_by_hand_is_read_with_captions_and_upright_sizes(tmp_path):
+    from tests.photos import photo
+
+    (tmp_path / "turned.jpg").write_bytes(photo(800, 600, orientation=6))  # stored landscape, seen portrait
+    (tmp_path / "turned.txt").write_text("Matt, portrait\n")
+    (tmp_path / "plain.png").write_bytes(photo(640, 480, "PNG"))
+    (tmp_path / ".hidden.jpg").write_bytes(photo(640, 480))
+    items = data.read_items(tmp_path, default_caption="a photo")
+    assert [(i.path.name, i.caption, i.size) for i in items] == [
+        ("plain.png", "a photo", (640, 480)),
+        ("turned.jpg", "Matt, portrait", (600, 800)),
+    ]
+    examples = data.make_examples(items, [256], 16, "Matt", 1.0)
+    assert [e.bucket for e in examples] == [(256, 192), (192, 256)]  # the turned photo gets a portrait bucket

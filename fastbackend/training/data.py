@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
-from fastbackend.images import IMAGE_EXTENSIONS
+from fastbackend.images import EXIF_ORIENTATION, IMAGE_EXTENSIONS
 from fastbackend.storage import temporary_path
 
 MANIFEST = "manifest.json"
@@ -39,6 +39,7 @@ class Item:
     path: Path
     sha256: str
     caption: str
+    size: tuple[int, int]  # (width, height) as seen, EXIF rotation applied
 
 
 @dataclass
@@ -68,7 +69,12 @@ def read_items(folder: Path, default_caption: str | None) -> list[Item]:
     if manifest.exists():
         entries = json.loads(manifest.read_text())["images"]
         return [
-            Item(folder / name, entry["sha256"], entry["caption"] or default_caption or "")
+            Item(
+                folder / name,
+                entry["sha256"],
+                entry["caption"] or default_caption or "",
+                (entry["width"], entry["height"]),
+            )
             for name, entry in sorted(entries.items())
         ]
     items = []
@@ -76,8 +82,15 @@ def read_items(folder: Path, default_caption: str | None) -> list[Item]:
         if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
             caption_file = path.with_suffix(".txt")
             caption = caption_file.read_text().strip() if caption_file.exists() else default_caption or ""
-            items.append(Item(path, hashlib.sha256(path.read_bytes()).hexdigest(), caption))
+            items.append(Item(path, hashlib.sha256(path.read_bytes()).hexdigest(), caption, upright_size(path)))
     return items
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) as seen, from the header alone: EXIF orientations 5-8 turn the image 90 degrees."""
+    with Image.open(path) as image:
+        turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        return (image.height, image.width) if turned else image.size
 
 
 def dataset_hash(items: list[Item]) -> str:
@@ -142,8 +155,7 @@ def make_examples(
 ) -> list[Example]:
     examples = []
     for item in items:
-        with Image.open(item.path) as opened:
-            width, height = ImageOps.exif_transpose(opened).size
+        width, height = item.size
         for resolution in resolutions:
             examples.append(
                 Example(

@@ -77,8 +77,7 @@ def _pipeline(arch, source: str):
 
 @torch.no_grad()
 def _render(arch, pipe, request: GenerateRequest) -> list:
-    multiple = arch.pixel_multiple(pipe)
-    width, height = (max(multiple, size // multiple * multiple) for size in (request.width, request.height))
+    width, height = arch.snap_size(pipe, request.width, request.height)
     generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.num_images)]
     return pipe(
         [request.prompt] * request.num_images,

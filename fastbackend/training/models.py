@@ -109,6 +109,11 @@ class Arch:
             if m is not None
         ]
 
+    def snap_size(self, pipe, width: int, height: int) -> tuple[int, int]:
+        """``width`` x ``height`` rounded down to sides the pipeline accepts."""
+        multiple = self.pixel_multiple(pipe)
+        return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
+
     def pixel_multiple(self, pipe) -> int:
         """Image sides must be a multiple of this for the VAE and the denoiser."""
         unet = self.denoiser(pipe)

@@ -11,6 +11,9 @@ The core never imports runpod: the handler turns ``hooks.on_step`` into progress
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import math
 import random
@@ -346,8 +349,6 @@ def prepare_data(arch: Arch, pipe, job: TrainJob, device: torch.device, rng: ran
 
 def _model_key(job: TrainJob) -> str:
     """Latents depend on the VAE: cache them per base model."""
-    import hashlib
-
     return hashlib.sha256(job.model_source.encode()).hexdigest()[:16]
 
 
@@ -653,8 +654,6 @@ def restore_state(run: Run) -> int:
 
 def write_model_record(run: Run) -> None:
     """``metadata.json``: what list_models and download_model read instead of re-hashing files."""
-    import json
-
     process = run.job.config.process
     record = {
         "name": run.job.config.name,
@@ -683,8 +682,7 @@ def should_sample(run: Run, total: int, final: bool = False) -> bool:
 def sample(run: Run) -> list[Path]:
     """The config's prompts through the pipeline with the LoRA (EMA weights when on), saved under samples/."""
     sample_cfg = run.job.config.process.sample
-    multiple = run.arch.pixel_multiple(run.pipe)
-    width, height = (max(multiple, size // multiple * multiple) for size in (sample_cfg.width, sample_cfg.height))
+    width, height = run.arch.snap_size(run.pipe, sample_cfg.width, sample_cfg.height)
     device = run.denoiser.device
     for module in run.arch.encoders(run.pipe):
         module.to(device)
@@ -718,8 +716,6 @@ def sample(run: Run) -> list[Path]:
 
 
 def save_image(image, path: Path) -> Path:
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[path.suffix[1:]])
     atomic_write_bytes(path, buffer.getvalue())
