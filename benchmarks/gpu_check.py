@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from fastbackend.tiny import TINY_FLUX_TRANSFORMER  # noqa: E402 - after the environment is set
+from devtools.tiny import TINY_FLUX_TRANSFORMER  # noqa: E402 - after the environment is set
 
 # FLUX.1-dev's transformer, as published (transformer/config.json).
 FLUX_DEV = dict(
@@ -47,7 +47,8 @@ def tiny_pipelines_on_device(device: str) -> None:
     """Train each tiny architecture with the CUDA-only settings and print what the run reported."""
     import base64
 
-    from fastbackend import demo, tiny
+    from devtools import demo, tiny
+    from devtools.photos import synthetic_photo
     from fastbackend.schemas import TrainWithYamlRequest
     from fastbackend.training.operation import train_with_yaml
     from handler_fast import handler
@@ -57,7 +58,7 @@ def tiny_pipelines_on_device(device: str) -> None:
     files = [
         {
             "filename": f"IMG_{i}.jpg",
-            "content": base64.b64encode(demo.synthetic_photo(384, 320 + 32 * i, i)).decode(),
+            "content": base64.b64encode(synthetic_photo(384, 320 + 32 * i, i)).decode(),
             "caption": f"Matt, photo {i}",
         }
         for i in range(3)

@@ -46,7 +46,7 @@ def build_model(folder: Path) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from fastbackend.tiny import save_sd15
+    from devtools.tiny import save_sd15
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -82,7 +82,7 @@ def build_model(folder: Path) -> None:
 
 
 def upload_dataset(handler) -> None:
-    from fastbackend.demo import synthetic_photo
+    from devtools.photos import synthetic_photo
 
     files = [
         {

@@ -31,7 +31,7 @@ def data_root(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
     """Tiny random-weight pipelines of every architecture, built once per session."""
-    from fastbackend import tiny
+    from devtools import tiny
 
     folder = tmp_path_factory.mktemp("tiny-models")
     for arch in tiny.BUILDERS:

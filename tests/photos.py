@@ -8,7 +8,7 @@ import zlib
 
 from PIL import Image
 
-from fastbackend.demo import synthetic_photo
+from devtools.photos import synthetic_photo
 
 EXIF_ORIENTATION = 0x0112
 # (width, height, format, EXIF orientation or None): nine photos of "one person".

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_demo_runs_the_whole_flow_offline(data_root):
     env = dict(os.environ, FASTBACKEND_DATA_DIR=str(data_root))
     result = subprocess.run(
-        [sys.executable, "-m", "fastbackend.demo", "--arch", "sdxl", "--steps", "3"],
+        [sys.executable, "-m", "devtools.demo", "--arch", "sdxl", "--steps", "3"],
         cwd=REPO,
         env=env,
         capture_output=True,

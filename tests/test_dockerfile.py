@@ -1,5 +1,6 @@
 """The image definition stays lint-clean and installs what the worker imports."""
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -27,3 +28,21 @@ def test_dockerfile_copies_the_package_and_both_entry_points():
         'CMD ["python", "-u", "handler_fast.py"]',
     ):
         assert needed in text
+
+
+def test_the_image_holds_the_worker_and_no_dev_tools():
+    copied = set()
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            copied.update(line.split()[1:-1])  # every argument but the destination
+    assert copied == {"requirements.txt", "fastbackend/", "handler.py", "handler_fast.py", "test_input.json"}
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {"devtools/", "tests/", "benchmarks/", "scripts/", "examples/", ".venv/"} <= ignored
+
+
+def test_the_worker_package_never_imports_dev_tools():
+    for path in (REPO / "fastbackend").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(name.split(".")[0] in ("devtools", "tests", "handler_fast") for name in names), path

@@ -1,8 +1,8 @@
 """The whole flow a user runs, end to end through ``handler``: upload photos, train, list, locate the LoRA.
 
-    python -m fastbackend.demo                      # tiny FLUX-shaped model, CPU, offline, ~1 minute
-    python -m fastbackend.demo --arch sdxl          # or sd15
-    python -m fastbackend.demo --model black-forest-labs/FLUX.1-dev --steps 2000   # the real thing, on a GPU
+    python -m devtools.demo                      # tiny FLUX-shaped model, CPU, offline, ~1 minute
+    python -m devtools.demo --arch sdxl          # or sd15
+    python -m devtools.demo --model black-forest-labs/FLUX.1-dev --steps 2000   # the real thing, on a GPU
 
 With no ``--model`` it builds a tiny random-weight pipeline on the volume and trains it with
 the user's config (examples/training.yaml) with only the model path, steps and resolutions
@@ -14,27 +14,13 @@ quality: the base model is random. With ``--model`` the config runs as written a
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
-import random
 import sys
 from pathlib import Path
 
 CONFIG = Path(__file__).resolve().parent.parent / "examples" / "training.yaml"
 DATASET = "matt_training_test"  # the dataset examples/training.yaml trains on
-
-
-def synthetic_photo(width: int, height: int, seed: int, fmt: str = "JPEG", exif: bytes | None = None) -> bytes:
-    """A noisy radial gradient: distinct per seed, compressible like a photo."""
-    from PIL import Image
-
-    rng = random.Random(seed)
-    base = Image.radial_gradient("L").resize((width, height)).convert("RGB")
-    noise = Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3))
-    out = io.BytesIO()
-    Image.blend(base, noise, 0.5).save(out, format=fmt, **({"exif": exif} if exif else {}))
-    return out.getvalue()
 
 
 def call(handler, payload: dict) -> dict:
@@ -62,6 +48,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    from devtools import tiny
+    from devtools.photos import synthetic_photo
     from fastbackend.storage import data_root
     from handler_fast import handler
 
@@ -85,8 +73,6 @@ def main() -> None:
             .replace("steps: 2000", f"steps: {args.steps}")
         )
     else:
-        from fastbackend import tiny
-
         folder = tiny.build(args.arch, data_root() / "models" / f"tiny-{args.arch}")
         print(f"built a tiny random-weight {args.arch} pipeline in {folder} (proves the pipeline, not image quality)")
         config = tiny_config(str(folder), args.arch, args.steps)
