@@ -15,13 +15,13 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 import time
 from typing import Any, Callable
 
 import runpod
 
-from fastbackend.errors import FastBackendError, PayloadTooLarge, error_response
+from fastbackend import settings
+from fastbackend.errors import ErrorCode, FastBackendError, PayloadTooLarge, error_response
 from fastbackend.schemas import (
     DeleteDatasetRequest,
     DeleteModelRequest,
@@ -39,11 +39,6 @@ from fastbackend.schemas import (
 
 log = logging.getLogger("fastbackend.handler")
 
-# RunPod's documented request limits; /runsync job ids start with "sync-" (observed, not
-# documented: no field says which route a job came by). Environment variables may change them.
-RUN_LIMIT_BYTES = int(os.environ.get("FASTBACKEND_RUN_LIMIT_BYTES", 10_000_000))
-RUNSYNC_LIMIT_BYTES = int(os.environ.get("FASTBACKEND_RUNSYNC_LIMIT_BYTES", 20_000_000))
-PROGRESS_INTERVAL_S = float(os.environ.get("FASTBACKEND_PROGRESS_INTERVAL_S", "5"))
 
 # type -> (request model, "module:function"). Modules are imported on first use.
 OPERATIONS: dict[str, tuple[type[Request], str]] = {
@@ -61,8 +56,13 @@ OPERATIONS: dict[str, tuple[type[Request], str]] = {
 
 
 def payload_limit(job_id: object) -> int:
-    """The byte limit for a job: /runsync's for ``sync-`` ids, /run's otherwise."""
-    return RUNSYNC_LIMIT_BYTES if str(job_id).startswith("sync-") else RUN_LIMIT_BYTES
+    """The byte limit for a job: /runsync's for ``sync-`` ids, /run's otherwise.
+
+    RunPod documents the two limits; that /runsync ids start with "sync-" is observed, not
+    documented (no field says which route a job came by).
+    """
+    limit = settings.RUNSYNC_LIMIT_BYTES if str(job_id).startswith("sync-") else settings.RUN_LIMIT_BYTES
+    return limit.get()
 
 
 def check_payload_size(job: dict) -> int:
@@ -87,18 +87,19 @@ def resolve(target: str) -> Callable[..., dict]:
 
 
 def progress_sender(job: dict) -> Callable[[dict], None]:
-    """A callback that forwards progress to RunPod at most every ``PROGRESS_INTERVAL_S``.
+    """A callback that forwards progress to RunPod at most every ``settings.PROGRESS_INTERVAL_S``.
 
     Outside RunPod (``--test_input``, the local server) there is no endpoint to post to, so
     progress is logged instead.
     """
     last_sent = 0.0
-    on_runpod = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
+    on_runpod = settings.on_runpod()
+    interval = settings.PROGRESS_INTERVAL_S.get()
 
     def send(progress: dict) -> None:
         nonlocal last_sent
         now = time.monotonic()
-        if now - last_sent < PROGRESS_INTERVAL_S and not progress.get("final"):
+        if now - last_sent < interval and not progress.get("final"):
             return
         last_sent = now
         if on_runpod:
@@ -112,13 +113,14 @@ def progress_sender(job: dict) -> Callable[[dict], None]:
 def dispatch(job: dict) -> dict:
     """Validate ``job`` and run its operation; raises FastBackendError for bad input."""
     if not isinstance(job, dict) or not isinstance(job.get("input"), dict):
-        raise FastBackendError('input: the job must be {"input": {"type": ...}}', code="invalid_request")
+        raise FastBackendError('input: the job must be {"input": {"type": ...}}', code=ErrorCode.INVALID_REQUEST)
     size = check_payload_size(job)
     payload = job["input"]
     kind = payload.get("type")
     if not isinstance(kind, str) or kind not in OPERATIONS:  # a list or dict here is unhashable
         raise FastBackendError(
-            f"input.type: unknown type {str(kind)[:64]!r}; valid types: {', '.join(OPERATIONS)}", code="unknown_type"
+            f"input.type: unknown type {str(kind)[:64]!r}; valid types: {', '.join(OPERATIONS)}",
+            code=ErrorCode.UNKNOWN_TYPE,
         )
     model, target = OPERATIONS[kind]
     request = parse_request(model, payload)
@@ -136,7 +138,7 @@ def handler(job: Any) -> dict:
     except Exception as exc:  # the worker must keep serving; the traceback goes to the log only
         log.exception("job %s failed unexpectedly", _job_id(job))
         message = f"internal error ({type(exc).__name__}); see the worker log"
-        return error_response(FastBackendError(message, code="internal_error"))
+        return error_response(FastBackendError(message, code=ErrorCode.INTERNAL_ERROR))
 
 
 def _job_id(job: Any) -> object:
@@ -145,10 +147,8 @@ def _job_id(job: Any) -> object:
 
 def main() -> None:
     """Start the worker; runpod reads ``--test_input`` / ``--rp_serve_api`` from the command line."""
-    logging.basicConfig(
-        level=os.environ.get("FASTBACKEND_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s"
-    )
-    if not (os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL")):
+    logging.basicConfig(level=settings.LOG_LEVEL.get(), format="%(levelname)s %(name)s: %(message)s")
+    if not settings.runpod_log_level_set():
         # The SDK logs whole job inputs and outputs at DEBUG, its default: base64 photos and
         # LoRA chunks would fill the log. `--rp_log_level DEBUG` still turns them on.
         from runpod.serverless.modules.rp_logger import RunPodLogger

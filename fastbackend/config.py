@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fastbackend.errors import ValidationFailed, show_value
+from fastbackend.errors import ErrorCode, ValidationFailed, show_value
 from fastbackend.schemas import SafeName, describe_error
 
 MAX_YAML_BYTES = 256_000
@@ -331,13 +331,13 @@ def read_yaml(text: str) -> Any:
     if len(text.encode()) > MAX_YAML_BYTES:
         raise ValidationFailed(
             f"yaml_config: {len(text.encode()):,} bytes is over the {MAX_YAML_BYTES:,}-byte limit",
-            code="invalid_config",
+            code=ErrorCode.INVALID_CONFIG,
         )
     try:
         document = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ValidationFailed(
-            f"yaml_config: not valid YAML ({' '.join(str(exc).split())[:200]})", code="invalid_config"
+            f"yaml_config: not valid YAML ({' '.join(str(exc).split())[:200]})", code=ErrorCode.INVALID_CONFIG
         ) from None
     check_expanded_size(document)
     return document
@@ -353,7 +353,7 @@ def check_expanded_size(document: Any) -> None:
         if budget < 0:
             raise ValidationFailed(
                 f"yaml_config: expands to over {MAX_EXPANDED_NODES:,} values (a YAML alias bomb?)",
-                code="invalid_config",
+                code=ErrorCode.INVALID_CONFIG,
             )
         if isinstance(node, dict):
             stack.extend(node.keys())
@@ -426,7 +426,8 @@ def parse_training_config(source: str | dict) -> tuple[TrainingConfig, list[str]
     document = read_yaml(source) if isinstance(source, str) else source
     if not isinstance(document, dict):
         raise ValidationFailed(
-            f"config: must be a mapping with `job` and `config`, got {show_value(document)}", code="invalid_config"
+            f"config: must be a mapping with `job` and `config`, got {show_value(document)}",
+            code=ErrorCode.INVALID_CONFIG,
         )
     section = document.get("config")
     if isinstance(section, dict) and isinstance(section.get("name"), str):
@@ -440,7 +441,7 @@ def parse_training_config(source: str | dict) -> tuple[TrainingConfig, list[str]
         problems += [describe_error(error, root="") for error in exc.errors(include_url=False)]
         config = None
     if problems:
-        raise ValidationFailed.from_problems(problems, code="invalid_config")
+        raise ValidationFailed.from_problems(problems, code=ErrorCode.INVALID_CONFIG)
     return config, warnings + semantic_warnings(config)
 
 

@@ -19,7 +19,6 @@ import binascii
 import hashlib
 import io
 import json
-import os
 import stat
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -29,9 +28,10 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 from urllib.parse import urlsplit
 
-from fastbackend.errors import ValidationFailed
+from fastbackend import settings
+from fastbackend.errors import ErrorCode, ValidationFailed
 from fastbackend.fetch import FetchProblem, fetch
-from fastbackend.images import IMAGE_EXTENSIONS, MAX_IMAGE_BYTES, CheckedImage, ImageProblem, check_image
+from fastbackend.images import IMAGE_EXTENSIONS, CheckedImage, ImageProblem, check_image
 from fastbackend.schemas import MAX_CAPTION_CHARS, DeleteDatasetRequest, ListDatasetsRequest, UploadTrainingDataRequest
 from fastbackend.storage import (
     atomic_write_bytes,
@@ -46,10 +46,8 @@ from fastbackend.storage import (
 
 Progress = Callable[[dict], None]
 MANIFEST = "manifest.json"
-MAX_ZIP_UNPACKED_BYTES = int(os.environ.get("FASTBACKEND_MAX_ZIP_UNPACKED_BYTES", 2_000_000_000))
 MAX_FILES_PER_REQUEST = 2000
 CAPTION_EXTENSION = ".txt"
-DECODE_THREADS = int(os.environ.get("FASTBACKEND_DECODE_THREADS", os.cpu_count() or 1))
 
 
 @dataclass
@@ -159,8 +157,9 @@ def unpack_zip(data: bytes, source: str, problems: list[str]) -> list[RawFile]:
     with archive:
         entries = [info for info in archive.infolist() if not _ignored_entry(info)]
         unpacked = sum(info.file_size for info in entries)
-        if unpacked > MAX_ZIP_UNPACKED_BYTES:
-            problems.append(f"{source}: unpacks to {unpacked:,} bytes, over the {MAX_ZIP_UNPACKED_BYTES:,}-byte limit")
+        limit = settings.MAX_ZIP_UNPACKED_BYTES.get()
+        if unpacked > limit:
+            problems.append(f"{source}: unpacks to {unpacked:,} bytes, over the {limit:,}-byte limit")
             return []
         files = []
         for info in entries:
@@ -184,8 +183,9 @@ def _unsafe_entry(info: zipfile.ZipInfo) -> str | None:
         return "has an absolute or parent (..) path"
     if stat.S_ISLNK(info.external_attr >> 16):
         return "is a symbolic link"
-    if info.file_size > MAX_IMAGE_BYTES:  # refused before it is unpacked into memory
-        return f"unpacks to {info.file_size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte limit per file"
+    limit = settings.MAX_IMAGE_BYTES.get()
+    if info.file_size > limit:  # refused before it is unpacked into memory
+        return f"unpacks to {info.file_size:,} bytes, over the {limit:,}-byte limit per file"
     return name_problem(path.name)
 
 
@@ -197,7 +197,7 @@ def check_batch(files: list[RawFile], captions: dict[str, str], problems: list[s
     batch = Batch(captions=dict(captions), problems=problems)
     images = [raw for raw in files if _suffix(raw) in IMAGE_EXTENSIONS]
     # Pillow decodes and hashlib hashes without the GIL: a request's photos are checked in parallel.
-    with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, max(1, len(images)))) as pool:
+    with ThreadPoolExecutor(max_workers=min(settings.DECODE_THREADS.get(), max(1, len(images)))) as pool:
         results = dict(zip(map(id, images), pool.map(_check_one, images), strict=True))
     seen: dict[str, str] = {}
     for raw in files:
@@ -319,7 +319,7 @@ def upload_training_data(request: UploadTrainingDataRequest, progress: Progress 
     existing = set() if request.mode == "replace" else set(read_manifest(folder)["images"])
     _check_orphan_captions(batch, existing)
     if batch.problems:  # refused before the lock: a refused upload does not even create the folder
-        raise ValidationFailed.from_problems(batch.problems, code="invalid_upload")
+        raise ValidationFailed.from_problems(batch.problems, code=ErrorCode.INVALID_UPLOAD)
     with locked(folder):
         uploaded, skipped, manifest = commit(folder, batch, replace=request.mode == "replace")
     images = manifest["images"]

@@ -8,24 +8,19 @@ Redirects are followed by hand so every hop is checked the same way.
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 from urllib.parse import urljoin, urlsplit
 
 import requests
 
-MAX_URL_BYTES = int(os.environ.get("FASTBACKEND_MAX_URL_BYTES", 500_000_000))
-URL_TIMEOUT_S = float(os.environ.get("FASTBACKEND_URL_TIMEOUT_S", "60"))
+from fastbackend import settings
+
 MAX_REDIRECTS = 5
 CHUNK_BYTES = 1 << 20
 
 
 class FetchProblem(ValueError):
     """Why a URL could not be used; shown to the user after the URL."""
-
-
-def private_urls_allowed() -> bool:
-    return os.environ.get("FASTBACKEND_ALLOW_PRIVATE_URLS", "") in ("1", "true", "yes")
 
 
 def check_url(url: str) -> None:
@@ -35,7 +30,7 @@ def check_url(url: str) -> None:
         raise FetchProblem(f"scheme {parts.scheme or '(none)'!r} is not allowed; use http or https")
     if not parts.hostname:
         raise FetchProblem("has no host")
-    if private_urls_allowed():
+    if settings.ALLOW_PRIVATE_URLS.get():
         return
     try:
         infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
@@ -50,12 +45,14 @@ def check_url(url: str) -> None:
             )
 
 
-def fetch(url: str, max_bytes: int = MAX_URL_BYTES) -> bytes:
-    """The body at ``url``, or FetchProblem naming what went wrong."""
+def fetch(url: str, max_bytes: int | None = None) -> bytes:
+    """The body at ``url`` (at most ``max_bytes``, default the setting), or FetchProblem naming what went wrong."""
+    max_bytes = settings.MAX_URL_BYTES.get() if max_bytes is None else max_bytes
+    timeout = settings.URL_TIMEOUT_S.get()
     for _ in range(MAX_REDIRECTS + 1):
         check_url(url)
         try:
-            with requests.get(url, stream=True, timeout=URL_TIMEOUT_S, allow_redirects=False) as response:
+            with requests.get(url, stream=True, timeout=timeout, allow_redirects=False) as response:
                 if response.is_redirect:
                     url = urljoin(url, response.headers["location"])
                     continue

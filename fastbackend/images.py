@@ -10,15 +10,13 @@ sees; the stored bytes are the original unless a rotation had to be baked in.
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-MAX_IMAGE_PIXELS = int(os.environ.get("FASTBACKEND_MAX_IMAGE_PIXELS", 50_000_000))
-MIN_IMAGE_SIDE = int(os.environ.get("FASTBACKEND_MIN_IMAGE_SIDE", 256))
-MAX_IMAGE_BYTES = int(os.environ.get("FASTBACKEND_MAX_IMAGE_BYTES", 40_000_000))
+from fastbackend import settings
+
 # Pillow format -> extensions a file of that format may carry.
 FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
 IMAGE_EXTENSIONS = tuple(ext for exts in FORMATS.values() for ext in exts)
@@ -40,8 +38,9 @@ class CheckedImage:
 
 def check_image(data: bytes) -> CheckedImage:
     """Fully decode ``data`` and return what to store, or raise ImageProblem."""
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ImageProblem(f"{len(data):,} bytes is over the {MAX_IMAGE_BYTES:,}-byte limit per image")
+    max_bytes = settings.MAX_IMAGE_BYTES.get()
+    if len(data) > max_bytes:
+        raise ImageProblem(f"{len(data):,} bytes is over the {max_bytes:,}-byte limit per image")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -56,7 +55,7 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, UnidentifiedImageError):
         return "not an image Pillow can decode"
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f"too many pixels (over {MAX_IMAGE_PIXELS:,}): refused as a possible decompression bomb"
+        return f"too many pixels (over {settings.MAX_IMAGE_PIXELS.get():,}): refused as a possible decompression bomb"
     return f"could not be decoded ({exc})"
 
 
@@ -64,18 +63,18 @@ def _check_open_image(image: Image.Image, data: bytes) -> CheckedImage:
     if image.format not in FORMATS:
         raise ImageProblem(f"format {image.format} is not accepted; use one of {', '.join(FORMATS)}")
     width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise ImageProblem(f"{width}x{height} is over the {MAX_IMAGE_PIXELS:,}-pixel limit")
+    max_pixels = settings.MAX_IMAGE_PIXELS.get()
+    if width * height > max_pixels:
+        raise ImageProblem(f"{width}x{height} is over the {max_pixels:,}-pixel limit")
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise ImageProblem(f"could not be decoded ({exc})") from None
     orientation = image.getexif().get(EXIF_ORIENTATION, 1)
     upright = ImageOps.exif_transpose(image) if orientation != 1 else image
-    if min(upright.size) < MIN_IMAGE_SIDE:
-        raise ImageProblem(
-            f"{upright.width}x{upright.height} is too small: the shorter side must be >= {MIN_IMAGE_SIDE} px"
-        )
+    min_side = settings.MIN_IMAGE_SIDE.get()
+    if min(upright.size) < min_side:
+        raise ImageProblem(f"{upright.width}x{upright.height} is too small: the shorter side must be >= {min_side} px")
     if upright is image:
         return CheckedImage(data, width, height, image.format, rotated=False)
     return CheckedImage(_encode(upright, image.format), upright.width, upright.height, image.format, rotated=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from fastbackend import __version__
-from fastbackend.errors import FastBackendError, NotFound
+from fastbackend.errors import ErrorCode, FastBackendError, NotFound
 from fastbackend.schemas import (
     DeleteModelRequest,
     DownloadModelRequest,
@@ -137,7 +137,10 @@ def download_model(request: DownloadModelRequest, progress: Progress | None = No
         raise NotFound(f"input.filename: {filename!r} not found in model {request.model!r}; files: {available}")
     total = path.stat().st_size
     if request.offset > total:
-        raise FastBackendError(f"input.offset: {request.offset} is past the end of the file ({total} bytes)")
+        raise FastBackendError(
+            f"input.offset: {request.offset} is past the end of the file ({total} bytes)",
+            code=ErrorCode.VALIDATION_ERROR,
+        )
     with open(path, "rb") as handle:
         handle.seek(request.offset)
         chunk = handle.read(request.length)
@@ -161,7 +164,7 @@ def check_result_size(images: list[dict], what: str, advice: str) -> None:
     if size > MAX_RESULT_BYTES:
         raise FastBackendError(
             f"output: {size:,} bytes of {what} is over RunPod's {MAX_RESULT_BYTES:,}-byte result limit; {advice}",
-            code="result_too_large",
+            code=ErrorCode.RESULT_TOO_LARGE,
         )
 
 

@@ -26,21 +26,21 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from fastbackend.errors import FastBackendError, NotFound
+from fastbackend import settings
+from fastbackend.errors import ErrorCode, FastBackendError, NotFound
 
 RUNPOD_VOLUME = Path("/runpod-volume")
 # A RunPod Pod mounts the same network volume at /workspace; configs written there map here.
 VOLUME_ALIASES = (Path("/workspace"), RUNPOD_VOLUME)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 NAME_RULE = "1-64 characters from A-Z a-z 0-9 . _ -, not starting with a dot"
-LOCK_TIMEOUT_S = float(os.environ.get("FASTBACKEND_LOCK_TIMEOUT_S", "600"))
 
 
 def data_root() -> Path:
     """The data root, read from the environment on every call so tests can point it anywhere."""
-    configured = os.environ.get("FASTBACKEND_DATA_DIR")
-    if configured:
-        return Path(configured).absolute()
+    configured = settings.DATA_DIR.get()
+    if configured is not None:
+        return configured
     if RUNPOD_VOLUME.is_dir():
         return RUNPOD_VOLUME
     return Path("data").absolute()
@@ -70,7 +70,7 @@ def name_problem(name: object) -> str | None:
 def check_name(name: str, field: str) -> str:
     problem = name_problem(name)
     if problem:
-        raise FastBackendError(f"{field}: {problem}", code="invalid_name")
+        raise FastBackendError(f"{field}: {problem}", code=ErrorCode.INVALID_NAME)
     return name
 
 
@@ -104,7 +104,7 @@ def map_user_path(text: str, field: str) -> Path:
     """
     root = data_root()
     if "\x00" in text:
-        raise FastBackendError(f"{field}: path {text!r} contains a NUL byte", code="path_outside_root")
+        raise FastBackendError(f"{field}: path {text!r} contains a NUL byte", code=ErrorCode.PATH_OUTSIDE_ROOT)
     path = Path(text)
     for alias in VOLUME_ALIASES:
         if path.is_absolute() and path.is_relative_to(alias):
@@ -115,7 +115,7 @@ def map_user_path(text: str, field: str) -> Path:
     resolved = Path(os.path.realpath(path))
     if not resolved.is_relative_to(os.path.realpath(root)):
         raise FastBackendError(
-            f"{field}: path {text!r} is outside the data root {str(root)!r}", code="path_outside_root"
+            f"{field}: path {text!r} is outside the data root {str(root)!r}", code=ErrorCode.PATH_OUTSIDE_ROOT
         )
     return resolved
 
@@ -155,8 +155,13 @@ def temporary_path(path: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def locked(folder: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold ``<folder>/.lock`` exclusively (an flock, released by the OS if the worker dies)."""
+def locked(folder: Path, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold ``<folder>/.lock`` exclusively (an flock, released by the OS if the worker dies).
+
+    Waits up to ``timeout_s`` (default ``settings.LOCK_TIMEOUT_S``) for another holder.
+    """
+    if timeout_s is None:
+        timeout_s = settings.LOCK_TIMEOUT_S.get()
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a+") as handle:
         deadline = time.monotonic() + timeout_s
@@ -167,7 +172,7 @@ def locked(folder: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise FastBackendError(
-                        f"{folder.name!r} is locked by another job for over {timeout_s:g}s", code="locked"
+                        f"{folder.name!r} is locked by another job for over {timeout_s:g}s", code=ErrorCode.LOCKED
                     ) from None
                 time.sleep(0.1)
         try:

@@ -120,7 +120,7 @@ def test_payload_exactly_at_limit_passes_and_one_byte_over_fails(job_id, limit):
 
 
 def test_payload_limit_follows_environment(monkeypatch):
-    monkeypatch.setattr(handler_fast, "RUN_LIMIT_BYTES", 500)
+    monkeypatch.setenv("FASTBACKEND_RUN_LIMIT_BYTES", "500")
     assert handler(padded_job(500))["error_code"] == "validation_error"
     assert handler(padded_job(501))["error_code"] == "payload_too_large"
 

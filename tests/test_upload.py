@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fastbackend import images
 from handler_fast import handler
 from tests.photos import b64, nine_photos, photo, png_bomb
 
@@ -177,7 +176,7 @@ def test_unsafe_names_are_refused_with_the_name_quoted(name, data_root):
 
 
 def test_one_bad_file_refuses_the_whole_request_and_lists_every_problem(data_root, monkeypatch):
-    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 1_000_000)
+    monkeypatch.setenv("FASTBACKEND_MAX_IMAGE_PIXELS", "1000000")
     good = file_entries(nine_photos()[:2])
     jpeg = photo(640, 480)
     bad = [
@@ -234,18 +233,14 @@ def test_unsafe_zip_entries_are_refused(data_root):
 
 
 def test_zip_entries_over_the_file_limit_are_refused_before_unpacking(monkeypatch, data_root):
-    from fastbackend import datasets
-
-    monkeypatch.setattr(datasets, "MAX_IMAGE_BYTES", 1000)
+    monkeypatch.setenv("FASTBACKEND_MAX_IMAGE_BYTES", "1000")
     answer = upload(zip=b64(make_zip({"big.jpg": b"\0" * 5000})))
     assert answer["error"] == "input.zip: entry 'big.jpg' unpacks to 5,000 bytes, over the 1,000-byte limit per file"
     assert snapshot(data_root) == {}
 
 
 def test_zip_over_the_unpacked_limit_is_refused(monkeypatch, data_root):
-    from fastbackend import datasets
-
-    monkeypatch.setattr(datasets, "MAX_ZIP_UNPACKED_BYTES", 1000)
+    monkeypatch.setenv("FASTBACKEND_MAX_ZIP_UNPACKED_BYTES", "1000")
     answer = upload(zip=b64(make_zip({"a.jpg": b"\0" * 5000})))
     assert answer["error"] == "input.zip: unpacks to 5,000 bytes, over the 1,000-byte limit"
     assert snapshot(data_root) == {}

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from fastbackend.errors import FastBackendError, NotFound
+from fastbackend.errors import ErrorCode, FastBackendError, NotFound
 from fastbackend.operations import check_result_size, read_lora_header
 from fastbackend.schemas import GenerateRequest
 from fastbackend.storage import hf_cache_dir, model_dir
@@ -35,7 +35,8 @@ def generate(request: GenerateRequest, progress: Progress | None = None) -> dict
     arch_name, base = header.get("fastbackend_arch"), header.get("ss_sd_model_name")
     if arch_name not in ("flux", "sdxl", "sd15") or not base:
         raise FastBackendError(
-            f"input.model: {lora.name!r} was not made by this worker (no base model in its header)", code="unknown_lora"
+            f"input.model: {lora.name!r} was not made by this worker (no base model in its header)",
+            code=ErrorCode.UNKNOWN_LORA,
         )
     arch = arch_for(arch_name)
     with _LOCK:  # one pipeline, one LoRA at a time
@@ -45,7 +46,8 @@ def generate(request: GenerateRequest, progress: Progress | None = None) -> dict
         except (OSError, ValueError, KeyError) as exc:
             _LOADED.clear()  # the pipeline may hold half an adapter now
             raise FastBackendError(
-                f"input.model: {lora.name!r} does not load into {base!r} ({type(exc).__name__})", code="unknown_lora"
+                f"input.model: {lora.name!r} does not load into {base!r} ({type(exc).__name__})",
+                code=ErrorCode.UNKNOWN_LORA,
             ) from None
         try:
             pipe.set_adapters([ADAPTER], adapter_weights=[request.lora_scale])

@@ -17,13 +17,13 @@ sigmas drawn by ``timestep_type`` and, for FLUX.1-dev, with the guidance embeddi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from fastbackend.errors import FastBackendError
+from fastbackend import settings
+from fastbackend.errors import ErrorCode, FastBackendError
 
 # Fixed for FLUX.1-dev by its authors; schnell was distilled with 256.
 FLUX_DEV_MAX_SEQUENCE = 512
@@ -71,7 +71,7 @@ class Arch:
 
         pipeline_class = getattr(diffusers, self.pipeline_class_name)
         # HF_TOKEN (gated models) is passed, never logged or returned.
-        options = dict(dtype=dtype, cache_dir=cache_dir, revision=revision, token=os.environ.get("HF_TOKEN") or None)
+        options = dict(dtype=dtype, cache_dir=cache_dir, revision=revision, token=settings.HF_TOKEN.get())
         try:
             if quantize:
                 options[self.denoiser_name] = self._load_quantized(name_or_path, options)
@@ -79,7 +79,7 @@ class Arch:
         except (OSError, ValueError) as exc:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
             message = f"{field}: could not load {shown or name_or_path!r} ({reason})"
-            raise FastBackendError(message, code="model_load_failed") from None
+            raise FastBackendError(message, code=ErrorCode.MODEL_LOAD_FAILED) from None
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

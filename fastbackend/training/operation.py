@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from fastbackend.config import TrainingConfig, parse_training_config
-from fastbackend.errors import FastBackendError, NotFound, ValidationFailed
+from fastbackend.errors import ErrorCode, FastBackendError, NotFound, ValidationFailed
 from fastbackend.schemas import TrainWithYamlRequest
 from fastbackend.storage import (
     atomic_write_bytes,
@@ -84,7 +84,7 @@ def run_training(
         raise FastBackendError(
             "training ran out of GPU memory; try model.quantize: true, train.gradient_checkpointing: true, "
             "a smaller train.batch_size or smaller datasets[].resolution (a resumable state, if any, is kept)",
-            code="out_of_memory",
+            code=ErrorCode.OUT_OF_MEMORY,
         ) from None
     finally:
         if torch.cuda.is_available():
@@ -126,7 +126,7 @@ def resolve_datasets(config: TrainingConfig) -> list[Path]:
             )
         folders.append(folder)
     if problems:
-        raise ValidationFailed.from_problems(problems, code="invalid_dataset")
+        raise ValidationFailed.from_problems(problems, code=ErrorCode.INVALID_DATASET)
     return folders
 
 
@@ -139,7 +139,7 @@ def dataset_folder(text: str, field: str) -> Path:
         raise FastBackendError(
             f"{field}: {text!r} is not a dataset folder; use <data root>/training_data/<name> "
             "or just the dataset's name",
-            code="path_outside_root",
+            code=ErrorCode.PATH_OUTSIDE_ROOT,
         )
     return folder
 
@@ -158,7 +158,7 @@ def resolve_model(name_or_path: str) -> str:
         if HUB_ID.fullmatch(name_or_path) is None:
             raise FastBackendError(
                 f"{field}: {name_or_path!r} is neither a hub id (org/name) nor a folder under the data root",
-                code="invalid_config",
+                code=ErrorCode.INVALID_CONFIG,
             )
         return name_or_path
     folder = map_user_path(name_or_path, field)
@@ -174,6 +174,6 @@ def resolve_output(config: TrainingConfig) -> Path:
     if folder != Path(outputs_dir()).resolve():
         raise FastBackendError(
             f"{field}: must be the data root's output folder ('output'), got {config.process.training_folder!r}",
-            code="invalid_config",
+            code=ErrorCode.INVALID_CONFIG,
         )
     return folder / config.name

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from fastbackend.config import TrainingConfig
-from fastbackend.errors import FastBackendError
+from fastbackend.errors import ErrorCode, FastBackendError
 from fastbackend.storage import atomic_write_bytes, hf_cache_dir, temporary_path
 from fastbackend.training import data, lora_io
 from fastbackend.training.models import TEXT_ENCODER_TARGETS, Arch, Batch, LossOptions, arch_for
@@ -79,7 +79,7 @@ class TrainResult:
 
 
 class NonFiniteLoss(FastBackendError):
-    code = "non_finite_loss"
+    code = ErrorCode.NON_FINITE_LOSS
 
 
 @dataclass
@@ -383,7 +383,7 @@ def make_optimizer(train_cfg, params: list, device: torch.device, warnings: list
         return optimizer_class(params, lr=lr, **options)
     except TypeError as exc:
         raise FastBackendError(
-            f"config.process[0].train.optimizer_params: not valid for {name} ({exc})", code="invalid_config"
+            f"config.process[0].train.optimizer_params: not valid for {name} ({exc})", code=ErrorCode.INVALID_CONFIG
         ) from None
 
 

@@ -1,0 +1,124 @@
+"""Every setting the worker reads from the environment, with its default: the only reader of it.
+
+Settings are read when they are used, not at import, so a test or an operator can change one
+without reloading modules. The README's configuration table lists exactly ``ALL`` (a test
+compares them). A value that does not parse stops the job with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+TRUE_WORDS = ("1", "true", "yes")
+
+
+@dataclass(frozen=True)
+class Setting(Generic[T]):
+    env: str
+    parse: Callable[[str], T]
+    default: Callable[[], T]
+    shown_default: str  # the default as the README's table writes it
+    help: str
+
+    def get(self) -> T:
+        raw = os.environ.get(self.env, "").strip()
+        if not raw:
+            return self.default()
+        try:
+            return self.parse(raw)
+        except ValueError:
+            raise ValueError(f"environment variable {self.env}={raw!r} is not valid: {self.help}") from None
+
+
+def _flag(raw: str) -> bool:
+    return raw.lower() in TRUE_WORDS
+
+
+def _number(env: str, kind: Callable[[str], T], value: T, help: str) -> Setting[T]:
+    return Setting(env, kind, lambda: value, f"`{value:g}`" if isinstance(value, float) else f"`{value}`", help)
+
+
+DATA_DIR: Setting[Path | None] = Setting(
+    "FASTBACKEND_DATA_DIR",
+    lambda raw: Path(raw).absolute(),
+    lambda: None,  # storage.data_root() decides: the RunPod volume when mounted, else ./data
+    "`/runpod-volume` when it exists, else `./data`",
+    "the data root: `training_data/`, `output/`, `huggingface-cache/`",
+)
+RUN_LIMIT_BYTES = _number("FASTBACKEND_RUN_LIMIT_BYTES", int, 10_000_000, "payload limit for `/run` jobs")
+RUNSYNC_LIMIT_BYTES = _number(
+    "FASTBACKEND_RUNSYNC_LIMIT_BYTES", int, 20_000_000, "payload limit for `/runsync` (`sync-`) jobs"
+)
+PROGRESS_INTERVAL_S = _number(
+    "FASTBACKEND_PROGRESS_INTERVAL_S", float, 5.0, "least time between two progress updates sent to RunPod"
+)
+LOCK_TIMEOUT_S = _number(
+    "FASTBACKEND_LOCK_TIMEOUT_S",
+    float,
+    600.0,
+    "how long a writer waits for another worker's lock on a dataset or model",
+)
+ALLOW_PRIVATE_URLS = Setting(
+    "FASTBACKEND_ALLOW_PRIVATE_URLS",
+    _flag,
+    lambda: False,
+    "unset",
+    "`1` lets `urls` reach private and loopback addresses",
+)
+MAX_IMAGE_PIXELS = _number("FASTBACKEND_MAX_IMAGE_PIXELS", int, 50_000_000, "largest image accepted, in pixels")
+MIN_IMAGE_SIDE = _number("FASTBACKEND_MIN_IMAGE_SIDE", int, 256, "smallest shorter side accepted, in pixels")
+MAX_IMAGE_BYTES = _number("FASTBACKEND_MAX_IMAGE_BYTES", int, 40_000_000, "largest image file accepted")
+MAX_URL_BYTES = _number("FASTBACKEND_MAX_URL_BYTES", int, 500_000_000, "largest file fetched from one URL")
+URL_TIMEOUT_S = _number("FASTBACKEND_URL_TIMEOUT_S", float, 60.0, "connect/read timeout for `urls`")
+MAX_ZIP_UNPACKED_BYTES = _number(
+    "FASTBACKEND_MAX_ZIP_UNPACKED_BYTES", int, 2_000_000_000, "largest unpacked size of one zip"
+)
+DECODE_THREADS = Setting(
+    "FASTBACKEND_DECODE_THREADS",
+    int,
+    lambda: os.cpu_count() or 1,
+    "CPU count",
+    "threads that decode a request's photos",
+)
+LOG_LEVEL = Setting("FASTBACKEND_LOG_LEVEL", str.upper, lambda: "INFO", "`INFO`", "log level")
+HF_TOKEN: Setting[str | None] = Setting(
+    "HF_TOKEN",
+    str,
+    lambda: None,
+    "unset",
+    "hub token for gated base models (FLUX.1-dev); never logged or returned",
+)
+
+ALL: tuple[Setting, ...] = (
+    DATA_DIR,
+    RUN_LIMIT_BYTES,
+    RUNSYNC_LIMIT_BYTES,
+    PROGRESS_INTERVAL_S,
+    LOCK_TIMEOUT_S,
+    ALLOW_PRIVATE_URLS,
+    MAX_IMAGE_PIXELS,
+    MIN_IMAGE_SIDE,
+    MAX_IMAGE_BYTES,
+    MAX_URL_BYTES,
+    URL_TIMEOUT_S,
+    MAX_ZIP_UNPACKED_BYTES,
+    DECODE_THREADS,
+    LOG_LEVEL,
+    HF_TOKEN,
+)
+
+
+# RunPod's own variables, which this worker reads but does not define.
+def on_runpod() -> bool:
+    """Whether the worker runs on a RunPod endpoint (progress updates have somewhere to go)."""
+    return bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
+
+
+def runpod_log_level_set() -> bool:
+    """Whether the operator asked for a runpod SDK log level (then the worker leaves it alone)."""
+    return bool(os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL"))
