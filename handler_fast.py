@@ -40,18 +40,19 @@ from fastbackend.schemas import (
 log = logging.getLogger("fastbackend.handler")
 
 
-# type -> (request model, "module:function"). Modules are imported on first use.
+# type -> (request model, "module:function"), every function a request module in fastbackend.api.
+# Modules are imported on first use.
 OPERATIONS: dict[str, tuple[type[Request], str]] = {
-    "health": (HealthRequest, "fastbackend.operations:health"),
-    "list_models": (ListModelsRequest, "fastbackend.operations:list_models"),
-    "upload_training_data": (UploadTrainingDataRequest, "fastbackend.datasets:upload_training_data"),
-    "list_datasets": (ListDatasetsRequest, "fastbackend.datasets:list_datasets"),
-    "delete_dataset": (DeleteDatasetRequest, "fastbackend.datasets:delete_dataset"),
-    "train_with_yaml": (TrainWithYamlRequest, "fastbackend.training.operation:train_with_yaml"),
-    "generate": (GenerateRequest, "fastbackend.training.generate:generate"),
-    "get_samples": (GetSamplesRequest, "fastbackend.operations:get_samples"),
-    "download_model": (DownloadModelRequest, "fastbackend.operations:download_model"),
-    "delete_model": (DeleteModelRequest, "fastbackend.operations:delete_model"),
+    "health": (HealthRequest, "fastbackend.api.health:health"),
+    "list_models": (ListModelsRequest, "fastbackend.api.loras:list_models"),
+    "upload_training_data": (UploadTrainingDataRequest, "fastbackend.api.datasets:upload_training_data"),
+    "list_datasets": (ListDatasetsRequest, "fastbackend.api.datasets:list_datasets"),
+    "delete_dataset": (DeleteDatasetRequest, "fastbackend.api.datasets:delete_dataset"),
+    "train_with_yaml": (TrainWithYamlRequest, "fastbackend.api.train:train_with_yaml"),
+    "generate": (GenerateRequest, "fastbackend.api.generate:generate"),
+    "get_samples": (GetSamplesRequest, "fastbackend.api.loras:get_samples"),
+    "download_model": (DownloadModelRequest, "fastbackend.api.loras:download_model"),
+    "delete_model": (DeleteModelRequest, "fastbackend.api.loras:delete_model"),
 }
 
 

@@ -49,8 +49,8 @@ def tiny_pipelines_on_device(device: str) -> None:
 
     from devtools import demo, tiny
     from devtools.photos import synthetic_photo
+    from fastbackend.api.train import train_with_yaml
     from fastbackend.schemas import TrainWithYamlRequest
-    from fastbackend.training.operation import train_with_yaml
     from handler_fast import handler
 
     root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -79,7 +79,8 @@ def full_size_flux(device: str, config: dict, size: int, steps: int, checkpointi
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     from fastbackend.training import lora_io
-    from fastbackend.training.models import FLUX_TARGETS, Batch, Flux, LossOptions
+    from fastbackend.training.families import LossOptions, TrainingBatch
+    from fastbackend.training.families.flux import FLUX_TARGETS, Flux
 
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -100,7 +101,7 @@ def full_size_flux(device: str, config: dict, size: int, steps: int, checkpointi
     channels = config["in_channels"] // 4
     latent = size // 8
     text_tokens = 512 if cuda else 16
-    batch = Batch(
+    batch = TrainingBatch(
         latents=torch.randn(1, channels, latent, latent, device=device, dtype=dtype),
         cond={
             "prompt_embeds": torch.randn(1, text_tokens, config["joint_attention_dim"], device=device, dtype=dtype),

@@ -133,8 +133,8 @@ config:
 
 def run_trainer(model: Path, steps: int, cached: bool) -> tuple[list[float], float]:
     """Per-step seconds and the set-up time (load + caching) of one trainer run."""
+    from fastbackend.api.train import train_with_yaml
     from fastbackend.schemas import TrainWithYamlRequest
-    from fastbackend.training.operation import train_with_yaml
 
     infos: list[dict] = []
     started = time.perf_counter()
@@ -156,7 +156,7 @@ def run_minimal_loop(model: Path, dataset: Path, steps: int) -> tuple[list[float
     from peft import LoraConfig
     from PIL import Image
 
-    from fastbackend.training.models import UNET_TARGETS
+    from fastbackend.training.families.sd15 import UNET_TARGETS
 
     started = time.perf_counter()
     torch.manual_seed(0)

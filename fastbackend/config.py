@@ -20,7 +20,7 @@ import typing
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fastbackend.errors import ErrorCode, ValidationFailed, show_value
 from fastbackend.schemas import SafeName, describe_error
@@ -29,7 +29,8 @@ MAX_YAML_BYTES = 256_000
 # Nodes a config may expand to once aliases are followed: a real config has a few hundred;
 # an alias bomb ("billion laughs") has billions.
 MAX_EXPANDED_NODES = 20_000
-ARCHES = ("flux", "sdxl", "sd15")
+# Where the one process section sits; error paths and warnings start with it.
+PREFIX = "config.process[0]"
 DTYPES = Literal["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"]
 
 
@@ -130,6 +131,17 @@ class EmaConfig(Section):
     ema_decay: float = Field(0.99, gt=0, lt=1)
 
 
+# What each optimizer accepts in `optimizer_params` (the keyword arguments of its class).
+OPTIMIZER_PARAMS = {
+    "adamw": ("weight_decay", "betas", "eps"),
+    "adam": ("weight_decay", "betas", "eps"),
+    "adamw8bit": ("weight_decay", "betas", "eps"),
+    "adam8bit": ("weight_decay", "betas", "eps"),
+    "sgd": ("weight_decay", "momentum"),
+    "prodigy": ("weight_decay", "betas", "eps", "d_coef"),
+}
+
+
 class TrainConfig(Section):
     IGNORED = {
         "xformers": "PyTorch's scaled-dot-product attention is always used",
@@ -178,12 +190,19 @@ class TrainConfig(Section):
 
     @field_validator("optimizer_params")
     @classmethod
-    def _known_optimizer_params(cls, value: dict) -> dict:
-        unknown = sorted(set(value) - {"weight_decay", "betas", "eps", "momentum", "d_coef"})
+    def _optimizer_params_fit(cls, value: dict, info: ValidationInfo) -> dict:
+        """Each parameter must be one the chosen optimizer takes, so a bad one is refused before any load."""
+        optimizer = info.data.get("optimizer", "adamw")
+        valid = OPTIMIZER_PARAMS[optimizer]
+        unknown = sorted(set(value) - set(valid))
         if unknown:
-            raise ValueError(
-                f"unknown optimizer parameter(s) {unknown}; valid: weight_decay, betas, eps, momentum, d_coef"
-            )
+            raise ValueError(f"not valid for {optimizer}: {unknown}; valid: {', '.join(valid)}")
+        betas = value.get("betas")
+        if betas is not None and (not isinstance(betas, list) or len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {show_value(betas)}")
+        scalars = [key for key, item in value.items() if key != "betas" and isinstance(item, list)]
+        if scalars:
+            raise ValueError(f"{scalars[0]} must be a number, got {show_value(value[scalars[0]])}")
         return value
 
     @field_validator("lr_scheduler_params")
@@ -466,22 +485,21 @@ def unused_for_arch(process: ProcessConfig) -> list[tuple[str, str]]:
 def semantic_warnings(config: TrainingConfig) -> list[str]:
     """Settings that are valid but will not do what they might seem to."""
     process = config.process
-    prefix = "config.process[0]"
     notes = []
     if process.train.train_text_encoder and process.model.resolved_arch == "flux":
-        notes.append(f"{prefix}.train.train_text_encoder: ignored (FLUX text encoders stay frozen, as in ai-toolkit)")
+        notes.append(f"{PREFIX}.train.train_text_encoder: ignored (FLUX text encoders stay frozen, as in ai-toolkit)")
     if process.save.push_to_hub:
-        notes.append(f"{prefix}.save.push_to_hub: ignored (download the LoRA with download_model)")
-    notes += [f"{prefix}.{path}: ignored ({why})" for path, why in unused_for_arch(process)]
+        notes.append(f"{PREFIX}.save.push_to_hub: ignored (download the LoRA with download_model)")
+    notes += [f"{PREFIX}.{path}: ignored ({why})" for path, why in unused_for_arch(process)]
     objective = "flowmatch" if process.model.resolved_arch == "flux" else "ddpm"
     if process.sample is not None and (process.sample.sampler == "flowmatch") != (objective == "flowmatch"):
         notes.append(
-            f"{prefix}.sample.sampler: {process.sample.sampler!r} does not fit {process.model.resolved_arch}; "
+            f"{PREFIX}.sample.sampler: {process.sample.sampler!r} does not fit {process.model.resolved_arch}; "
             "samples use the model's own scheduler"
         )
     if (process.train.noise_scheduler == "flowmatch") != (objective == "flowmatch"):
         notes.append(
-            f"{prefix}.train.noise_scheduler: {process.train.noise_scheduler!r} does not fit "
+            f"{PREFIX}.train.noise_scheduler: {process.train.noise_scheduler!r} does not fit "
             f"{process.model.resolved_arch}; its own objective ({objective}) is used"
         )
     return notes

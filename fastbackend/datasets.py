@@ -1,11 +1,11 @@
-"""Training datasets on the volume: upload (files, a zip, URLs), list and delete.
+"""Training datasets on the volume: files gathered from a zip or URLs, checked, and committed.
 
-A dataset is ``<root>/training_data/<name>/``: the images, one ``<stem>.txt`` caption per
-captioned image (the kohya / ai-toolkit folder shape) and ``manifest.json``. The manifest is
-the commit point: an image is part of the dataset only once the manifest lists it, and the
-manifest is replaced atomically after the images and captions are in place. So a killed
-upload leaves at most unlisted files, which the next writer removes, and never a half-written
-image that listing or training would see.
+A dataset is ``<root>/training_data/<name>/`` (``layout.DatasetFolder``): the images, one
+``<stem>.txt`` caption per captioned image (the kohya / ai-toolkit folder shape) and a
+manifest. The manifest is the commit point: an image is part of the dataset only once the
+manifest lists it, and the manifest is replaced atomically after the images and captions are
+in place. So a killed upload leaves at most unlisted files, which the next writer removes, and
+never a half-written image that listing or training would see.
 
 An upload is all or nothing: every file is decoded and checked first, every problem is
 reported together, and nothing is written unless all pass. Writers of one dataset hold its
@@ -15,39 +15,21 @@ lock, so two workers appending at once both land completely.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import io
-import json
 import stat
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
-from typing import Callable
+from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
 from fastbackend import settings
-from fastbackend.errors import ErrorCode, ValidationFailed
 from fastbackend.fetch import FetchProblem, fetch
 from fastbackend.images import IMAGE_EXTENSIONS, CheckedImage, ImageProblem, check_image
-from fastbackend.schemas import MAX_CAPTION_CHARS, DeleteDatasetRequest, ListDatasetsRequest, UploadTrainingDataRequest
-from fastbackend.storage import (
-    atomic_write_bytes,
-    dataset_dir,
-    datasets_dir,
-    existing_dataset_dir,
-    list_names,
-    locked,
-    name_problem,
-    remove_tree,
-)
-
-Progress = Callable[[dict], None]
-MANIFEST = "manifest.json"
-MAX_FILES_PER_REQUEST = 2000
-CAPTION_EXTENSION = ".txt"
+from fastbackend.layout import CAPTION_EXTENSION, DatasetFolder, ManifestEntry, caption_name, now
+from fastbackend.schemas import MAX_CAPTION_CHARS
+from fastbackend.storage import atomic_write_bytes, locked, name_problem
 
 
 @dataclass
@@ -60,8 +42,8 @@ class RawFile:
 
 
 @dataclass
-class Batch:
-    """What one request brings, after checks: images by filename, captions by image stem."""
+class UploadBatch:
+    """What one upload brings, after checks: images by filename, captions by image stem."""
 
     images: dict[str, dict] = field(default_factory=dict)
     captions: dict[str, str] = field(default_factory=dict)
@@ -69,51 +51,7 @@ class Batch:
     skipped: list[dict] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------- manifest
-
-
-def read_manifest(folder: Path) -> dict:
-    try:
-        return json.loads((folder / MANIFEST).read_text())
-    except FileNotFoundError:
-        return {"images": {}}
-
-
-def write_manifest(folder: Path, manifest: dict) -> None:
-    manifest["updated"] = _now()
-    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# ---------------------------------------------------------------- gathering the request's files
-
-
-def gather(request: UploadTrainingDataRequest) -> tuple[list[RawFile], dict[str, str], list[str]]:
-    """Every file the request brings (inline, in a zip, behind URLs), inline captions, problems."""
-    files: list[RawFile] = []
-    captions: dict[str, str] = {}
-    problems: list[str] = []
-    for index, item in enumerate(request.files):
-        source = f"input.files[{index}] ({item.filename!r})"
-        try:
-            files.append(RawFile(item.filename, decode_base64(item.content), source))
-        except (binascii.Error, ValueError):
-            problems.append(f"{source}: content is not valid base64")
-        if item.caption is not None:
-            captions[PurePosixPath(item.filename).stem] = item.caption
-    if request.zip is not None:
-        try:
-            files += unpack_zip(decode_base64(request.zip), "input.zip", problems)
-        except (binascii.Error, ValueError):
-            problems.append("input.zip: not valid base64")
-    for index, url in enumerate(request.urls):
-        files += fetch_url(url, f"input.urls[{index}] ({_shown_url(url)})", problems)
-    if len(files) > MAX_FILES_PER_REQUEST:
-        problems.append(f"input: {len(files)} files in one request is over the limit of {MAX_FILES_PER_REQUEST}")
-    return files, captions, problems
+# ---------------------------------------------------------------- files from base64, zips and URLs
 
 
 def decode_base64(text: str) -> bytes:
@@ -125,7 +63,7 @@ def decode_base64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
 
 
-def _shown_url(url: str) -> str:
+def shown_url(url: str) -> str:
     """A URL without its query string, which may hold a signed token."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.netloc else repr(url[:80])
@@ -192,9 +130,9 @@ def _unsafe_entry(info: zipfile.ZipInfo) -> str | None:
 # ---------------------------------------------------------------- checking
 
 
-def check_batch(files: list[RawFile], captions: dict[str, str], problems: list[str]) -> Batch:
+def check_batch(files: list[RawFile], captions: dict[str, str], problems: list[str]) -> UploadBatch:
     """Decode every image and caption; collect problems (in request order) and duplicates."""
-    batch = Batch(captions=dict(captions), problems=problems)
+    batch = UploadBatch(captions=dict(captions), problems=problems)
     images = [raw for raw in files if _suffix(raw) in IMAGE_EXTENSIONS]
     # Pillow decodes and hashlib hashes without the GIL: a request's photos are checked in parallel.
     with ThreadPoolExecutor(max_workers=min(settings.DECODE_THREADS.get(), max(1, len(images)))) as pool:
@@ -228,7 +166,7 @@ def _check_one(raw: RawFile) -> tuple[str, CheckedImage | ImageProblem]:
         return digest, exc
 
 
-def _add_caption_file(batch: Batch, raw: RawFile) -> None:
+def _add_caption_file(batch: UploadBatch, raw: RawFile) -> None:
     try:
         batch.captions[PurePosixPath(raw.filename).stem] = raw.data.decode("utf-8-sig").strip()
     except UnicodeDecodeError:
@@ -236,7 +174,7 @@ def _add_caption_file(batch: Batch, raw: RawFile) -> None:
 
 
 def _add_image(
-    batch: Batch, raw: RawFile, digest: str, result: CheckedImage | ImageProblem, seen: dict[str, str]
+    batch: UploadBatch, raw: RawFile, digest: str, result: CheckedImage | ImageProblem, seen: dict[str, str]
 ) -> None:
     if raw.filename in batch.images:
         batch.problems.append(f"{raw.source}: file name {raw.filename!r} appears twice in this request")
@@ -252,93 +190,67 @@ def _add_image(
 # ---------------------------------------------------------------- writing
 
 
-def commit(folder: Path, batch: Batch, replace: bool) -> tuple[list[dict], list[dict], dict]:
-    """Write the batch into ``folder`` (the caller holds its lock); the manifest goes last."""
-    manifest = {"images": {}} if replace else read_manifest(folder)
-    images = manifest["images"]
-    known = {entry["sha256"]: name for name, entry in images.items()}
-    uploaded, skipped = [], list(batch.skipped)
-    for filename, item in batch.images.items():
-        original = known.get(item["sha256"])
-        if original is not None:
-            skipped.append({"filename": filename, "reason": f"duplicate of {original!r} already in the dataset"})
-            continue
-        checked = item["checked"]
-        atomic_write_bytes(folder / filename, checked.data)
-        images[filename] = {
-            "sha256": item["sha256"],
-            "width": checked.width,
-            "height": checked.height,
-            "bytes": len(checked.data),
-            "caption": None,
-            "added": _now(),
-        }
-        uploaded.append(
-            {
-                "filename": filename,
-                "path": str(folder / filename),
-                "size": len(checked.data),
-                "width": checked.width,
-                "height": checked.height,
-                "sha256": item["sha256"],
-            }
-        )
-    _apply_captions(folder, images, batch.captions)
-    write_manifest(folder, manifest)
-    remove_unlisted(folder, images)
+def commit(folder: DatasetFolder, batch: UploadBatch, replace: bool) -> tuple[list[dict], list[dict], dict]:
+    """Write the batch into ``folder`` under its lock; the manifest goes last.
+
+    Returns the files uploaded, the files skipped (duplicates) and the new manifest.
+    """
+    with locked(folder.path):
+        manifest = {"images": {}} if replace else folder.read_manifest()
+        images: dict[str, ManifestEntry] = manifest["images"]
+        known = {entry["sha256"]: name for name, entry in images.items()}
+        uploaded, skipped = [], list(batch.skipped)
+        for filename, item in batch.images.items():
+            original = known.get(item["sha256"])
+            if original is not None:
+                skipped.append({"filename": filename, "reason": f"duplicate of {original!r} already in the dataset"})
+                continue
+            uploaded.append(_write_image(folder, filename, item["checked"], item["sha256"], images))
+        _apply_captions(folder, images, batch.captions)
+        folder.write_manifest(manifest)
+        remove_unlisted(folder, images)
     return uploaded, skipped, manifest
 
 
-def _apply_captions(folder: Path, images: dict, captions: dict[str, str]) -> None:
+def _write_image(
+    folder: DatasetFolder, filename: str, checked: CheckedImage, sha256: str, images: dict[str, ManifestEntry]
+) -> dict:
+    path = folder.path / filename
+    atomic_write_bytes(path, checked.data)
+    images[filename] = ManifestEntry(
+        sha256=sha256, width=checked.width, height=checked.height, bytes=len(checked.data), caption=None, added=now()
+    )
+    return {
+        "filename": filename,
+        "path": str(path),
+        "size": len(checked.data),
+        "width": checked.width,
+        "height": checked.height,
+        "sha256": sha256,
+    }
+
+
+def _apply_captions(folder: DatasetFolder, images: dict[str, ManifestEntry], captions: dict[str, str]) -> None:
     stems = {PurePosixPath(name).stem: name for name in images}
     for stem, caption in captions.items():
         if stem in stems:
-            atomic_write_bytes(folder / f"{stem}{CAPTION_EXTENSION}", caption.encode())
+            atomic_write_bytes(folder.caption_path(stems[stem]), caption.encode())
             images[stems[stem]]["caption"] = caption
 
 
-def remove_unlisted(folder: Path, images: dict) -> None:
+def remove_unlisted(folder: DatasetFolder, images: dict[str, ManifestEntry]) -> None:
     """Delete files no manifest entry owns: leftovers of a killed upload or of a replace."""
-    owned = set(images) | {
-        f"{PurePosixPath(name).stem}{CAPTION_EXTENSION}" for name, e in images.items() if e["caption"]
-    }
-    for path in folder.iterdir():
-        if path.is_file() and path.name not in owned and path.name != MANIFEST and not path.name.startswith("."):
+    owned = set(images) | {caption_name(name) for name, entry in images.items() if entry["caption"]}
+    owned.add(folder.MANIFEST)
+    for path in folder.path.iterdir():
+        if path.is_file() and path.name not in owned and not path.name.startswith("."):
             path.unlink()
         elif path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp"):
             path.unlink()
 
 
-# ---------------------------------------------------------------- operations
-
-
-def upload_training_data(request: UploadTrainingDataRequest, progress: Progress | None = None) -> dict:
-    folder = dataset_dir(request.training_name)
-    files, captions, problems = gather(request)
-    batch = check_batch(files, captions, problems)
-    existing = set() if request.mode == "replace" else set(read_manifest(folder)["images"])
-    _check_orphan_captions(batch, existing)
-    if batch.problems:  # refused before the lock: a refused upload does not even create the folder
-        raise ValidationFailed.from_problems(batch.problems, code=ErrorCode.INVALID_UPLOAD)
-    with locked(folder):
-        uploaded, skipped, manifest = commit(folder, batch, replace=request.mode == "replace")
-    images = manifest["images"]
-    uncaptioned = sorted(name for name, entry in images.items() if not entry["caption"])
-    warnings = [f"{len(uncaptioned)} image(s) have no caption: {', '.join(uncaptioned[:10])}"] if uncaptioned else []
-    return {
-        "status": "success",
-        "training_name": request.training_name,
-        "mode": request.mode,
-        "uploaded_files": uploaded,
-        "skipped": skipped,
-        "total_images": len(images),
-        "training_folder": str(folder),
-        "warnings": warnings,
-    }
-
-
-def _check_orphan_captions(batch: Batch, existing: set[str]) -> None:
-    """A caption must belong to an image in this request or already in the dataset."""
+def check_orphan_captions(batch: UploadBatch, existing: set[str]) -> None:
+    """A caption must belong to an image in this upload or already in the dataset."""
     stems = {PurePosixPath(name).stem for name in [*batch.images, *existing]}
     stems |= {PurePosixPath(s["filename"]).stem for s in batch.skipped}
     for stem in sorted(set(batch.captions) - stems):
@@ -347,27 +259,15 @@ def _check_orphan_captions(batch: Batch, existing: set[str]) -> None:
         )
 
 
-def dataset_summary(name: str) -> dict:
-    folder = dataset_dir(name)
-    manifest = read_manifest(folder)
-    images = manifest["images"]
+def summary(folder: DatasetFolder) -> dict:
+    """What ``list_datasets`` shows of one dataset."""
+    manifest = folder.read_manifest()
+    images: dict[str, ManifestEntry] = manifest["images"]
     return {
-        "name": name,
+        "name": folder.name,
         "image_count": len(images),
         "total_bytes": sum(entry["bytes"] for entry in images.values()),
         "captioned_count": sum(1 for entry in images.values() if entry["caption"]),
         "updated": manifest.get("updated"),
-        "path": str(folder),
+        "path": str(folder.path),
     }
-
-
-def list_datasets(request: ListDatasetsRequest, progress: Progress | None = None) -> dict:
-    datasets = [dataset_summary(name) for name in list_names(datasets_dir())]
-    return {"status": "success", "datasets": datasets, "total_count": len(datasets)}
-
-
-def delete_dataset(request: DeleteDatasetRequest, progress: Progress | None = None) -> dict:
-    folder = existing_dataset_dir(request.training_name)
-    count = len(read_manifest(folder)["images"])
-    remove_tree(folder)
-    return {"status": "success", "deleted": request.training_name, "images": count}

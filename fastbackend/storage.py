@@ -3,9 +3,12 @@
 Layout under the data root (``FASTBACKEND_DATA_DIR``, else ``/runpod-volume`` when it exists,
 else ``./data``)::
 
-    training_data/<dataset>/   images, <image>.txt captions, manifest.json, latent cache
-    output/<model>/            <model>.safetensors, <model>_<step>.safetensors, samples/, ...
-    huggingface-cache/         HF_HOME for base models
+    training_data/<dataset>/   a dataset: images, captions, manifest, latent cache
+    output/<name>/             a trained LoRA: its files, state, record and samples
+    huggingface-cache/         where base models from the hub are cached
+
+(what is inside the two folders is ``layout``'s to say). Base models are named by a hub id or a
+diffusers folder under the root (``resolve_base_model``).
 
 Names from requests match ``NAME_PATTERN`` and are joined under the root, never resolved
 from user text; YAML paths go through ``map_user_path``. Files are written to a temporary
@@ -33,6 +36,7 @@ RUNPOD_VOLUME = Path("/runpod-volume")
 # A RunPod Pod mounts the same network volume at /workspace; configs written there map here.
 VOLUME_ALIASES = (Path("/workspace"), RUNPOD_VOLUME)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 NAME_RULE = "1-64 characters from A-Z a-z 0-9 . _ -, not starting with a dot"
 
 
@@ -78,7 +82,8 @@ def dataset_dir(name: str) -> Path:
     return datasets_dir() / check_name(name, "training_name")
 
 
-def model_dir(name: str) -> Path:
+def lora_dir(name: str) -> Path:
+    """``output/<name>``: the folder of one trained LoRA (a "model" in the request contract)."""
     return outputs_dir() / check_name(name, "model")
 
 
@@ -120,38 +125,47 @@ def map_user_path(text: str, field: str) -> Path:
     return resolved
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def resolve_base_model(name_or_path: str, field: str) -> str:
+    """A hub id as it is, or a local diffusers folder under the data root (never elsewhere)."""
+    looks_local = name_or_path.startswith(("/", ".", "~")) or (data_root() / name_or_path).exists()
+    if not looks_local:
+        if HUB_ID.fullmatch(name_or_path) is None:
+            raise FastBackendError(
+                f"{field}: {name_or_path!r} is neither a hub id (org/name) nor a folder under the data root",
+                code=ErrorCode.INVALID_CONFIG,
+            )
+        return name_or_path
+    folder = map_user_path(name_or_path, field)
+    if not (folder / "model_index.json").is_file():
+        raise NotFound(f"{field}: {name_or_path!r} is not a diffusers model folder (no model_index.json)")
+    return str(folder)
 
 
 @contextlib.contextmanager
 def temporary_path(path: Path) -> Iterator[Path]:
     """A hidden temporary path beside ``path`` that becomes ``path`` when the block succeeds.
 
-    For writers that want a file name (torch/safetensors savers) rather than bytes.
+    Readers see the old file or the whole new one, never a part: the block writes the temporary
+    file, which is flushed to disk and renamed over ``path``; on an error it is removed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())  # the rename must not land before the data
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    with temporary_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 @contextlib.contextmanager

@@ -52,12 +52,12 @@ def test_generate_refuses_unknown_models(data_root):
 
 
 def test_images_over_the_result_limit_are_refused(tiny_models, data_root, monkeypatch):
-    from fastbackend import operations
+    from fastbackend import api
 
     model_path = install_model(tiny_models, data_root, "sd15")
     upload_photos()
     assert train(user_yaml(model_path, "sd15", steps=1))["status"] == "success"
-    monkeypatch.setattr(operations, "MAX_RESULT_BYTES", 100)
+    monkeypatch.setattr(api, "MAX_RESULT_BYTES", 100)
     answer = generate()
     assert answer["error_code"] == "result_too_large"
     assert answer["error"].endswith("byte result limit; ask for fewer or smaller images, or format jpg")
@@ -81,21 +81,21 @@ def test_get_samples_returns_the_newest_step_and_lists_the_others(tiny_models, d
 
 
 def test_the_base_pipeline_is_loaded_once_for_several_jobs(tiny_models, data_root, monkeypatch):
-    from fastbackend.training import generate as module
-    from fastbackend.training.models import Arch
+    from fastbackend.training import pipeline_cache
+    from fastbackend.training.families import Family
 
     model_path = install_model(tiny_models, data_root, "sdxl")
     upload_photos()
     assert train(user_yaml(model_path, "sdxl", steps=1))["status"] == "success"
-    module.release()
+    pipeline_cache.release()
     loads = []
-    real_load = Arch.load
+    real_load = Family.load
 
     def counted_load(self, source, *args, **kwargs):
         loads.append(source)
         return real_load(self, source, *args, **kwargs)
 
-    monkeypatch.setattr(Arch, "load", counted_load)
+    monkeypatch.setattr(Family, "load", counted_load)
     for seed in (0, 1, 2):
         assert generate(seed=seed)["status"] == "success"
     assert loads == [str(data_root / "models" / "sdxl")]

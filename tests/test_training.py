@@ -226,8 +226,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_save(tiny_models
 
 
 def test_progress_reports_every_step(tiny_models, data_root):
+    from fastbackend.api.train import train_with_yaml
     from fastbackend.schemas import TrainWithYamlRequest
-    from fastbackend.training.operation import train_with_yaml
 
     model_path = install_model(tiny_models, data_root, "flux")
     upload_photos()

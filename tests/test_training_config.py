@@ -159,7 +159,7 @@ def test_a_model_of_another_architecture_is_refused_cleanly(tiny_models, data_ro
 
 def test_a_second_job_for_the_same_model_is_refused_while_the_first_runs(tiny_models, data_root, monkeypatch):
     from fastbackend import storage
-    from fastbackend.training import operation
+    from fastbackend.api import train as operation
 
     model_path = install_model(tiny_models, data_root, "flux")
     upload_photos()

@@ -105,7 +105,7 @@ def test_optimizers(name, params, expected):
     import torch
 
     from fastbackend.config import TrainConfig
-    from fastbackend.training.trainer import make_optimizer
+    from fastbackend.training.setup import make_optimizer
 
     warnings: list[str] = []
     config = TrainConfig(optimizer=name, optimizer_params=params, lr=1.0 if name == "prodigy" else 1e-4)
@@ -118,16 +118,16 @@ def test_optimizers(name, params, expected):
     )
 
 
-def test_optimizer_params_that_do_not_fit_are_refused():
-    import torch
-
-    from fastbackend.config import TrainConfig
+def test_optimizer_params_that_do_not_fit_are_refused_with_the_config():
+    from fastbackend.config import parse_training_config
     from fastbackend.errors import FastBackendError
-    from fastbackend.training.trainer import make_optimizer
 
-    config = TrainConfig(optimizer="sgd", optimizer_params={"betas": [0.9, 0.99]})
+    yaml_text = user_yaml(
+        "/workspace/models/flux",
+        replacements={"optimizer: adamw8bit": "optimizer: sgd\n      optimizer_params:\n        betas: [0.9, 0.99]"},
+    )
     with pytest.raises(FastBackendError, match=r"config.process\[0\].train.optimizer_params: not valid for sgd"):
-        make_optimizer(config, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"), [])
+        parse_training_config(yaml_text)
 
 
 def test_v_prediction_min_snr_noise_offset_and_warmup_train(tiny_models, data_root):

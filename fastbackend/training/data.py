@@ -1,17 +1,15 @@
-"""Training examples: images in aspect-ratio buckets, their latents and caption embeddings, cached once.
+"""Training examples: images in aspect-ratio buckets, captions per step, and the latent cache.
 
 Each image is used at every listed resolution. For each (image, resolution) the bucket is the
 size with about ``resolution**2`` pixels and the image's aspect ratio, snapped down to the
 model's size step; the image is scaled to cover it and centre-cropped. The VAE encodes each
 example once (the latent mean and std are kept, so each step still draws a fresh latent
-sample); with ``cache_latents_to_disk`` they are stored beside the dataset and reused by later
-runs. Captions are encoded once too, unless ``shuffle_tokens`` makes them change every step.
+sample); ``LatentCache`` keeps them in memory or beside the dataset for later runs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -21,11 +19,10 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
-from fastbackend.images import EXIF_ORIENTATION, IMAGE_EXTENSIONS
+from fastbackend.images import EXIF_ORIENTATION
+from fastbackend.layout import DatasetFolder
 from fastbackend.storage import temporary_path
 
-MANIFEST = "manifest.json"
-CACHE_DIR = ".cache"
 # Buckets at or above this resolution snap to this step (as ai-toolkit's do), or to the
 # model's own step when that is coarser.
 BUCKET_STEP = 64
@@ -57,7 +54,6 @@ class Example:
 
 @dataclass
 class CaptionOptions:
-    trigger_word: str | None = None
     dropout_rate: float = 0.0
     shuffle: bool = False
     keep_tokens: int = 0
@@ -65,9 +61,8 @@ class CaptionOptions:
 
 def read_items(folder: Path, default_caption: str | None) -> list[Item]:
     """The dataset's images: those its manifest lists, or (a folder made by hand) every image there."""
-    manifest = folder / MANIFEST
-    if manifest.exists():
-        entries = json.loads(manifest.read_text())["images"]
+    dataset = DatasetFolder(folder)
+    if dataset.has_manifest():
         return [
             Item(
                 folder / name,
@@ -75,14 +70,13 @@ def read_items(folder: Path, default_caption: str | None) -> list[Item]:
                 entry["caption"] or default_caption or "",
                 (entry["width"], entry["height"]),
             )
-            for name, entry in sorted(entries.items())
+            for name, entry in sorted(dataset.images().items())
         ]
     items = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
-            caption_file = path.with_suffix(".txt")
-            caption = caption_file.read_text().strip() if caption_file.exists() else default_caption or ""
-            items.append(Item(path, hashlib.sha256(path.read_bytes()).hexdigest(), caption, upright_size(path)))
+    for path in dataset.image_files():
+        caption_file = dataset.caption_path(path.name)
+        caption = caption_file.read_text().strip() if caption_file.exists() else default_caption or ""
+        items.append(Item(path, hashlib.sha256(path.read_bytes()).hexdigest(), caption, upright_size(path)))
     return items
 
 

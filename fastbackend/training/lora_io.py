@@ -17,10 +17,13 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
+from fastbackend.layout import HeaderKey
 from fastbackend.storage import sha256_file, temporary_path
+from fastbackend.training.families import Family
 
 ADAPTER = "fastbackend"
-SAVE_DTYPES = {
+# The config's dtype names (train.dtype, save.dtype) -> torch dtypes.
+DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -28,8 +31,6 @@ SAVE_DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
 }
-# kohya's names for the base model family (ss_base_model_version).
-KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
 
 
 def add_lora(
@@ -71,9 +72,9 @@ def load_lora_state(modules: Components, states: States) -> None:
             raise ValueError(f"saved LoRA state does not fit {name}: {unexpected[:3]}")
 
 
-def to_file_format(arch: str, states: States, rank: int, alpha: float) -> dict[str, torch.Tensor]:
-    """peft-named weights -> the keys ai-toolkit writes for ``arch``."""
-    if arch == "flux":
+def to_file_format(family: Family, states: States, rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """peft-named weights -> the keys ai-toolkit writes for ``family``."""
+    if family.file_format == "diffusers":
         scale = alpha / rank
         return {
             f"transformer.{key}": value * scale if ".lora_B." in key else value
@@ -88,21 +89,20 @@ def to_file_format(arch: str, states: States, rank: int, alpha: float) -> dict[s
 
 
 def save_lora(
-    path: Path, arch: str, states: States, rank: int, alpha: float, dtype: str, metadata: dict[str, object]
+    path: Path, family: Family, states: States, rank: int, alpha: float, dtype: str, metadata: dict[str, object]
 ) -> str:
     """Write the LoRA file atomically; returns its sha256."""
     tensors = {
-        key: value.to(SAVE_DTYPES[dtype]).contiguous()
-        for key, value in to_file_format(arch, states, rank, alpha).items()
+        key: value.to(DTYPES[dtype]).contiguous() for key, value in to_file_format(family, states, rank, alpha).items()
     }
-    header = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+    header = {str(key): value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     with temporary_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
         return sha256_file(tmp)
 
 
 def lora_metadata(
-    arch: str,
+    family: Family,
     base_model: str,
     rank: int,
     alpha: float,
@@ -111,25 +111,21 @@ def lora_metadata(
     trigger_word: str | None,
     dataset_hash: str,
     name: str,
-    config_yaml: str,
+    config_json: str,
 ) -> dict[str, object]:
     """Header fields: ours, plus kohya's ``ss_*`` names where kohya has one."""
     return {
-        "fastbackend_arch": arch,
-        "fastbackend_trigger_word": trigger_word or "",
-        "fastbackend_config": config_yaml,
-        "ss_output_name": name,
-        "ss_sd_model_name": base_model,
-        "ss_base_model_version": KOHYA_BASE_VERSION[arch],
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alpha),
-        "ss_steps": str(steps),
-        "ss_resolution": json.dumps(resolutions),
-        "ss_dataset_hash": dataset_hash,
-        "modelspec.architecture": {
-            "flux": "flux-1-dev/lora",
-            "sdxl": "stable-diffusion-xl-v1-base/lora",
-            "sd15": "stable-diffusion-v1/lora",
-        }[arch],
+        HeaderKey.ARCH: family.name,
+        HeaderKey.TRIGGER_WORD: trigger_word or "",
+        HeaderKey.CONFIG: config_json,
+        HeaderKey.OUTPUT_NAME: name,
+        HeaderKey.BASE_MODEL: base_model,
+        HeaderKey.BASE_MODEL_VERSION: family.kohya_base_version,
+        HeaderKey.NETWORK_MODULE: "networks.lora",
+        HeaderKey.RANK: str(rank),
+        HeaderKey.ALPHA: str(alpha),
+        HeaderKey.STEPS: str(steps),
+        HeaderKey.RESOLUTION: json.dumps(resolutions),
+        HeaderKey.DATASET_HASH: dataset_hash,
+        HeaderKey.MODELSPEC_ARCHITECTURE: family.modelspec_architecture,
     }

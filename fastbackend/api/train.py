@@ -1,35 +1,32 @@
 """``train_with_yaml``: check the config against the volume, train, answer with the LoRA.
 
-Everything that can be refused is refused here, before a model is loaded or a file written:
-the config's keys and values, the datasets (uploaded, non-empty, under the data root), the
-output folder, and the base model's location (a hub id, or a folder under the data root).
+Everything that can be refused is refused here, before torch is imported, a model loaded or a
+file written: the config's keys and values, the datasets (uploaded, non-empty, under the data
+root), the output folder, and the base model's location (a hub id, or a folder under the root).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 import shutil
 from pathlib import Path
-from typing import Callable
 
-from fastbackend.config import TrainingConfig, parse_training_config
-from fastbackend.errors import ErrorCode, FastBackendError, NotFound, ValidationFailed
+from fastbackend.api import Progress
+from fastbackend.config import PREFIX, TrainingConfig, parse_training_config
+from fastbackend.errors import ErrorCode, FastBackendError, ValidationFailed
+from fastbackend.layout import DatasetFolder, LoraFolder
 from fastbackend.schemas import TrainWithYamlRequest
 from fastbackend.storage import (
     atomic_write_bytes,
-    data_root,
     datasets_dir,
     list_names,
     locked,
     map_user_path,
     name_problem,
     outputs_dir,
+    resolve_base_model,
 )
 
-Progress = Callable[[dict], None]
-PREFIX = "config.process[0]"
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 # A second job for the same model name waits this long for the first before giving up.
 MODEL_LOCK_TIMEOUT_S = 5
 
@@ -37,47 +34,46 @@ MODEL_LOCK_TIMEOUT_S = 5
 def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = None) -> dict:
     config, warnings = parse_training_config(request.yaml_config if request.yaml_config is not None else request.config)
     datasets = resolve_datasets(config)
-    model_source = resolve_model(config.process.model.name_or_path)
+    base_model = resolve_base_model(config.process.model.name_or_path, f"{PREFIX}.model.name_or_path")
     output = resolve_output(config)
-    with locked(output, timeout_s=MODEL_LOCK_TIMEOUT_S):
+    with locked(output.path, timeout_s=MODEL_LOCK_TIMEOUT_S):
         try:
-            return run_training(config, request, datasets, model_source, output, warnings, progress)
+            return run_training(config, request, datasets, base_model, output, warnings, progress)
         except BaseException:
             remove_if_nothing_saved(output)
             raise
 
 
-def remove_if_nothing_saved(output: Path) -> None:
+def remove_if_nothing_saved(output: LoraFolder) -> None:
     """A run that failed before its first save leaves no model folder behind."""
-    from fastbackend.training.trainer import STATE_FILE
-
-    if output.is_dir() and not any(output.glob("*.safetensors")) and not (output / STATE_FILE).exists():
-        shutil.rmtree(output, ignore_errors=True)
+    if output.path.is_dir() and not output.has_saves():
+        shutil.rmtree(output.path, ignore_errors=True)
         with contextlib.suppress(OSError):
-            output.parent.rmdir()  # only when no other model is there
+            output.path.parent.rmdir()  # only when no other model is there
 
 
 def run_training(
     config: TrainingConfig,
     request: TrainWithYamlRequest,
     datasets: list[Path],
-    model_source: str,
-    output: Path,
+    base_model: str,
+    output: LoraFolder,
     warnings: list[str],
     progress: Progress | None,
 ) -> dict:
     # torch comes in only here: a refused config is answered without it.
     import torch
 
-    from fastbackend.training import generate
-    from fastbackend.training.trainer import STATE_FILE, Hooks, TrainJob, train
+    from fastbackend.training import pipeline_cache
+    from fastbackend.training.run import Hooks, TrainJob
+    from fastbackend.training.trainer import train
 
-    generate.release()
+    pipeline_cache.release()
     if not request.resume:
-        (output / STATE_FILE).unlink(missing_ok=True)
+        output.state.unlink(missing_ok=True)
     if request.yaml_config is not None:
-        atomic_write_bytes(output / "config.yaml", request.yaml_config.encode())
-    job = TrainJob(config, model_source, datasets, output, resume=request.resume, warnings=warnings)
+        atomic_write_bytes(output.config, request.yaml_config.encode())
+    job = TrainJob(config, base_model, datasets, output, resume=request.resume, warnings=warnings)
     try:
         result = train(job, Hooks(on_step=progress or (lambda info: None)))
     except torch.cuda.OutOfMemoryError:
@@ -119,7 +115,7 @@ def resolve_datasets(config: TrainingConfig) -> list[Path]:
         except FastBackendError as exc:
             problems.append(exc.message)
             continue
-        if not folder.is_dir() or not _has_images(folder):
+        if not folder.is_dir() or not DatasetFolder(folder).image_files():
             state = "is empty" if folder.is_dir() else "does not exist"
             problems.append(
                 f"{field}: dataset {folder.name!r} {state}; upload it first (existing datasets: {existing or 'none'})"
@@ -144,30 +140,7 @@ def dataset_folder(text: str, field: str) -> Path:
     return folder
 
 
-def _has_images(folder: Path) -> bool:
-    from fastbackend.training.data import read_items
-
-    return bool(read_items(folder, None))
-
-
-def resolve_model(name_or_path: str) -> str:
-    """A hub id as it is, or a local diffusers folder under the data root (never elsewhere)."""
-    field = f"{PREFIX}.model.name_or_path"
-    looks_local = name_or_path.startswith(("/", ".", "~")) or (data_root() / name_or_path).exists()
-    if not looks_local:
-        if HUB_ID.fullmatch(name_or_path) is None:
-            raise FastBackendError(
-                f"{field}: {name_or_path!r} is neither a hub id (org/name) nor a folder under the data root",
-                code=ErrorCode.INVALID_CONFIG,
-            )
-        return name_or_path
-    folder = map_user_path(name_or_path, field)
-    if not (folder / "model_index.json").is_file():
-        raise NotFound(f"{field}: {name_or_path!r} is not a diffusers model folder (no model_index.json)")
-    return str(folder)
-
-
-def resolve_output(config: TrainingConfig) -> Path:
+def resolve_output(config: TrainingConfig) -> LoraFolder:
     """``<root>/output/<name>``: ``training_folder`` must be the data root's output folder."""
     field = f"{PREFIX}.training_folder"
     folder = map_user_path(config.process.training_folder, field)
@@ -176,4 +149,4 @@ def resolve_output(config: TrainingConfig) -> Path:
             f"{field}: must be the data root's output folder ('output'), got {config.process.training_folder!r}",
             code=ErrorCode.INVALID_CONFIG,
         )
-    return folder / config.name
+    return LoraFolder(folder / config.name)

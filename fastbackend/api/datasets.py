@@ -1,0 +1,81 @@
+"""``upload_training_data``, ``list_datasets`` and ``delete_dataset``: the datasets on the volume.
+
+An upload is all or nothing: the request's files (inline base64, a zip, URLs) are gathered and
+checked, every problem is reported together, and nothing is written unless all pass.
+"""
+
+from __future__ import annotations
+
+import binascii
+from pathlib import PurePosixPath
+
+from fastbackend import datasets
+from fastbackend.api import Progress
+from fastbackend.datasets import RawFile
+from fastbackend.errors import ErrorCode, ValidationFailed
+from fastbackend.layout import DatasetFolder
+from fastbackend.schemas import DeleteDatasetRequest, ListDatasetsRequest, UploadTrainingDataRequest
+from fastbackend.storage import dataset_dir, datasets_dir, existing_dataset_dir, list_names, remove_tree
+
+MAX_FILES_PER_REQUEST = 2000
+
+
+def upload_training_data(request: UploadTrainingDataRequest, progress: Progress | None = None) -> dict:
+    folder = DatasetFolder(dataset_dir(request.training_name))
+    files, captions, problems = gather(request)
+    batch = datasets.check_batch(files, captions, problems)
+    existing = set() if request.mode == "replace" else set(folder.images())
+    datasets.check_orphan_captions(batch, existing)
+    if batch.problems:  # refused before the lock: a refused upload does not even create the folder
+        raise ValidationFailed.from_problems(batch.problems, code=ErrorCode.INVALID_UPLOAD)
+    uploaded, skipped, manifest = datasets.commit(folder, batch, replace=request.mode == "replace")
+    images = manifest["images"]
+    uncaptioned = sorted(name for name, entry in images.items() if not entry["caption"])
+    warnings = [f"{len(uncaptioned)} image(s) have no caption: {', '.join(uncaptioned[:10])}"] if uncaptioned else []
+    return {
+        "status": "success",
+        "training_name": request.training_name,
+        "mode": request.mode,
+        "uploaded_files": uploaded,
+        "skipped": skipped,
+        "total_images": len(images),
+        "training_folder": str(folder.path),
+        "warnings": warnings,
+    }
+
+
+def gather(request: UploadTrainingDataRequest) -> tuple[list[RawFile], dict[str, str], list[str]]:
+    """Every file the request brings (inline, in a zip, behind URLs), inline captions, problems."""
+    files: list[RawFile] = []
+    captions: dict[str, str] = {}
+    problems: list[str] = []
+    for index, item in enumerate(request.files):
+        source = f"input.files[{index}] ({item.filename!r})"
+        try:
+            files.append(RawFile(item.filename, datasets.decode_base64(item.content), source))
+        except (binascii.Error, ValueError):
+            problems.append(f"{source}: content is not valid base64")
+        if item.caption is not None:
+            captions[PurePosixPath(item.filename).stem] = item.caption
+    if request.zip is not None:
+        try:
+            files += datasets.unpack_zip(datasets.decode_base64(request.zip), "input.zip", problems)
+        except (binascii.Error, ValueError):
+            problems.append("input.zip: not valid base64")
+    for index, url in enumerate(request.urls):
+        files += datasets.fetch_url(url, f"input.urls[{index}] ({datasets.shown_url(url)})", problems)
+    if len(files) > MAX_FILES_PER_REQUEST:
+        problems.append(f"input: {len(files)} files in one request is over the limit of {MAX_FILES_PER_REQUEST}")
+    return files, captions, problems
+
+
+def list_datasets(request: ListDatasetsRequest, progress: Progress | None = None) -> dict:
+    found = [datasets.summary(DatasetFolder(datasets_dir() / name)) for name in list_names(datasets_dir())]
+    return {"status": "success", "datasets": found, "total_count": len(found)}
+
+
+def delete_dataset(request: DeleteDatasetRequest, progress: Progress | None = None) -> dict:
+    folder = DatasetFolder(existing_dataset_dir(request.training_name))
+    count = len(folder.images())
+    remove_tree(folder.path)
+    return {"status": "success", "deleted": request.training_name, "images": count}

@@ -1,0 +1,83 @@
+"""``generate``: images from a trained LoRA on its base model, answered as base64.
+
+The base model and family come from the LoRA file's own header (written at training time), so
+the request names only the model. The base pipeline stays loaded between jobs
+(``training.pipeline_cache``): a warm worker answers the next ``generate`` without reloading.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import torch
+
+from fastbackend.api import Progress, check_result_size
+from fastbackend.errors import ErrorCode, FastBackendError, NotFound
+from fastbackend.layout import HeaderKey, LoraFolder, read_header
+from fastbackend.schemas import GenerateRequest
+from fastbackend.storage import lora_dir, resolve_base_model
+from fastbackend.training import pipeline_cache
+from fastbackend.training.families import FAMILIES, Family, family_for
+
+ADAPTER = "generate"
+BASE_MODEL_FIELD = "the LoRA's base model (ss_sd_model_name)"
+
+
+def generate(request: GenerateRequest, progress: Progress | None = None) -> dict:
+    folder = LoraFolder(lora_dir(request.model))
+    lora = folder.path / request.filename if request.filename else folder.final_lora
+    if not lora.is_file():
+        raise NotFound(f"input.model: no LoRA file {lora.name!r} in model {request.model!r}")
+    header = read_header(lora)
+    family_name, base = header.get(HeaderKey.ARCH), header.get(HeaderKey.BASE_MODEL)
+    if family_name not in FAMILIES or not base:
+        raise FastBackendError(
+            f"input.model: {lora.name!r} was not made by this worker (no base model in its header)",
+            code=ErrorCode.UNKNOWN_LORA,
+        )
+    family = family_for(family_name)
+    with pipeline_cache.lock:  # one pipeline, one LoRA at a time
+        pipe = pipeline_cache.pipeline(family, resolve_base_model(base, BASE_MODEL_FIELD), BASE_MODEL_FIELD)
+        try:
+            pipe.load_lora_weights(str(lora), adapter_name=ADAPTER)
+        except (OSError, ValueError, KeyError) as exc:
+            pipeline_cache.release()  # the pipeline may hold half an adapter now
+            raise FastBackendError(
+                f"input.model: {lora.name!r} does not load into {base!r} ({type(exc).__name__})",
+                code=ErrorCode.UNKNOWN_LORA,
+            ) from None
+        try:
+            pipe.set_adapters([ADAPTER], adapter_weights=[request.lora_scale])
+            images = render(family, pipe, request)
+        finally:
+            pipe.delete_adapters([ADAPTER])
+    encoded = [encode(image, request.format) | {"seed": request.seed + i} for i, image in enumerate(images)]
+    check_result_size(encoded, "images", "ask for fewer or smaller images, or format jpg")
+    return {"status": "success", "model": request.model, "filename": lora.name, "base_model": base, "images": encoded}
+
+
+@torch.no_grad()
+def render(family: Family, pipe, request: GenerateRequest) -> list:
+    width, height = family.snap_size(pipe, request.width, request.height)
+    generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.num_images)]
+    return pipe(
+        [request.prompt] * request.num_images,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        width=width,
+        height=height,
+        generator=generators,
+        **family.sample_kwargs(pipe, request.negative_prompt),
+    ).images
+
+
+def encode(image, fmt: str) -> dict:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG" if fmt == "jpg" else "PNG", **({"quality": 95} if fmt == "jpg" else {}))
+    return {
+        "content": base64.b64encode(buffer.getvalue()).decode("ascii"),
+        "format": fmt,
+        "width": image.width,
+        "height": image.height,
+    }

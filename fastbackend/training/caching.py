@@ -1,0 +1,112 @@
+"""Latents and caption embeddings computed once before the loop, and the encoders off the device after.
+
+The VAE encodes each example once (mean and std, so every step still draws a fresh latent);
+with ``cache_latents_to_disk`` the latents are kept beside the dataset, per base model, for later
+runs. Captions are encoded once each, unless text encoders train or captions change per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from fastbackend.config import ProcessConfig
+from fastbackend.layout import DatasetFolder
+from fastbackend.training import data
+from fastbackend.training.families import Family
+
+log = logging.getLogger("fastbackend.trainer")
+
+
+class TextCache:
+    """Caption -> conditioning tensors, encoded once each; or every step, with gradients when the
+    text encoders train (``trainable``) or when ``memoize`` is off."""
+
+    def __init__(self, family: Family, pipe, device: torch.device, memoize: bool = True, trainable: bool = False):
+        self.family, self.pipe, self.device = family, pipe, device
+        self.memoize, self.trainable = memoize and not trainable, trainable
+        self.cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(self, caption: str) -> dict[str, torch.Tensor]:
+        if not self.memoize:
+            with torch.set_grad_enabled(self.trainable):
+                return self.family.encode_prompt(self.pipe, caption)
+        if caption not in self.cache:
+            with torch.no_grad():
+                encoded = self.family.encode_prompt(self.pipe, caption)
+            self.cache[caption] = {key: value.cpu() for key, value in encoded.items()}
+        return self.cache[caption]
+
+    def batch(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        conds = [self.get(caption) for caption in captions]
+        return {key: torch.cat([c[key] for c in conds]).to(self.device) for key in conds[0]}
+
+
+def prepare_data(
+    family: Family,
+    pipe,
+    process: ProcessConfig,
+    folders: list[Path],
+    base_model: str,
+    device: torch.device,
+    rng: random.Random,
+    trains_text_encoder: bool,
+) -> tuple[TextCache, data.BucketSampler, str]:
+    """Examples with cached latents, a caption cache, the batch sampler and the dataset hash."""
+    multiple = family.pixel_multiple(pipe)
+    examples, items, caches = [], [], {}
+    for folder, dataset_cfg in zip(folders, process.datasets, strict=True):
+        found = data.read_items(folder, dataset_cfg.default_caption)
+        items += found
+        examples += data.make_examples(
+            found, dataset_cfg.resolution, multiple, process.trigger_word, dataset_cfg.num_repeats
+        )
+        if dataset_cfg.cache_latents or dataset_cfg.cache_latents_to_disk:
+            on_disk = DatasetFolder(folder).latent_cache(model_key(base_model))
+            caches[folder] = data.LatentCache(on_disk if dataset_cfg.cache_latents_to_disk else None)
+    started = time.monotonic()
+    cached = [e for e in examples if e.item.path.parent in caches]
+    encoded = data.cache_latents(cached, lambda pixels: family.encode_pixels(pipe, pixels), caches)
+    texts = TextCache(family, pipe, device, memoize=process.train.cache_text_embeddings, trainable=trains_text_encoder)
+    if texts.memoize:
+        for caption in {e.caption for e in examples} | {""}:
+            texts.get(caption)
+    log.info(
+        "cached %d of %d latents (%d encoded, %d from disk) and %d captions in %.1fs",
+        len(cached),
+        len(examples),
+        encoded,
+        len(cached) - encoded,
+        len(texts.cache),
+        time.monotonic() - started,
+    )
+    if not encoders_stay(process, trains_text_encoder):
+        offload_encoders(family, pipe)
+    return texts, data.BucketSampler(examples, process.train.batch_size, rng), data.dataset_hash(items)
+
+
+def model_key(base_model: str) -> str:
+    """Latents depend on the VAE: cache them per base model."""
+    return hashlib.sha256(base_model.encode()).hexdigest()[:16]
+
+
+def encoders_stay(process: ProcessConfig, trains_text_encoder: bool) -> bool:
+    """Whether steps still need the VAE or text encoders (anything not cached up front)."""
+    return (
+        trains_text_encoder
+        or not process.train.cache_text_embeddings
+        or any(d.shuffle_tokens or not (d.cache_latents or d.cache_latents_to_disk) for d in process.datasets)
+    )
+
+
+def offload_encoders(family: Family, pipe) -> None:
+    """Free the device of the text encoders and VAE while the loop runs (sampling brings them back)."""
+    for module in family.encoders(pipe):
+        module.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,133 @@
+"""Saving and resuming: LoRA files on schedule, the state to continue from, the model's record.
+
+Every ``save_every`` steps the LoRA is saved as ``<name>_<step>.safetensors`` (older step saves
+pruned to ``max_step_saves_to_keep``) together with ``training_state.pt``: LoRA, optimizer,
+scheduler, EMA and RNG state. A job sent again after a crash resumes from it when the model,
+network and data are the same. File names come from ``layout.LoraFolder``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from fastbackend.storage import temporary_path
+from fastbackend.training import lora_io
+from fastbackend.training.run import Run
+
+log = logging.getLogger("fastbackend.trainer")
+
+
+def save_checkpoint(run: Run, final: bool) -> Path:
+    """Save the LoRA (EMA weights when EMA is on) and the state to resume from; prune old step saves."""
+    process, name = run.process, run.job.config.name
+    path = run.folder.final_lora if final else run.folder.step_save(run.step)
+    metadata = lora_io.lora_metadata(
+        run.family,
+        process.model.name_or_path,
+        process.network.rank,
+        process.network.alpha,
+        run.step,
+        process.datasets[0].resolution,
+        process.trigger_word,
+        run.dataset_hash,
+        name,
+        run.job.config.model_dump_json(exclude_defaults=True),
+    )
+    with run.ema_weights():
+        states = lora_io.lora_state(run.lora_modules)
+    run.sha256[path.name] = lora_io.save_lora(
+        path, run.family, states, process.network.rank, process.network.alpha, process.save.dtype, metadata
+    )
+    if not final:
+        run.saves.append(path)
+        prune_step_saves(run)
+    save_state(run)
+    write_model_record(run)
+    log.info("saved %s", path)
+    return path
+
+
+def prune_step_saves(run: Run) -> None:
+    keep = run.process.save.max_step_saves_to_keep
+    while len(run.saves) > keep:
+        old = run.saves.pop(0)
+        old.unlink(missing_ok=True)
+        run.sha256.pop(old.name, None)
+
+
+def save_state(run: Run) -> None:
+    """Everything needed to continue this run after a crash, written atomically."""
+    state = {
+        "step": run.step,
+        "fingerprint": fingerprint(run),
+        "lora": lora_io.lora_state(run.lora_modules),
+        "optimizer": run.optimizer.state_dict(),
+        "lr_scheduler": run.lr_scheduler.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "history": run.history,
+        "saves": [p.name for p in run.saves],
+        "sha256": run.sha256,
+        "rng": {"python": run.rng.getstate(), "torch": torch.get_rng_state()},
+    }
+    with temporary_path(run.folder.state) as tmp:
+        torch.save(state, tmp)
+
+
+def fingerprint(run: Run) -> dict:
+    """What must match for a saved state to be continued: same model, network and data."""
+    process = run.process
+    return {
+        "arch": run.family.name,
+        "model": process.model.name_or_path,
+        "rank": process.network.rank,
+        "alpha": process.network.alpha,
+        "dataset": run.dataset_hash,
+        "lora_modules": sorted(run.lora_modules),
+    }
+
+
+def restore_state(run: Run) -> int:
+    """Continue from the saved state when it belongs to this config; returns the step resumed at."""
+    path = run.folder.state
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file, in our own folder
+    if state["fingerprint"] != fingerprint(run):
+        run.job.warnings.append(
+            f"saved state at step {state['step']} was made with another model, network or "
+            "dataset; training started from step 0"
+        )
+        return 0
+    lora_io.load_lora_state(run.lora_modules, state["lora"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if run.ema is not None and state["ema"] is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.step, run.history, run.sha256 = state["step"], state["history"], state["sha256"]
+    run.saves = [run.folder.path / name for name in state["saves"] if (run.folder.path / name).exists()]
+    run.rng.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+    run.job.warnings.append(f"resumed from the saved state at step {run.step}")
+    log.info("resumed from step %d", run.step)
+    return run.step
+
+
+def write_model_record(run: Run) -> None:
+    """The folder's metadata record: what list_models and download_model read instead of re-hashing files."""
+    process = run.process
+    run.folder.write_metadata(
+        {
+            "name": run.job.config.name,
+            "arch": run.family.name,
+            "base_model": process.model.name_or_path,
+            "rank": process.network.rank,
+            "alpha": process.network.alpha,
+            "steps": run.step,
+            "dataset_hash": run.dataset_hash,
+            "sha256": run.sha256,
+            "loss_history": run.loss_history(),
+        }
+    )

@@ -1,0 +1,21 @@
+"""The model families the trainer knows, by their config name (``model.arch``).
+
+Adding a family is one file beside these that subclasses ``Family``, and one entry here.
+"""
+
+from __future__ import annotations
+
+from fastbackend.training.families.base import Family, LossOptions, TrainingBatch
+from fastbackend.training.families.flux import Flux
+from fastbackend.training.families.sd15 import SD15
+from fastbackend.training.families.sdxl import SDXL
+
+FAMILIES: dict[str, type[Family]] = {family.name: family for family in (SD15, SDXL, Flux)}
+
+
+def family_for(name: str, v_prediction: bool = False) -> Family:
+    """The family named ``name`` (as ``config`` resolved it); ``v_prediction`` for SD 1.5 / SDXL."""
+    return FAMILIES[name](v_prediction)
+
+
+__all__ = ["FAMILIES", "Family", "LossOptions", "TrainingBatch", "family_for"]

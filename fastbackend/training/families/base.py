@@ -1,0 +1,148 @@
+"""What the trainer needs from a model family, declared once: ``Family``.
+
+A family wraps a diffusers pipeline loaded by ``name_or_path`` (a hub id, cached under the data
+root, or a local folder). The trainer, ``generate`` and the LoRA files talk to a family only
+through this interface; each family lives in its own file and is found through the registry in
+``families/__init__.py``, never by ``if arch == ...``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from fastbackend import settings
+from fastbackend.errors import ErrorCode, FastBackendError
+
+
+@dataclass
+class TrainingBatch:
+    """One training batch from one aspect bucket. ``sizes``: per image (orig_h, orig_w, top, left, h, w)."""
+
+    latents: torch.Tensor  # (B, C, H/f, W/f), scaled for the denoiser
+    cond: dict[str, torch.Tensor]  # caption conditioning, batch dim B
+    sizes: torch.Tensor  # (B, 6)
+
+
+@dataclass
+class LossOptions:
+    scheduler: object
+    timestep_type: str = "sigmoid"
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+
+
+class Family(ABC):
+    """One model family: how it loads, encodes text and images, computes its loss, samples and saves."""
+
+    name: ClassVar[str]  # the config's `model.arch`
+    pipeline_class_name: ClassVar[str]
+    denoiser_name: ClassVar[str] = "unet"  # the pipeline attribute LoRA layers go into
+    denoiser_class_name: ClassVar[str] = "UNet2DConditionModel"
+    lora_targets: ClassVar[str]  # regex over the denoiser's module names
+    text_encoder_targets: ClassVar[str | None] = None  # regex over text-encoder module names; None: frozen
+    # How its LoRA files are keyed: "diffusers" (`transformer.<module>.lora_A/B`, alpha folded into
+    # lora_B) or "kohya" (`lora_unet_<module>.lora_down/up` + `.alpha`), as ai-toolkit writes them.
+    file_format: ClassVar[Literal["diffusers", "kohya"]]
+    kohya_base_version: ClassVar[str]  # header `ss_base_model_version`
+    modelspec_architecture: ClassVar[str]  # header `modelspec.architecture`
+
+    def __init__(self, v_prediction: bool = False):
+        self.v_prediction = v_prediction  # SD 1.5 / SDXL: learn v instead of epsilon
+
+    # ---------------------------------------------------------------- what each family must say
+
+    @abstractmethod
+    def encode_prompt(self, pipe, text: str) -> dict[str, torch.Tensor]:
+        """Conditioning tensors for one caption (batch dim 1; with gradients when the caller enables them)."""
+
+    @abstractmethod
+    def training_scheduler(self, pipe):
+        """The noise scheduler the loss draws timesteps from."""
+
+    @abstractmethod
+    def loss(self, pipe, denoiser: torch.nn.Module, batch: TrainingBatch, options: LossOptions) -> torch.Tensor:
+        """The training loss of one batch (a scalar)."""
+
+    # ---------------------------------------------------------------- shared behaviour, overridable
+
+    def load(
+        self,
+        name_or_path: str,
+        dtype: torch.dtype,
+        cache_dir: str,
+        quantize: bool = False,
+        revision: str | None = None,
+        field: str = "model",
+        shown: str | None = None,
+    ):
+        """The pipeline, or a ``model_load_failed`` error naming ``field`` and the model as the user
+        wrote it (``shown``): not found, gated, offline, or a pipeline of another family."""
+        import diffusers
+
+        pipeline_class = getattr(diffusers, self.pipeline_class_name)
+        # HF_TOKEN (gated models) is passed, never logged or returned.
+        options = {"dtype": dtype, "cache_dir": cache_dir, "revision": revision, "token": settings.HF_TOKEN.get()}
+        try:
+            if quantize:
+                options[self.denoiser_name] = self._load_quantized(name_or_path, options)
+            pipe = pipeline_class.from_pretrained(name_or_path, **options)
+        except (OSError, ValueError) as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
+            message = f"{field}: could not load {shown or name_or_path!r} ({reason})"
+            raise FastBackendError(message, code=ErrorCode.MODEL_LOAD_FAILED) from None
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _load_quantized(self, name_or_path: str, options: dict):
+        """The denoiser with 8-bit base weights (bitsandbytes); LoRA layers stay in full precision."""
+        import diffusers
+
+        model_class = getattr(diffusers, self.denoiser_class_name)
+        quantization = diffusers.BitsAndBytesConfig(load_in_8bit=True)
+        return model_class.from_pretrained(
+            name_or_path, subfolder=self.denoiser_name, quantization_config=quantization, **options
+        )
+
+    def denoiser(self, pipe) -> torch.nn.Module:
+        return getattr(pipe, self.denoiser_name)
+
+    def trainable_text_encoders(self, pipe) -> dict[str, torch.nn.Module]:
+        """Text encoders that can take a LoRA, by their pipeline name (none when the family keeps them frozen)."""
+        if self.text_encoder_targets is None:
+            return {}
+        names = ("text_encoder", "text_encoder_2")
+        return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
+
+    def encoders(self, pipe) -> list[torch.nn.Module]:
+        """Modules needed only to encode text and images (they leave the device after caching)."""
+        candidates = (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), pipe.vae)
+        return [module for module in candidates if module is not None]
+
+    def snap_size(self, pipe, width: int, height: int) -> tuple[int, int]:
+        """``width`` x ``height`` rounded down to sides the pipeline accepts."""
+        multiple = self.pixel_multiple(pipe)
+        return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
+
+    def pixel_multiple(self, pipe) -> int:
+        """Image sides must be a multiple of this for the VAE and the denoiser."""
+        unet = self.denoiser(pipe)
+        return pipe.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_pixels(self, pipe, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent mean and std (unscaled), to cache."""
+        vae = pipe.vae
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return dist.mean.float().cpu(), dist.std.float().cpu()
+
+    def scale_latents(self, pipe, raw: torch.Tensor) -> torch.Tensor:
+        """Latents as the denoiser expects them."""
+        return raw * pipe.vae.config.scaling_factor
+
+    def sample_kwargs(self, pipe, negative_prompt: str) -> dict:
+        """What the pipeline call needs beyond the prompt."""
+        return {"negative_prompt": negative_prompt or None}

@@ -1,0 +1,26 @@
+"""SDXL: SD 1.5's objective with two text encoders and size/crop micro-conditioning."""
+
+from __future__ import annotations
+
+import torch
+
+from fastbackend.training.families.base import TrainingBatch
+from fastbackend.training.families.sd15 import SD15
+
+
+class SDXL(SD15):
+    name = "sdxl"
+    pipeline_class_name = "StableDiffusionXLPipeline"
+    kohya_base_version = "sdxl_base_v1-0"
+    modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
+
+    def encode_prompt(self, pipe, text: str) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            text, device=pipe.text_encoder.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return {"prompt_embeds": embeds.float(), "pooled": pooled.float()}
+
+    def unet_kwargs(self, batch: TrainingBatch) -> dict:
+        # SDXL's micro-conditioning: original size, crop corner and target size of each image.
+        time_ids = batch.sizes.to(batch.latents.device, batch.latents.dtype)
+        return {"added_cond_kwargs": {"text_embeds": batch.cond["pooled"], "time_ids": time_ids}}

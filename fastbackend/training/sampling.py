@@ -1,0 +1,66 @@
+"""Sample images during training: the config's prompts through the pipeline with the LoRA on."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+from fastbackend.storage import atomic_write_bytes
+from fastbackend.training import data
+from fastbackend.training.caching import encoders_stay, offload_encoders
+from fastbackend.training.run import Run
+
+PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+def should_sample(run: Run, final: bool = False) -> bool:
+    """Samples every ``sample_every`` steps and at the end, when there are prompts and sampling is on."""
+    sample_cfg = run.process.sample
+    if sample_cfg is None or not sample_cfg.prompts or run.process.train.disable_sampling:
+        return False
+    if final:
+        return True
+    return run.step % sample_cfg.sample_every == 0 and run.step < run.process.train.steps
+
+
+@torch.no_grad()
+def sample(run: Run) -> list[Path]:
+    """The config's prompts through the pipeline with the LoRA (EMA weights when on), saved under samples/."""
+    sample_cfg = run.process.sample
+    width, height = run.family.snap_size(run.pipe, sample_cfg.width, sample_cfg.height)
+    device = run.denoiser.device
+    for module in run.family.encoders(run.pipe):
+        module.to(device)
+    for module in run.lora_modules.values():
+        module.eval()
+    paths = []
+    try:
+        with run.ema_weights():
+            for index, prompt in enumerate(sample_cfg.prompts):
+                seed = sample_cfg.seed + index if sample_cfg.walk_seed else sample_cfg.seed
+                image = run.pipe(
+                    data.apply_trigger(prompt, run.process.trigger_word),
+                    num_inference_steps=sample_cfg.sample_steps,
+                    guidance_scale=sample_cfg.guidance_scale,
+                    width=width,
+                    height=height,
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    **run.family.sample_kwargs(run.pipe, sample_cfg.negative_prompt),
+                ).images[0]
+                paths.append(save_image(image, run.folder.sample_path(run.step, index, sample_cfg.format)))
+    finally:
+        for module in run.lora_modules.values():
+            module.train()
+        if not encoders_stay(run.process, run.trains_text_encoder):
+            offload_encoders(run.family, run.pipe)
+    run.samples += paths
+    return paths
+
+
+def save_image(image, path: Path) -> Path:
+    buffer = io.BytesIO()
+    image.save(buffer, format=PIL_FORMATS[path.suffix[1:]])
+    atomic_write_bytes(path, buffer.getvalue())
+    return path

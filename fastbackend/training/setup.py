@@ -1,0 +1,216 @@
+"""Everything before the first step: device, precision, the base model, data, LoRA layers, optimizer.
+
+``set_up(job)`` returns a ``Run``; the config was checked by ``config`` before anything here runs,
+so what can still go wrong is the hardware (falls back to the CPU with a warning) and the
+model (``model_load_failed``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+
+from fastbackend.config import PREFIX, ModelConfig, ProcessConfig, TrainConfig
+from fastbackend.storage import hf_cache_dir
+from fastbackend.training import lora_io
+from fastbackend.training.caching import prepare_data
+from fastbackend.training.families import Family, LossOptions, family_for
+from fastbackend.training.run import Run, TrainJob
+
+log = logging.getLogger("fastbackend.trainer")
+MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
+
+
+def set_up(job: TrainJob) -> Run:
+    process = job.config.process
+    train_cfg = process.train
+    device, weight_dtype = choose_device(process.device, train_cfg.dtype, job.warnings)
+    accelerator = make_accelerator(device, weight_dtype)
+    seed = train_cfg.seed if train_cfg.seed is not None else random.SystemRandom().randrange(2**31)
+    torch.manual_seed(seed)
+    family = family_for(process.model.resolved_arch, process.model.is_v_pred)
+    pipe = load_pipeline(family, process.model, job, device, weight_dtype)
+    text_encoders = family.trainable_text_encoders(pipe) if train_cfg.train_text_encoder else {}
+    texts, sampler, digest = prepare_data(
+        family, pipe, process, job.dataset_folders, job.base_model, device, random.Random(seed), bool(text_encoders)
+    )
+    denoiser = family.denoiser(pipe)
+    modules = {family.denoiser_name: denoiser} | text_encoders
+    groups = [lora_group(name, module, family, process) for name, module in modules.items()]
+    params = [param for group in groups for param in group["params"]]
+    if train_cfg.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    optimizer = accelerator.prepare(make_optimizer(train_cfg, groups, device, job.warnings))
+    return Run(
+        job=job,
+        family=family,
+        pipe=pipe,
+        denoiser=denoiser,
+        lora_modules=modules,
+        params=params,
+        accelerator=accelerator,
+        optimizer=optimizer,
+        lr_scheduler=make_lr_scheduler(train_cfg, optimizer),
+        ema=make_ema(train_cfg, params),
+        sampler=sampler,
+        texts=texts,
+        loss_options=LossOptions(
+            scheduler=family.training_scheduler(pipe),
+            timestep_type=train_cfg.timestep_type or ("linear" if train_cfg.linear_timesteps else "sigmoid"),
+            noise_offset=train_cfg.noise_offset,
+            min_snr_gamma=train_cfg.min_snr_gamma,
+        ),
+        rng=random.Random(seed + 1),
+        dataset_hash=digest,
+        weight_dtype=weight_dtype,
+        trains_text_encoder=bool(text_encoders),
+    )
+
+
+def lora_group(name: str, module: torch.nn.Module, family: Family, process: ProcessConfig) -> dict:
+    """LoRA layers added to one module, as an optimizer parameter group with that module's lr."""
+    is_denoiser = name == family.denoiser_name
+    network = process.network
+    targets = family.lora_targets if is_denoiser else family.text_encoder_targets
+    params = lora_io.add_lora(module, targets, network.rank, network.alpha, network.dropout)
+    module.train()
+    train_cfg = process.train
+    lr = train_cfg.learning_rate if is_denoiser else train_cfg.text_encoder_lr or train_cfg.learning_rate
+    return {"params": params, "lr": lr}
+
+
+def choose_device(requested: str, dtype_name: str, warnings: list[str]) -> tuple[torch.device, torch.dtype]:
+    """The config's device when it exists here, else the CPU; half precision only on CUDA."""
+    if requested.startswith("cuda") and torch.cuda.is_available():
+        device = torch.device(requested)
+    else:
+        if requested != "cpu":
+            warnings.append(f"{PREFIX}.device: {requested!r} is not available here; training on the CPU")
+        device = torch.device("cpu")
+    dtype = lora_io.DTYPES[dtype_name]
+    if device.type == "cpu" and dtype != torch.float32:
+        warnings.append(f"{PREFIX}.train.dtype: {dtype_name} needs CUDA; training in fp32 on the CPU")
+        dtype = torch.float32
+    return device, dtype
+
+
+def make_accelerator(device: torch.device, weight_dtype: torch.dtype):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate keeps one state per process and refuses a second Accelerator with another
+    # precision; a worker trains job after job, each with its own settings.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=MIXED_PRECISION[weight_dtype], cpu=device.type == "cpu")
+
+
+def load_pipeline(family: Family, model_cfg: ModelConfig, job: TrainJob, device: torch.device, dtype: torch.dtype):
+    """The base pipeline, frozen, on ``device`` (8-bit denoiser weights when ``quantize`` can be honoured)."""
+    quantize = model_cfg.quantize and device.type == "cuda" and bitsandbytes_available()
+    if model_cfg.quantize and not quantize:
+        job.warnings.append(
+            f"{PREFIX}.model.quantize: 8-bit base weights need CUDA and bitsandbytes; "
+            "the base model is kept in full precision"
+        )
+    log.info("loading %s model %s (%s, %s)", family.name, model_cfg.name_or_path, device, dtype)
+    pipe = family.load(
+        job.base_model,
+        dtype,
+        str(hf_cache_dir()),
+        quantize,
+        model_cfg.revision,
+        field=f"{PREFIX}.model.name_or_path",
+        shown=model_cfg.name_or_path,
+    )
+    for module in [family.denoiser(pipe), *family.encoders(pipe)]:
+        module.requires_grad_(False)  # only LoRA layers train
+    if not quantize:
+        pipe.to(device)
+    else:
+        for module in family.encoders(pipe):
+            module.to(device)
+    return pipe
+
+
+def bitsandbytes_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_optimizer(train_cfg: TrainConfig, params: list, device: torch.device, warnings: list[str]):
+    """The configured optimizer over ``params`` (parameters, or groups with their own lr).
+
+    ``optimizer_params`` were checked against the optimizer with the config.
+    """
+    name = train_cfg.optimizer
+    options = dict(train_cfg.optimizer_params)
+    if "betas" in options:
+        options["betas"] = tuple(options["betas"])
+    lr = train_cfg.learning_rate
+    if name in ("adamw8bit", "adam8bit"):
+        if device.type == "cuda" and bitsandbytes_available():
+            import bitsandbytes as bnb
+
+            return (bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.Adam8bit)(params, lr=lr, **options)
+        warnings.append(f"{PREFIX}.train.optimizer: {name} needs CUDA and bitsandbytes; using AdamW")
+        name = "adamw"
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=lr, **options)
+    optimizer_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
+    return optimizer_class(params, lr=lr, **options)
+
+
+def make_lr_scheduler(train_cfg: TrainConfig, optimizer):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        train_cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=train_cfg.lr_warmup_steps,
+        num_training_steps=train_cfg.steps,
+        **train_cfg.lr_scheduler_params,
+    )
+
+
+def make_ema(train_cfg: TrainConfig, params: list[torch.nn.Parameter]):
+    if not train_cfg.ema_config.use_ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=train_cfg.ema_config.ema_decay)
+
+
+def log_run_shape(run: Run) -> None:
+    """The shape of the run, once at its start: what trains, on what, for how long."""
+    train_cfg = run.process.train
+    trainable = sum(p.numel() for p in run.params)
+    layers = sum(
+        1
+        for module in run.lora_modules.values()
+        for name, _ in module.named_modules()
+        if name.endswith(f"lora_A.{lora_io.ADAPTER}")
+    )
+    log.info(
+        "training %s LoRA on %s: rank %d, %d layers, %s trainable parameters, %d examples in %d buckets, "
+        "batch %d x %d accumulation, steps %d (from %d), lr %g",
+        run.family.name,
+        ", ".join(run.lora_modules),
+        run.process.network.rank,
+        layers,
+        f"{trainable:,}",
+        len(run.sampler.examples),
+        len(run.sampler.buckets),
+        train_cfg.batch_size,
+        train_cfg.gradient_accumulation_steps,
+        train_cfg.steps,
+        run.step,
+        train_cfg.learning_rate,
+    )
