@@ -16,7 +16,8 @@ import importlib
 import json
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import runpod
 

@@ -16,14 +16,12 @@ import io
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 PER_REQUEST = 2
 LIMIT_BYTES = 10_000_000
 

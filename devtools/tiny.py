@@ -12,20 +12,26 @@ from pathlib import Path
 
 TINY_CLIP_HIDDEN = 32
 TINY_T5_DIM = 32
-TINY_FLUX_TRANSFORMER = dict(
-    patch_size=1,
-    in_channels=4 * 4,  # 2x2 patches of the 4 latent channels
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=TINY_T5_DIM,
-    pooled_projection_dim=TINY_CLIP_HIDDEN,
-    guidance_embeds=True,
-    axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
-)
+TINY_FLUX_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 4 * 4,  # 2x2 patches of the 4 latent channels
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": TINY_T5_DIM,
+    "pooled_projection_dim": TINY_CLIP_HIDDEN,
+    "guidance_embeds": True,
+    "axes_dims_rope": (4, 6, 6),  # sums to attention_head_dim
+}
 # What the SD 1.5 and SDXL UNets share: two levels, one layer each, 4 latent channels.
-TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4)
+TINY_UNET = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+}
 
 
 def clip_tokenizer():
@@ -85,7 +91,7 @@ def vae(flux: bool = False):
     from diffusers import AutoencoderKL
 
     options = (
-        dict(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+        {"shift_factor": 0.0609, "scaling_factor": 1.5035, "use_quant_conv": False, "use_post_quant_conv": False}
         if flux
         else {}
     )

@@ -104,7 +104,7 @@ class Client:
             )
             target = destination / chunk["filename"] if destination.is_dir() else destination
             data = base64.b64decode(chunk["content"])
-            with open(target, "wb" if offset == 0 else "ab") as handle:
+            with target.open("wb" if offset == 0 else "ab") as handle:
                 handle.write(data)
             digest.update(data)
             offset = chunk["next_offset"]
@@ -115,7 +115,9 @@ class Client:
 
 def batches(folder: Path) -> list[list[dict]]:
     """Files of ``folder`` grouped so that each group's base64 stays under BATCH_BYTES."""
-    groups, current, size = [], [], 0
+    groups: list[list[dict]] = []
+    current: list[dict] = []
+    size = 0
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue

@@ -76,9 +76,8 @@ class SaveConfig(Section):
 
 
 class DatasetConfig(Section):
-    IGNORED = {
-        key: "not supported; the dataset is used as uploaded"
-        for key in (
+    IGNORED = dict.fromkeys(
+        (
             "flip_x",
             "flip_y",
             "random_crop",
@@ -97,8 +96,9 @@ class DatasetConfig(Section):
             "token_dropout_rate",
             "type",
             "random_triggers",
-        )
-    } | {"buckets": "aspect-ratio buckets are always used", "bucket_tolerance": "buckets snap to the model's size step"}
+        ),
+        "not supported; the dataset is used as uploaded",
+    ) | {"buckets": "aspect-ratio buckets are always used", "bucket_tolerance": "buckets snap to the model's size step"}
     folder_path: str = Field(description="An uploaded dataset: its name, or a path under the data root.")
     caption_ext: Literal["txt", ".txt"] = "txt"
     caption_dropout_rate: float = Field(0.05, ge=0, le=1, description="Chance to train a step with an empty caption.")
@@ -243,7 +243,7 @@ class ModelConfig(Section):
     revision: str | None = None
 
     @model_validator(mode="after")
-    def _one_arch(self) -> "ModelConfig":
+    def _one_arch(self) -> ModelConfig:
         if self.is_v2 or self.is_v3:
             raise ValueError("Stable Diffusion 2 and 3 are not supported; use arch flux, sdxl or sd15")
         flags = [name for name, on in (("flux", self.is_flux), ("sdxl", self.is_xl)) if on]
@@ -305,7 +305,7 @@ class ProcessConfig(Section):
     sample: SampleConfig | None = None
 
     @model_validator(mode="after")
-    def _something_to_train(self) -> "ProcessConfig":
+    def _something_to_train(self) -> ProcessConfig:
         if not self.train.train_unet:
             raise ValueError("train.train_unet is false: training only text encoders is not supported")
         return self
@@ -353,7 +353,7 @@ def read_yaml(text: str) -> Any:
             code=ErrorCode.INVALID_CONFIG,
         )
     try:
-        document = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+        document = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass: no Python objects
     except yaml.YAMLError as exc:
         raise ValidationFailed(
             f"yaml_config: not valid YAML ({' '.join(str(exc).split())[:200]})", code=ErrorCode.INVALID_CONFIG

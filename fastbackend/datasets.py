@@ -243,9 +243,9 @@ def remove_unlisted(folder: DatasetFolder, images: dict[str, ManifestEntry]) -> 
     owned = set(images) | {caption_name(name) for name, entry in images.items() if entry["caption"]}
     owned.add(folder.MANIFEST)
     for path in folder.path.iterdir():
-        if path.is_file() and path.name not in owned and not path.name.startswith("."):
-            path.unlink()
-        elif path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp"):
+        # Hidden files are the lock and temporary files; only a dead writer's temporaries go.
+        leftover = path.name.endswith(".tmp") if path.name.startswith(".") else path.name not in owned
+        if path.is_file() and leftover:
             path.unlink()
 
 

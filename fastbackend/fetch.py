@@ -37,7 +37,7 @@ def check_url(url: str) -> None:
     except socket.gaierror as exc:
         raise FetchProblem(f"host {parts.hostname!r} does not resolve ({exc.strerror})") from None
     for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if not address.is_global:
             raise FetchProblem(
                 f"host {parts.hostname!r} is a private or local address ({address}); "

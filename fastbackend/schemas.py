@@ -85,7 +85,7 @@ class UploadTrainingDataRequest(Request):
     mode: Literal["append", "replace"] = "append"
 
     @model_validator(mode="after")
-    def _something_to_upload(self) -> "UploadTrainingDataRequest":
+    def _something_to_upload(self) -> UploadTrainingDataRequest:
         if not self.files and not self.urls and self.zip is None:
             raise ValueError("nothing to upload: give at least one of `files`, `urls` or `zip`")
         return self
@@ -96,8 +96,13 @@ class TrainWithYamlRequest(Request):
     config: dict[str, Any] | None = Field(None, description="The same config, already parsed.")
     resume: bool = Field(True, description="Continue from the newest saved state of this model, if any.")
 
+    @property
+    def source(self) -> str | dict[str, Any]:
+        """The config as given: YAML text or an object (the validator makes sure there is exactly one)."""
+        return self.yaml_config if self.yaml_config is not None else (self.config or {})
+
     @model_validator(mode="after")
-    def _exactly_one_config(self) -> "TrainWithYamlRequest":
+    def _exactly_one_config(self) -> TrainWithYamlRequest:
         if (self.yaml_config is None) == (self.config is None):
             raise ValueError("give exactly one of `yaml_config` (YAML text) or `config` (an object)")
         return self

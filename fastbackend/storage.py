@@ -26,8 +26,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from fastbackend import settings
 from fastbackend.errors import ErrorCode, FastBackendError, NotFound
@@ -149,16 +149,16 @@ def temporary_path(path: Path) -> Iterator[Path]:
     file, which is flushed to disk and renamed over ``path``; on an error it is removed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    tmp = Path(name)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as handle:
+        yield tmp
+        with tmp.open("rb+") as handle:
             os.fsync(handle.fileno())  # the rename must not land before the data
-        os.replace(tmp, path)
+        tmp.replace(path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -177,7 +177,7 @@ def locked(folder: Path, timeout_s: float | None = None) -> Iterator[None]:
     if timeout_s is None:
         timeout_s = settings.LOCK_TIMEOUT_S.get()
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as handle:
+    with (folder / ".lock").open("a+") as handle:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -212,7 +212,7 @@ def remove_tree(folder: Path) -> None:
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with path.open("rb") as handle:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()

@@ -23,6 +23,6 @@ def test_a_file_too_large_for_any_request_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(client, "BATCH_BYTES", 1000)
     (tmp_path / "huge.jpg").write_bytes(bytes(2000))
     with pytest.raises(
-        client.WorkerError, match="huge.jpg is too large for one request; upload it with `urls` instead"
+        client.WorkerError, match=r"huge\.jpg is too large for one request; upload it with `urls` instead"
     ):
         client.batches(tmp_path)

@@ -136,5 +136,5 @@ def test_server_uploads_trains_lists_and_downloads(local_server, server_volume, 
     assert [m["filename"] for m in listed["models"]] == ["nowy_dataset_1.3.safetensors"]
     downloaded = client.download("nowy_dataset_1.3", tmp_path)
     assert downloaded.read_bytes() == Path(trained["lora_path"]).read_bytes()
-    with pytest.raises(client_module.WorkerError, match="input.model: model 'nope' does not exist"):
+    with pytest.raises(client_module.WorkerError, match=r"input\.model: model 'nope' does not exist"):
         client.call({"type": "delete_model", "model": "nope"})

@@ -163,7 +163,7 @@ def test_urls_to_loopback_are_refused_by_default(http_root, data_root):
     assert snapshot(data_root) == {}
 
 
-@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/b", "", ".hidden", "ＭＡＴＴ", "x" * 65, "a\x00b"])
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/b", "", ".hidden", "ＭＡＴＴ", "x" * 65, "a\x00b"])  # noqa: RUF001 - fullwidth on purpose
 def test_unsafe_names_are_refused_with_the_name_quoted(name, data_root):
     good = nine_photos()[0]
     for answer in (
@@ -249,7 +249,7 @@ def test_zip_over_the_unpacked_limit_is_refused(monkeypatch, data_root):
 def test_refusals_leave_an_existing_dataset_unchanged(data_root):
     upload(files=file_entries(nine_photos()[:2]))
     before = snapshot(data_root)
-    answer = upload(files=file_entries(nine_photos()[2:4]) + [{"filename": "x.jpg", "content": b64(b"junk")}])
+    answer = upload(files=[*file_entries(nine_photos()[2:4]), {"filename": "x.jpg", "content": b64(b"junk")}])
     assert answer["status"] == "error"
     assert snapshot(data_root) == before
 
@@ -333,7 +333,7 @@ def test_two_processes_appending_at_once_both_land(data_root):
 
 
 def test_wrapped_base64_and_data_urls_are_accepted():
-    name, data, caption = nine_photos()[0]
+    name, data, _caption = nine_photos()[0]
     encoded = b64(data)
     wrapped = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))  # `base64` without -w0
     answer = upload(

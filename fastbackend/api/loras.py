@@ -67,7 +67,7 @@ def download_model(request: DownloadModelRequest, progress: Progress | None = No
             f"input.offset: {request.offset} is past the end of the file ({total} bytes)",
             code=ErrorCode.VALIDATION_ERROR,
         )
-    with open(path, "rb") as handle:
+    with path.open("rb") as handle:
         handle.seek(request.offset)
         chunk = handle.read(request.length)
     end = request.offset + len(chunk)

@@ -32,7 +32,7 @@ MODEL_LOCK_TIMEOUT_S = 5
 
 
 def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = None) -> dict:
-    config, warnings = parse_training_config(request.yaml_config if request.yaml_config is not None else request.config)
+    config, warnings = parse_training_config(request.source)
     datasets = resolve_datasets(config)
     base_model = resolve_base_model(config.process.model.name_or_path, f"{PREFIX}.model.name_or_path")
     output = resolve_output(config)

@@ -46,7 +46,7 @@ class Example:
     item: Item
     caption: str  # with the trigger word applied
     bucket: tuple[int, int]  # (width, height) in pixels
-    sizes: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)  # orig h, w; crop top, left; h, w
+    sizes: tuple[int, ...] = (0, 0, 0, 0, 0, 0)  # orig h, w; crop top, left; h, w
     weight: float = 1.0
     mean: torch.Tensor | None = None  # (C, h, w) latent mean, unscaled
     std: torch.Tensor | None = None
@@ -127,7 +127,7 @@ def bucket_for(width: int, height: int, resolution: int, multiple: int) -> tuple
     return max(step, int(bucket_w // step) * step), max(step, int(bucket_h // step) * step)
 
 
-def load_pixels(path: Path, bucket: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int, int, int, int, int]]:
+def load_pixels(path: Path, bucket: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, ...]]:
     """The image scaled to cover ``bucket`` and centre-cropped: (3, h, w) in [-1, 1], plus its sizes."""
     target_w, target_h = bucket
     with Image.open(path) as opened:
@@ -185,7 +185,7 @@ class LatentCache:
 
     def store(self, example: Example) -> None:
         path = self.path(example)
-        if path is None:
+        if path is None or example.mean is None or example.std is None:
             return
         with temporary_path(path) as tmp:
             save_file(

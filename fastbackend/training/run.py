@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,14 +69,14 @@ class Run:
 
     job: TrainJob
     family: Family
-    pipe: object  # the diffusers pipeline
+    pipe: Any  # the diffusers pipeline
     denoiser: torch.nn.Module
     lora_modules: lora_io.Components  # the denoiser, and the text encoders when they train too
     params: list[torch.nn.Parameter]
-    accelerator: object
+    accelerator: Any  # accelerate.Accelerator
     optimizer: torch.optim.Optimizer
-    lr_scheduler: object
-    ema: object | None
+    lr_scheduler: Any  # a torch LR scheduler from diffusers.optimization
+    ema: Any | None  # diffusers.training_utils.EMAModel
     sampler: data.BucketSampler
     texts: TextCache
     loss_options: LossOptions

@@ -29,6 +29,8 @@ def should_sample(run: Run, final: bool = False) -> bool:
 def sample(run: Run) -> list[Path]:
     """The config's prompts through the pipeline with the LoRA (EMA weights when on), saved under samples/."""
     sample_cfg = run.process.sample
+    if sample_cfg is None:
+        return []
     width, height = run.family.snap_size(run.pipe, sample_cfg.width, sample_cfg.height)
     device = run.denoiser.device
     for module in run.family.encoders(run.pipe):

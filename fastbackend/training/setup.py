@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import Any
 
 import torch
 
@@ -74,6 +75,8 @@ def lora_group(name: str, module: torch.nn.Module, family: Family, process: Proc
     is_denoiser = name == family.denoiser_name
     network = process.network
     targets = family.lora_targets if is_denoiser else family.text_encoder_targets
+    if targets is None:  # trainable_text_encoders() offers no encoder of such a family
+        raise ValueError(f"{family.name}: {name} takes no LoRA layers")
     params = lora_io.add_lora(module, targets, network.rank, network.alpha, network.dropout)
     module.train()
     train_cfg = process.train
@@ -149,7 +152,7 @@ def make_optimizer(train_cfg: TrainConfig, params: list, device: torch.device, w
     ``optimizer_params`` were checked against the optimizer with the config.
     """
     name = train_cfg.optimizer
-    options = dict(train_cfg.optimizer_params)
+    options: dict[str, Any] = dict(train_cfg.optimizer_params)
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
     lr = train_cfg.learning_rate

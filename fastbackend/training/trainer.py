@@ -112,7 +112,7 @@ def next_batch(run: Run) -> TrainingBatch:
 
 def latent_posterior(run: Run, example: data.Example) -> tuple[torch.Tensor, torch.Tensor]:
     """The cached latent mean/std, or (``cache_latents: false``) the VAE's output for this step."""
-    if example.mean is not None:
+    if example.mean is not None and example.std is not None:
         return example.mean, example.std
     return data.encode_example(example, lambda pixels: run.family.encode_pixels(run.pipe, pixels))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -29,7 +29,7 @@ class TrainingBatch:
 
 @dataclass
 class LossOptions:
-    scheduler: object
+    scheduler: Any  # a diffusers noise scheduler
     timestep_type: str = "sigmoid"
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
