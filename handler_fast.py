@@ -88,11 +88,11 @@ def resolve(target: str) -> Callable[..., dict]:
     return getattr(importlib.import_module(module_name), function_name)
 
 
-def progress_sender(job: dict) -> Callable[[dict], None]:
+def progress_sender(job: dict, clock: Callable[[], float] = time.monotonic) -> Callable[[dict], None]:
     """A callback that forwards progress to RunPod at most every ``settings.PROGRESS_INTERVAL_S``.
 
     Outside RunPod (``--test_input``, the local server) there is no endpoint to post to, so
-    progress is logged instead.
+    progress is logged instead. A progress dict with ``final`` is always sent.
     """
     last_sent = 0.0
     on_runpod = settings.on_runpod()
@@ -100,7 +100,7 @@ def progress_sender(job: dict) -> Callable[[dict], None]:
 
     def send(progress: dict) -> None:
         nonlocal last_sent
-        now = time.monotonic()
+        now = clock()
         if now - last_sent < interval and not progress.get("final"):
             return
         last_sent = now
@@ -149,6 +149,7 @@ def _job_id(job: Any) -> object:
 
 def main() -> None:
     """Start the worker; runpod reads ``--test_input`` / ``--rp_serve_api`` from the command line."""
+    settings.check_all()  # a misconfigured worker stops here, naming the variable, before any job
     logging.basicConfig(level=settings.LOG_LEVEL.get(), format="%(levelname)s %(name)s: %(message)s")
     if not settings.runpod_log_level_set():
         # The SDK logs whole job inputs and outputs at DEBUG, its default: base64 photos and

@@ -3,7 +3,7 @@
 Both run in the same loop, alternating, so machine noise hits them alike; the ratio is the
 claim (aim: within 1.25x of the bare handler, whose cost is mostly ``import runpod``).
 
-    .venv/bin/python benchmarks/cold_start.py [--runs 7]
+    .venv/bin/python -m benchmarks.cold_start [--runs 7]
 """
 
 from __future__ import annotations

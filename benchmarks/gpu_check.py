@@ -8,8 +8,8 @@
    1024 px, with and without gradient checkpointing (random latents and text embeddings of the
    real shapes: 128x128x16 latents, 512 T5 tokens of 4096, a 768 pooled vector).
 
-    .venv/bin/python benchmarks/gpu_check.py              # on a GPU
-    .venv/bin/python benchmarks/gpu_check.py --smoke      # on a CPU: tiny shapes, to check the script
+    .venv/bin/python -m benchmarks.gpu_check              # on a GPU
+    .venv/bin/python -m benchmarks.gpu_check --smoke      # on a CPU: tiny shapes, to check the script
 """
 
 from __future__ import annotations

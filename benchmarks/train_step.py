@@ -12,7 +12,7 @@ Each is run ``--rounds`` times, alternating, and the median step time is reporte
 ``WARMUP`` steps of each run are dropped). Aim: caching off no slower than the minimal loop,
 caching on faster.
 
-    .venv/bin/python benchmarks/train_step.py [--steps 8] [--rounds 2] [--threads 2]
+    .venv/bin/python -m benchmarks.train_step [--steps 8] [--rounds 2] [--threads 2]
 """
 
 from __future__ import annotations

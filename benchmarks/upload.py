@@ -5,7 +5,7 @@ base64 decode, sha256, a full Pillow decode with limits, atomic fsync'd writes, 
 The floor, in the same run on the same bytes: Pillow decode, then a plain write to disk.
 Aim: the handler within 1.5x of the floor.
 
-    .venv/bin/python benchmarks/upload.py [--photos 40] [--repeats 3]
+    .venv/bin/python -m benchmarks.upload [--photos 40] [--repeats 3]
 """
 
 from __future__ import annotations

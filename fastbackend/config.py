@@ -192,7 +192,9 @@ class TrainConfig(Section):
     @classmethod
     def _optimizer_params_fit(cls, value: dict, info: ValidationInfo) -> dict:
         """Each parameter must be one the chosen optimizer takes, so a bad one is refused before any load."""
-        optimizer = info.data.get("optimizer", "adamw")
+        if "optimizer" not in info.data:  # the optimizer itself is invalid: that error is enough
+            return value
+        optimizer = info.data["optimizer"]
         valid = OPTIMIZER_PARAMS[optimizer]
         unknown = sorted(set(value) - set(valid))
         if unknown:

@@ -26,10 +26,18 @@ from urllib.parse import urlsplit
 
 from fastbackend import settings
 from fastbackend.fetch import FetchProblem, fetch
-from fastbackend.images import IMAGE_EXTENSIONS, CheckedImage, ImageProblem, check_image
-from fastbackend.layout import CAPTION_EXTENSION, DatasetFolder, ManifestEntry, caption_name, now
+from fastbackend.images import CheckedImage, ImageProblem, check_image
+from fastbackend.layout import (
+    CAPTION_EXTENSION,
+    IMAGE_EXTENSIONS,
+    DatasetFolder,
+    Manifest,
+    ManifestEntry,
+    caption_name,
+    now,
+)
 from fastbackend.schemas import MAX_CAPTION_CHARS
-from fastbackend.storage import atomic_write_bytes, locked, name_problem
+from fastbackend.storage import TEMP_SUFFIX, atomic_write_bytes, locked, name_problem
 
 
 @dataclass
@@ -190,13 +198,13 @@ def _add_image(
 # ---------------------------------------------------------------- writing
 
 
-def commit(folder: DatasetFolder, batch: UploadBatch, replace: bool) -> tuple[list[dict], list[dict], dict]:
+def commit(folder: DatasetFolder, batch: UploadBatch, replace: bool) -> tuple[list[dict], list[dict], Manifest]:
     """Write the batch into ``folder`` under its lock; the manifest goes last.
 
     Returns the files uploaded, the files skipped (duplicates) and the new manifest.
     """
     with locked(folder.path):
-        manifest = {"images": {}} if replace else folder.read_manifest()
+        manifest = Manifest(images={}) if replace else folder.read_manifest()
         images: dict[str, ManifestEntry] = manifest["images"]
         known = {entry["sha256"]: name for name, entry in images.items()}
         uploaded, skipped = [], list(batch.skipped)
@@ -244,7 +252,7 @@ def remove_unlisted(folder: DatasetFolder, images: dict[str, ManifestEntry]) -> 
     owned.add(folder.MANIFEST)
     for path in folder.path.iterdir():
         # Hidden files are the lock and temporary files; only a dead writer's temporaries go.
-        leftover = path.name.endswith(".tmp") if path.name.startswith(".") else path.name not in owned
+        leftover = path.name.endswith(TEMP_SUFFIX) if path.name.startswith(".") else path.name not in owned
         if path.is_file() and leftover:
             path.unlink()
 

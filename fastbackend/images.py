@@ -1,9 +1,9 @@
 """Decode and check one uploaded image with Pillow, with limits, before anything is stored.
 
 An image is accepted only when it fully decodes (a truncated file fails here, not mid-training),
-its format is one the trainer reads, its pixel count is under ``MAX_IMAGE_PIXELS`` (checked
+its format is one the trainer reads, its pixel count is under ``settings.MAX_IMAGE_PIXELS`` (checked
 from the header, before decoding: decompression bombs never allocate) and its shorter side is
-at least ``MIN_IMAGE_SIDE``. EXIF orientation is applied so width and height are what a person
+at least ``settings.MIN_IMAGE_SIDE``. EXIF orientation is applied so width and height are what a person
 sees; the stored bytes are the original unless a rotation had to be baked in.
 """
 
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fastbackend import settings
+from fastbackend.layout import FORMATS
 
-# Pillow format -> extensions a file of that format may carry.
-FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
-IMAGE_EXTENSIONS = tuple(ext for exts in FORMATS.values() for ext in exts)
+# What the worker writes (samples, generated images) in each format it offers, by extension.
+PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 EXIF_ORIENTATION = 0x0112
 
 

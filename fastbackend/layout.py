@@ -1,7 +1,8 @@
 """The on-disk formats: what a dataset folder and a trained LoRA's folder hold, by name and key.
 
-The one owner of these names; every writer and reader goes through it, and it never imports
-torch (listings and downloads stay light)::
+The one owner of these names (the data root's own folders, locks and temporary files are
+``storage``'s); the modules that write and read these folders go through it. It imports
+neither torch nor Pillow, so listings and downloads stay light::
 
     training_data/<dataset>/   <image>, <image stem>.txt captions, manifest.json, .cache/latents/<model key>/
     output/<name>/             <name>.safetensors, <name>_<step, 9 digits>.safetensors, training_state.pt,
@@ -22,9 +23,11 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import TypedDict
 
-from fastbackend.images import IMAGE_EXTENSIONS
 from fastbackend.storage import atomic_write_bytes
 
+# The image formats a dataset holds (Pillow's names) and the extensions their files carry.
+FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
+IMAGE_EXTENSIONS = tuple(ext for exts in FORMATS.values() for ext in exts)
 CAPTION_EXTENSION = ".txt"
 LORA_SUFFIX = ".safetensors"
 STEP_DIGITS = 9
@@ -40,6 +43,11 @@ class ManifestEntry(TypedDict):
     bytes: int
     caption: str | None
     added: str  # ISO time
+
+
+class Manifest(TypedDict, total=False):
+    images: dict[str, ManifestEntry]  # by filename
+    updated: str  # ISO time of the last commit
 
 
 @dataclass(frozen=True)
@@ -62,12 +70,12 @@ class DatasetFolder:
     def has_manifest(self) -> bool:
         return self.manifest_path.exists()
 
-    def read_manifest(self) -> dict:
-        """``{"images": {filename: ManifestEntry}, "updated": ...}``; an empty one when there is none."""
+    def read_manifest(self) -> Manifest:
+        """The manifest; an empty one when there is none yet."""
         try:
             return json.loads(self.manifest_path.read_text())
         except FileNotFoundError:
-            return {"images": {}}
+            return Manifest(images={})
 
     def images(self) -> dict[str, ManifestEntry]:
         return self.read_manifest()["images"]
@@ -83,7 +91,7 @@ class DatasetFolder:
             p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
         )
 
-    def write_manifest(self, manifest: dict) -> None:
+    def write_manifest(self, manifest: Manifest) -> None:
         """Replace the manifest atomically: the moment an upload becomes visible."""
         manifest["updated"] = now()
         atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
@@ -94,6 +102,12 @@ class DatasetFolder:
     def latent_cache(self, model_key: str) -> Path:
         """Where latents encoded by one base model's VAE are kept between runs."""
         return self.path / self.CACHE / "latents" / model_key
+
+
+def latent_name(image_sha256: str, bucket: tuple[int, int]) -> str:
+    """The latent-cache file of one image at one bucket size (width, height)."""
+    width, height = bucket
+    return f"{image_sha256[:32]}_{width}x{height}.safetensors"
 
 
 def caption_name(image_name: str) -> str:
@@ -132,6 +146,20 @@ def read_header(path: Path) -> dict[str, str]:
 
     with safe_open(str(path), framework="numpy") as handle:
         return handle.metadata() or {}
+
+
+class LoraRecord(TypedDict):
+    """``metadata.json`` in a LoRA folder: what listings read instead of re-hashing files."""
+
+    name: str
+    arch: str
+    base_model: str
+    rank: int
+    alpha: float
+    steps: int
+    dataset_hash: str
+    sha256: dict[str, str]  # by LoRA file name
+    loss_history: list[list[float]]
 
 
 @dataclass(frozen=True)
@@ -189,7 +217,7 @@ class LoraFolder:
         except (FileNotFoundError, json.JSONDecodeError, AttributeError):
             return {}
 
-    def write_metadata(self, record: dict) -> None:
+    def write_metadata(self, record: LoraRecord) -> None:
         atomic_write_bytes(self.metadata, json.dumps(record, indent=1).encode())
 
     def sample_path(self, step: int, index: int, fmt: str) -> Path:

@@ -2,7 +2,8 @@
 
 Settings are read when they are used, not at import, so a test or an operator can change one
 without reloading modules. The README's configuration table lists exactly ``ALL`` (a test
-compares them). A value that does not parse stops the job with a message naming the variable.
+compares them). ``check_all`` runs when the worker starts: a value that does not parse stops it
+with a message naming the variable, before it takes a job.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Setting(Generic[T]):
 
 
 def _flag(raw: str) -> bool:
-    return raw.lower() in TRUE_WORDS
+    return raw in TRUE_WORDS  # exact words: a typo must not open the private-address guard
 
 
 def _number(env: str, kind: Callable[[str], T], value: T, help: str) -> Setting[T]:
@@ -111,6 +112,12 @@ ALL: tuple[Setting, ...] = (
     LOG_LEVEL,
     HF_TOKEN,
 )
+
+
+def check_all() -> None:
+    """Read every setting once; raises ValueError naming the first variable that does not parse."""
+    for setting in ALL:
+        setting.get()
 
 
 # RunPod's own variables, which this worker reads but does not define.

@@ -37,6 +37,10 @@ RUNPOD_VOLUME = Path("/runpod-volume")
 VOLUME_ALIASES = (Path("/workspace"), RUNPOD_VOLUME)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+# A job that needs a folder another job is working on (training a model, deleting it) waits this
+# long, then answers `locked`: those jobs run for minutes to hours.
+BUSY_LOCK_TIMEOUT_S = 5
+TEMP_SUFFIX = ".tmp"
 NAME_RULE = "1-64 characters from A-Z a-z 0-9 . _ -, not starting with a dot"
 
 
@@ -95,10 +99,14 @@ def existing_dataset_dir(name: str) -> Path:
 
 
 def list_names(folder: Path) -> list[str]:
-    """Sorted names of the visible sub-folders of ``folder`` (none when it is missing)."""
+    """Sorted names of the sub-folders of ``folder`` that a request can name (none when it is missing).
+
+    Hidden folders (deletions in progress) and folders made by hand with names outside the rule
+    are left out: a listing shows only what can be used, trained and deleted by name.
+    """
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and name_problem(p.name) is None)
 
 
 def map_user_path(text: str, field: str) -> Path:
@@ -149,7 +157,7 @@ def temporary_path(path: Path) -> Iterator[Path]:
     file, which is flushed to disk and renamed over ``path``; on an error it is removed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -195,16 +203,13 @@ def locked(folder: Path, timeout_s: float | None = None) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-DELETE_LOCK_TIMEOUT_S = 5
-
-
 def remove_tree(folder: Path) -> None:
     """Delete a dataset or model folder so that no reader ever sees it half-deleted.
 
     Under the folder's lock it is renamed to a hidden name (atomic), then removed. A folder
     that a running upload or training holds is refused after a short wait, not waited for.
     """
-    with locked(folder, timeout_s=DELETE_LOCK_TIMEOUT_S):
+    with locked(folder, timeout_s=BUSY_LOCK_TIMEOUT_S):
         trash = folder.with_name(f".deleted-{folder.name}-{os.getpid()}-{time.time_ns()}")
         folder.rename(trash)
     shutil.rmtree(trash)

@@ -11,7 +11,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   "${pip[@]}" torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 "${pip[@]}" -r requirements.txt -r requirements-dev.txt
-# The project itself, editable, so tests and benchmarks import it as installed (its dependencies are
-# the requirements above).
-"${pip[@]}" --no-deps -e .
+# The package itself, editable (its dependencies are the requirements above). No build isolation:
+# the setuptools pinned in requirements-dev.txt builds it, so a set-up venv re-runs offline.
+"${pip[@]}" --no-deps --no-build-isolation -e .
 .venv/bin/python -c 'import torch, diffusers, runpod; print("set up: torch", torch.__version__, "| diffusers", diffusers.__version__, "| runpod", runpod.__version__, "| cuda", torch.cuda.is_available())'

@@ -11,9 +11,16 @@ os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["DIFFUSERS_VERBOSITY"] = "error"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
+import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# The same examples on every run (CI must not fail by chance); HYPOTHESIS_PROFILE=explore searches anew.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +29,14 @@ def data_root(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "volume"
     monkeypatch.setenv("FASTBACKEND_DATA_DIR", str(root))
     return root
+
+
+@pytest.fixture(autouse=True)
+def no_warm_pipeline_between_tests():
+    """generate keeps its base pipeline loaded between jobs; tests must not inherit one."""
+    yield
+    if "fastbackend.training.pipeline_cache" in sys.modules:
+        sys.modules["fastbackend.training.pipeline_cache"].release()
 
 
 @pytest.fixture(scope="session")

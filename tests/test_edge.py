@@ -148,9 +148,21 @@ def test_progress_goes_to_runpod_at_most_every_interval(monkeypatch):
     sent = []
     monkeypatch.setenv("RUNPOD_WEBHOOK_POST_OUTPUT", "https://example.invalid/job-done")
     monkeypatch.setattr(handler_fast.runpod.serverless, "progress_update", lambda job, info: sent.append(info))
-    clock = iter([100.0, 101.0, 104.9, 105.1, 105.2])
-    monkeypatch.setattr(handler_fast.time, "monotonic", lambda: next(clock))
-    send = handler_fast.progress_sender({"id": "j"})
+    times = iter([100.0, 101.0, 104.9, 105.1, 105.2, 105.3])
+    send = handler_fast.progress_sender({"id": "j"}, clock=lambda: next(times))
     for step in range(1, 6):
         send({"step": step})
-    assert [info["step"] for info in sent] == [1, 4]
+    send({"step": 6, "final": True})
+    assert [info["step"] for info in sent] == [1, 4, 6]
+
+
+def test_progress_interval_follows_the_environment(monkeypatch):
+    sent = []
+    monkeypatch.setenv("RUNPOD_WEBHOOK_POST_OUTPUT", "https://example.invalid/job-done")
+    monkeypatch.setenv("FASTBACKEND_PROGRESS_INTERVAL_S", "1")
+    monkeypatch.setattr(handler_fast.runpod.serverless, "progress_update", lambda job, info: sent.append(info))
+    times = iter([100.0, 100.5, 101.1, 101.5])
+    send = handler_fast.progress_sender({"id": "j"}, clock=lambda: next(times))
+    for step in range(1, 5):
+        send({"step": step})
+    assert [info["step"] for info in sent] == [1, 3]

@@ -1,5 +1,10 @@
 """Whatever JSON-shaped input arrives, the handler answers a dict and never raises."""
 
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,10 +28,23 @@ inputs = st.one_of(
 jobs = st.one_of(json_values, st.fixed_dictionaries({"id": st.text(max_size=10)}, optional={"input": inputs}))
 
 
+@contextlib.contextmanager
+def fresh_root() -> Iterator[None]:
+    """Each example gets its own empty data root (the test's fixture gives one per test, not per example)."""
+    before = os.environ["FASTBACKEND_DATA_DIR"]
+    with tempfile.TemporaryDirectory() as root:
+        os.environ["FASTBACKEND_DATA_DIR"] = root
+        try:
+            yield
+        finally:
+            os.environ["FASTBACKEND_DATA_DIR"] = before
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(job=jobs)
 def test_handler_always_answers_success_or_string_error(job):
-    answer = handler(job)
+    with fresh_root():
+        answer = handler(job)
     assert isinstance(answer, dict)
     if "error" in answer:
         assert answer["status"] == "error"
@@ -59,12 +77,14 @@ def test_train_with_yaml_refuses_any_bad_config_cleanly(folder, model, steps, lr
             ],
         },
     }
-    answer = handler({"id": "f", "input": {"type": "train_with_yaml", "config": config}})
+    with fresh_root():
+        answer = handler({"id": "f", "input": {"type": "train_with_yaml", "config": config}})
     assert answer["status"] == "error" and answer["error_code"] != "internal_error", answer
 
 
 @settings_for_configs
 @given(text=st.text(max_size=300))
 def test_any_yaml_text_is_parsed_or_refused_cleanly(text):
-    answer = handler({"id": "f", "input": {"type": "train_with_yaml", "yaml_config": text}})
+    with fresh_root():
+        answer = handler({"id": "f", "input": {"type": "train_with_yaml", "yaml_config": text}})
     assert answer["status"] == "error" and answer["error_code"] != "internal_error", answer

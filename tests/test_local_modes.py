@@ -97,6 +97,36 @@ def local_server(server_volume):
         process.wait(timeout=10)
 
 
+def test_a_setting_that_does_not_parse_stops_the_worker_before_any_job(tmp_path):
+    env = dict(os.environ, FASTBACKEND_DATA_DIR=str(tmp_path), FASTBACKEND_MAX_IMAGE_PIXELS="fifty million")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "handler_fast.py"), "--test_input", '{"input": {"type": "health"}}'],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "environment variable FASTBACKEND_MAX_IMAGE_PIXELS='fifty million' is not valid" in result.stderr
+    assert '"status": "healthy"' not in result.stdout
+
+
+def test_the_payload_limit_follows_the_environment_of_the_process(tmp_path):
+    job = '{"input": {"type": "health", "pad": "' + "x" * 600 + '"}}'
+    env = dict(os.environ, FASTBACKEND_DATA_DIR=str(tmp_path), FASTBACKEND_RUN_LIMIT_BYTES="500")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "handler_fast.py"), "--test_input", job],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "payload: 636 bytes is over the 500-byte limit for this route" in result.stdout + result.stderr
+
+
 def test_server_runsync_health_completes(local_server):
     answer = requests.post(f"{local_server}/runsync", json={"input": {"type": "health"}}, timeout=60).json()
     assert answer["status"] == "COMPLETED"
@@ -133,7 +163,10 @@ def test_server_uploads_trains_lists_and_downloads(local_server, server_volume, 
     )
     assert trained["steps"] == 2
     listed = client.call({"type": "list_models"})
-    assert [m["filename"] for m in listed["models"]] == ["nowy_dataset_1.3.safetensors"]
+    # The server's volume is shared by this module's tests: look at this run's model only.
+    assert [m["filename"] for m in listed["models"] if m["name"] == trained["model"]] == [
+        "nowy_dataset_1.3.safetensors"
+    ]
     downloaded = client.download("nowy_dataset_1.3", tmp_path)
     assert downloaded.read_bytes() == Path(trained["lora_path"]).read_bytes()
     with pytest.raises(client_module.WorkerError, match=r"input\.model: model 'nope' does not exist"):

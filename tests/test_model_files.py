@@ -56,6 +56,16 @@ def test_download_in_chunks_reassembles_the_file(data_root):
     assert answer["sha256"] == hashlib.sha256(data).hexdigest()
 
 
+def test_download_past_the_end_is_a_validation_error(data_root):
+    path = make_lora(data_root)
+    size = path.stat().st_size
+    at_end = call(type="download_model", model="matt", offset=size)
+    assert (at_end["length"], at_end["next_offset"], at_end["content"]) == (0, None, "")
+    past = call(type="download_model", model="matt", offset=size + 1)
+    assert past["error_code"] == "validation_error"
+    assert past["error"] == f"input.offset: {size + 1} is past the end of the file ({size} bytes)"
+
+
 def test_download_refuses_missing_file_and_oversized_chunk(data_root):
     make_lora(data_root)
     missing = call(type="download_model", model="matt", filename="other.safetensors")
@@ -95,7 +105,7 @@ def test_deleting_a_model_that_is_being_trained_is_refused(data_root, monkeypatc
     from fastbackend import storage
 
     make_lora(data_root)
-    monkeypatch.setattr(storage, "DELETE_LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(storage, "BUSY_LOCK_TIMEOUT_S", 0.2)
     with storage.locked(data_root / "output" / "matt"):
         answer = call(type="delete_model", model="matt")
     assert answer["error"] == "'matt' is locked by another job for over 0.2s"

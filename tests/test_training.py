@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from handler_fast import handler
-from tests.training_helpers import FIXTURE_YAML, LOCAL_FIXTURE_YAML, install_model, train, upload_photos, user_yaml
+from tests.training_helpers import USER_CONFIG, install_model, train, upload_photos, user_yaml
 
 ARCHES = ["flux", "flux_schnell", "sdxl", "sd15"]
 
@@ -40,9 +47,12 @@ def render(pipeline_folder: str, lora_path: str | None, arch: str):
     ).images
 
 
-def test_repository_copy_of_the_user_config_matches_the_shared_one():
-    if FIXTURE_YAML.exists():
-        assert LOCAL_FIXTURE_YAML.read_text() == FIXTURE_YAML.read_text()
+def test_repository_copy_of_the_user_config_is_the_users_file_byte_for_byte():
+    # The sha256 of the config the user trains with, as they sent it (trailing spaces included).
+    assert (
+        hashlib.sha256(USER_CONFIG.read_bytes()).hexdigest()
+        == "8be311a02b50209c517bde164400ab34787f7e7c892f003118626d0e66b5c67c"
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -285,3 +295,72 @@ def test_running_out_of_gpu_memory_is_a_clear_error(tiny_models, data_root, monk
     assert answer["error_code"] == "out_of_memory"
     assert answer["error"].startswith("training ran out of GPU memory; try model.quantize: true")
     assert not (data_root / "output" / "nowy_dataset_1.3").exists()
+
+
+def test_running_out_of_memory_after_a_save_keeps_a_state_the_next_job_resumes(tiny_models, data_root, monkeypatch):
+    from fastbackend.training import trainer
+
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    yaml_text = user_yaml(
+        model_path,
+        steps=4,
+        replacements={"save_every: 2000": "save_every: 2", "sample_every: 100": "sample_every: 1000"},
+    )
+    real_loss = trainer.compute_loss
+
+    def out_of_memory_at_step_3(run, batch):
+        if run.step == 2:  # the third step, after the save at step 2
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_loss(run, batch)
+
+    monkeypatch.setattr(trainer, "compute_loss", out_of_memory_at_step_3)
+    answer = train(yaml_text)
+    assert answer["error_code"] == "out_of_memory" and "a resumable state, if any, is kept" in answer["error"]
+    state = torch.load(data_root / "output" / "nowy_dataset_1.3" / "training_state.pt", weights_only=False)
+    assert state["step"] == 2
+    monkeypatch.setattr(trainer, "compute_loss", real_loss)
+    resumed = train(yaml_text)
+    assert resumed["status"] == "success" and resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+
+
+REPO = Path(__file__).resolve().parent.parent
+KILLED_RUN = """
+import sys
+from handler_fast import handler
+handler({"id": "t", "input": {"type": "train_with_yaml", "yaml_config": open(sys.argv[1]).read()}})
+"""
+
+
+def test_a_killed_run_resumes_to_the_same_lora_as_an_uninterrupted_one(tiny_models, data_root, tmp_path):
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    yaml_text = user_yaml(
+        model_path,
+        steps=12,
+        replacements={"save_every: 2000": "save_every: 2", "sample_every: 100": "sample_every: 1000"},
+    ).replace("      train_unet: true\n", "      train_unet: true\n      disable_sampling: true\n")
+    uninterrupted = train(yaml_text)
+    assert uninterrupted["status"] == "success", uninterrupted
+    expected, _ = read_lora(uninterrupted["lora_path"])
+    output = data_root / "output" / "nowy_dataset_1.3"
+    shutil.rmtree(output)
+
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml_text)
+    worker = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(config_file)], cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not (output / "training_state.pt").exists() and worker.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=30)
+    assert worker.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (output / "nowy_dataset_1.3.safetensors").exists()
+
+    resumed = train(yaml_text)
+    assert resumed["status"] == "success", resumed
+    assert 2 <= resumed["resumed_from_step"] < 12 and resumed["steps"] == 12
+    weights, _ = read_lora(resumed["lora_path"])
+    assert weights.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(weights[key], value), key

@@ -159,11 +159,10 @@ def test_a_model_of_another_architecture_is_refused_cleanly(tiny_models, data_ro
 
 def test_a_second_job_for_the_same_model_is_refused_while_the_first_runs(tiny_models, data_root, monkeypatch):
     from fastbackend import storage
-    from fastbackend.api import train as operation
 
     model_path = install_model(tiny_models, data_root, "flux")
     upload_photos()
-    monkeypatch.setattr(operation, "MODEL_LOCK_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(storage, "BUSY_LOCK_TIMEOUT_S", 0.3)
     output = data_root / "output" / "nowy_dataset_1.3"
     with storage.locked(output):  # the first job, on another worker
         (output / "config.yaml").write_text("the first job's")

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -305,27 +306,57 @@ def test_list_and_delete_datasets(data_root):
     assert missing["error"] == "dataset 'matt' does not exist; existing datasets: ['other']"
 
 
+def test_listings_leave_out_folders_made_by_hand_that_no_request_could_name(data_root):
+    upload(files=file_entries(nine_photos()[:1]))
+    (data_root / "training_data" / "my photos").mkdir()  # a space: outside the name rule
+    (data_root / "output" / "my lora").mkdir(parents=True)
+    assert [d["name"] for d in call(type="list_datasets")["datasets"]] == ["matt"]
+    assert call(type="list_models")["models"] == []
+
+
 APPEND_SCRIPT = """
-import sys
+import sys, time
+from fastbackend.layout import DatasetFolder
 from handler_fast import handler
 from tests.photos import b64, nine_photos
+
+read_manifest = DatasetFolder.read_manifest
+
+def slow_read(self):  # widen the window between reading the manifest and writing it back
+    manifest = read_manifest(self)
+    time.sleep(0.5)
+    return manifest
+
+DatasetFolder.read_manifest = slow_read
 photos = nine_photos()
 part = photos[:5] if sys.argv[1] == "0" else photos[5:]
-for name, data, caption in part:
-    answer = handler({"id": "x", "input": {"type": "upload_training_data", "training_name": "matt",
-        "files": [{"filename": name, "content": b64(data), "caption": caption}]}})
-    assert answer["status"] == "success", answer
+files = [{"filename": name, "content": b64(data), "caption": caption} for name, data, caption in part]
+print("ready", flush=True)
+answer = handler({"id": "x", "input": {"type": "upload_training_data", "training_name": "matt", "files": files}})
+assert answer["status"] == "success", answer
 """
 
 
 def test_two_processes_appending_at_once_both_land(data_root):
-    workers = [
-        subprocess.Popen([sys.executable, "-c", APPEND_SCRIPT, str(i)], cwd=REPO, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
+    from fastbackend.storage import locked
+
+    folder = data_root / "training_data" / "matt"
+    with locked(folder):  # both writers start their commit while the lock is held, so they overlap
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-c", APPEND_SCRIPT, str(i)],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        for worker in workers:
+            assert worker.stdout.readline().strip() == "ready", worker.stderr.read()
+        time.sleep(1.5)  # both are past reading the old manifest and waiting on the lock
     for worker in workers:
         assert worker.wait(timeout=120) == 0, worker.stderr.read()
-    folder = data_root / "training_data" / "matt"
     manifest = json.loads((folder / "manifest.json").read_text())["images"]
     assert sorted(manifest) == sorted(n for n, _, _ in nine_photos())
     on_disk = sorted(p.name for p in folder.glob("IMG_*.*") if p.suffix != ".txt")

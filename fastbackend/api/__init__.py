@@ -2,7 +2,8 @@
 
 Each takes its validated request (``schemas``) and a ``progress`` callback, calls the core
 (storage, datasets, training) and shapes the answer, a dict with ``"status": "success"``.
-Nothing here imports torch at module level: light requests stay light.
+Only ``generate`` imports torch at module level (``train`` when a run starts): every other
+request type answers without it.
 """
 
 from __future__ import annotations

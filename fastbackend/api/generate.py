@@ -14,6 +14,7 @@ import torch
 
 from fastbackend.api import Progress, check_result_size
 from fastbackend.errors import ErrorCode, FastBackendError, NotFound
+from fastbackend.images import PIL_FORMATS
 from fastbackend.layout import HeaderKey, LoraFolder, read_header
 from fastbackend.schemas import GenerateRequest
 from fastbackend.storage import lora_dir, resolve_base_model
@@ -21,7 +22,7 @@ from fastbackend.training import pipeline_cache
 from fastbackend.training.families import FAMILIES, Family, family_for
 
 ADAPTER = "generate"
-BASE_MODEL_FIELD = "the LoRA's base model (ss_sd_model_name)"
+BASE_MODEL_FIELD = f"the LoRA's base model ({HeaderKey.BASE_MODEL.value})"
 
 
 def generate(request: GenerateRequest, progress: Progress | None = None) -> dict:
@@ -74,7 +75,7 @@ def render(family: Family, pipe, request: GenerateRequest) -> list:
 
 def encode(image, fmt: str) -> dict:
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG" if fmt == "jpg" else "PNG", **({"quality": 95} if fmt == "jpg" else {}))
+    image.save(buffer, format=PIL_FORMATS[fmt], **({"quality": 95} if fmt == "jpg" else {}))
     return {
         "content": base64.b64encode(buffer.getvalue()).decode("ascii"),
         "format": fmt,

@@ -14,18 +14,16 @@ from fastbackend.api import Progress, check_result_size
 from fastbackend.errors import ErrorCode, FastBackendError, NotFound
 from fastbackend.layout import LORA_SUFFIX, HeaderKey, LoraFolder, read_header
 from fastbackend.schemas import DeleteModelRequest, DownloadModelRequest, GetSamplesRequest, ListModelsRequest
-from fastbackend.storage import lora_dir, outputs_dir, remove_tree, sha256_file
+from fastbackend.storage import list_names, lora_dir, outputs_dir, remove_tree, sha256_file
 
 
 def list_models(request: ListModelsRequest, progress: Progress | None = None) -> dict:
     """Every LoRA file under ``<root>/output/<name>/``; temporary (dot) files are never listed."""
     models = []
-    root = outputs_dir()
-    for path in sorted(root.iterdir()) if root.is_dir() else []:
-        if path.is_dir() and not path.name.startswith("."):
-            folder = LoraFolder(path)
-            recorded = folder.recorded_sha256()
-            models += [describe_lora(lora, recorded) for lora in folder.lora_files()]
+    for name in list_names(outputs_dir()):
+        folder = LoraFolder(outputs_dir() / name)
+        recorded = folder.recorded_sha256()
+        models += [describe_lora(lora, recorded) for lora in folder.lora_files()]
     return {"status": "success", "models": models, "total_count": len(models)}
 
 

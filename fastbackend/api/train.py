@@ -11,6 +11,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
+from fastbackend import storage
 from fastbackend.api import Progress
 from fastbackend.config import PREFIX, TrainingConfig, parse_training_config
 from fastbackend.errors import ErrorCode, FastBackendError, ValidationFailed
@@ -27,16 +28,13 @@ from fastbackend.storage import (
     resolve_base_model,
 )
 
-# A second job for the same model name waits this long for the first before giving up.
-MODEL_LOCK_TIMEOUT_S = 5
-
 
 def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = None) -> dict:
     config, warnings = parse_training_config(request.source)
     datasets = resolve_datasets(config)
     base_model = resolve_base_model(config.process.model.name_or_path, f"{PREFIX}.model.name_or_path")
     output = resolve_output(config)
-    with locked(output.path, timeout_s=MODEL_LOCK_TIMEOUT_S):
+    with locked(output.path, timeout_s=storage.BUSY_LOCK_TIMEOUT_S):  # a second job for the same model
         try:
             return run_training(config, request, datasets, base_model, output, warnings, progress)
         except BaseException:

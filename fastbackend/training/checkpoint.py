@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from fastbackend.layout import LoraRecord
 from fastbackend.storage import temporary_path
 from fastbackend.training import lora_io
 from fastbackend.training.run import Run
@@ -70,7 +71,8 @@ def save_state(run: Run) -> None:
         "history": run.history,
         "saves": [p.name for p in run.saves],
         "sha256": run.sha256,
-        "rng": {"python": run.rng.getstate(), "torch": torch.get_rng_state()},
+        # Every random source the steps draw from, so a resumed run continues exactly as it would have.
+        "rng": {"captions": run.rng.getstate(), "batches": run.sampler.rng.getstate(), "torch": torch.get_rng_state()},
     }
     with temporary_path(run.folder.state) as tmp:
         torch.save(state, tmp)
@@ -108,7 +110,10 @@ def restore_state(run: Run) -> int:
         run.ema.load_state_dict(state["ema"])
     run.step, run.history, run.sha256 = state["step"], state["history"], state["sha256"]
     run.saves = [run.folder.path / name for name in state["saves"] if (run.folder.path / name).exists()]
-    run.rng.setstate(state["rng"]["python"])
+    rng = state["rng"]
+    run.rng.setstate(rng["captions"] if "captions" in rng else rng["python"])  # "python": older states
+    if "batches" in rng:
+        run.sampler.rng.setstate(rng["batches"])
     torch.set_rng_state(state["rng"]["torch"])
     run.job.warnings.append(f"resumed from the saved state at step {run.step}")
     log.info("resumed from step %d", run.step)
@@ -119,15 +124,15 @@ def write_model_record(run: Run) -> None:
     """The folder's metadata record: what list_models and download_model read instead of re-hashing files."""
     process = run.process
     run.folder.write_metadata(
-        {
-            "name": run.job.config.name,
-            "arch": run.family.name,
-            "base_model": process.model.name_or_path,
-            "rank": process.network.rank,
-            "alpha": process.network.alpha,
-            "steps": run.step,
-            "dataset_hash": run.dataset_hash,
-            "sha256": run.sha256,
-            "loss_history": run.loss_history(),
-        }
+        LoraRecord(
+            name=run.job.config.name,
+            arch=run.family.name,
+            base_model=process.model.name_or_path,
+            rank=process.network.rank,
+            alpha=process.network.alpha,
+            steps=run.step,
+            dataset_hash=run.dataset_hash,
+            sha256=run.sha256,
+            loss_history=run.loss_history(),
+        )
     )

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 from fastbackend.images import EXIF_ORIENTATION
-from fastbackend.layout import DatasetFolder
+from fastbackend.layout import DatasetFolder, latent_name
 from fastbackend.storage import temporary_path
 
 # Buckets at or above this resolution snap to this step (as ai-toolkit's do), or to the
@@ -171,8 +171,7 @@ class LatentCache:
     def path(self, example: Example) -> Path | None:
         if self.folder is None:
             return None
-        width, height = example.bucket
-        return self.folder / f"{example.item.sha256[:32]}_{width}x{height}.safetensors"
+        return self.folder / latent_name(example.item.sha256, example.bucket)
 
     def load(self, example: Example) -> bool:
         path = self.path(example)

@@ -23,7 +23,7 @@ from fastbackend.training.families import Family
 
 ADAPTER = "fastbackend"
 # The config's dtype names (train.dtype, save.dtype) -> torch dtypes.
-DTYPES = {
+TORCH_DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -92,9 +92,8 @@ def save_lora(
     path: Path, family: Family, states: States, rank: int, alpha: float, dtype: str, metadata: dict[str, object]
 ) -> str:
     """Write the LoRA file atomically; returns its sha256."""
-    tensors = {
-        key: value.to(DTYPES[dtype]).contiguous() for key, value in to_file_format(family, states, rank, alpha).items()
-    }
+    keyed = to_file_format(family, states, rank, alpha)
+    tensors = {key: value.to(TORCH_DTYPES[dtype]).contiguous() for key, value in keyed.items()}
     header = {str(key): value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     with temporary_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import torch
 
+from fastbackend.images import PIL_FORMATS
 from fastbackend.storage import atomic_write_bytes
 from fastbackend.training import data
 from fastbackend.training.caching import encoders_stay, offload_encoders
 from fastbackend.training.run import Run
-
-PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
 def should_sample(run: Run, final: bool = False) -> bool:

@@ -92,7 +92,7 @@ def choose_device(requested: str, dtype_name: str, warnings: list[str]) -> tuple
         if requested != "cpu":
             warnings.append(f"{PREFIX}.device: {requested!r} is not available here; training on the CPU")
         device = torch.device("cpu")
-    dtype = lora_io.DTYPES[dtype_name]
+    dtype = lora_io.TORCH_DTYPES[dtype_name]
     if device.type == "cpu" and dtype != torch.float32:
         warnings.append(f"{PREFIX}.train.dtype: {dtype_name} needs CUDA; training in fp32 on the CPU")
         dtype = torch.float32

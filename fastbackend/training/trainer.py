@@ -25,7 +25,12 @@ from fastbackend.training.setup import log_run_shape, set_up
 
 
 def train(job: TrainJob, hooks: Hooks | None = None) -> TrainResult:
-    hooks = hooks or Hooks()
+    """Train ``job``; the process's global RNG state is the same afterwards (the run seeds its own)."""
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        return _train(job, hooks or Hooks())
+
+
+def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
     started = time.monotonic()
     run = set_up(job)
     resumed_from = restore_state(run) if job.resume else 0

@@ -1,6 +1,7 @@
 """The model families the trainer knows, by their config name (``model.arch``).
 
-Adding a family is one file beside these that subclasses ``Family``, and one entry here.
+Adding a family is one file beside these that subclasses ``Family``, one entry here, and its
+name among ``config.ModelConfig.arch``'s choices (a test checks the two lists agree).
 """
 
 from __future__ import annotations
