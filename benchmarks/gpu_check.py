@@ -78,7 +78,7 @@ def full_size_flux(device: str, config: dict, size: int, steps: int, checkpointi
 
     from fastbackend.training import lora_io
     from fastbackend.training.families import LossOptions, TrainingBatch
-    from fastbackend.training.families.flux import FLUX_TARGETS, Flux
+    from fastbackend.training.families.flux import Flux
 
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -86,7 +86,7 @@ def full_size_flux(device: str, config: dict, size: int, steps: int, checkpointi
     with torch.device(device):
         transformer = FluxTransformer2DModel(**config)
     torch.set_default_dtype(torch.float32)
-    params = lora_io.add_lora(transformer, FLUX_TARGETS, rank=16, alpha=16, dropout=0.0)
+    params = lora_io.add_lora(transformer, Flux().lora_targets(transformer), rank=16, alpha=16, dropout=0.0)
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()

@@ -154,7 +154,7 @@ def run_minimal_loop(model: Path, dataset: Path, steps: int) -> tuple[list[float
     from peft import LoraConfig
     from PIL import Image
 
-    from fastbackend.training.families.sd15 import UNET_TARGETS
+    from fastbackend.training.families.sd15 import SD15
 
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -163,7 +163,8 @@ def run_minimal_loop(model: Path, dataset: Path, steps: int) -> tuple[list[float
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=UNET_TARGETS))
+    targets = SD15().lora_targets(unet)  # the same layers as the trainer's, for a fair comparison
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets))
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     images, captions = [], []

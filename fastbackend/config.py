@@ -15,6 +15,7 @@ All problems are collected and reported at once. Numbers are read as ai-toolkit 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import typing
 from typing import Any, Literal
@@ -31,6 +32,13 @@ MAX_YAML_BYTES = 256_000
 MAX_EXPANDED_NODES = 20_000
 # Where the one process section sits; error paths and warnings start with it.
 PREFIX = "config.process[0]"
+# ai-toolkit's defaults where this worker's recipe depends on them (toolkit/config_modules.py).
+DEFAULT_RANK = 4
+# The families this worker trains (training/families registers the same names; a test compares),
+# ai-toolkit's other names for them, and its flags for families it does not train yet.
+ARCHES = ("flux", "sdxl", "sd15")
+ARCH_ALIASES = {"sd1": "sd15", "flex1": "flux"}
+UNSUPPORTED_FLAGS = ("is_v2", "is_v3", "is_pixart", "is_pixart_sigma", "is_auraflow", "is_lumina2")
 DTYPES = Literal["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"]
 
 
@@ -40,27 +48,44 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
     IGNORED: typing.ClassVar[dict[str, str]] = {}
 
+    @classmethod
+    def fields_by_key(cls) -> dict[str, Any]:
+        """Fields by the key a YAML file uses (the alias where the attribute is named otherwise)."""
+        return {field.alias or name: field for name, field in cls.model_fields.items()}
+
 
 class NetworkConfig(Section):
     IGNORED = {
-        "conv": "conv LoRA layers are not trained; linear layers only",
+        "conv": "conv LoRA layers (ResNet blocks) are not trained; the transformer blocks' layers are",
         "conv_alpha": "conv LoRA layers are not trained",
-        "network_kwargs": "target modules are fixed per architecture",
-        "transformer_only": "only the transformer / UNet is trained",
+        "network_kwargs": "target modules are fixed per architecture, as ai-toolkit's defaults choose them",
+        "transformer_only": "only the transformer blocks are trained (ai-toolkit's default)",
         "normalize": "not used by LoRA training",
+        "lorm": "not supported",
+        "lokr_full_rank": "only LoRA is trained",
+        "lokr_factor": "only LoRA is trained",
+        "old_lokr_format": "only LoRA is trained",
+        "split_multistage_loras": "no multi-stage models",
+        "layer_offloading": "not supported",
+        "pretrained_lora_path": "training starts from a fresh LoRA (or resumes its own)",
+        "all_layers": "only the transformer blocks' linear layers are trained",
     }
     type: Literal["lora"] = "lora"
-    linear: int = Field(16, gt=0, le=512, description="LoRA rank.")
-    linear_alpha: float | None = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    linear: int | None = Field(None, gt=0, le=512, description="LoRA rank (ai-toolkit's default 4).")
+    rank_key: int | None = Field(None, alias="rank", gt=0, le=512, description="LoRA rank; wins over `linear`.")
+    linear_alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha (SD 1.5 / SDXL): the update is scaled by alpha / rank. FLUX trains at 1."
+    )
+    alpha_key: float = Field(1.0, alias="alpha", gt=0, description="`linear_alpha` when that is not given.")
     dropout: float = Field(0.0, ge=0, lt=1)
 
     @property
     def rank(self) -> int:
-        return self.linear
+        return self.rank_key or self.linear or DEFAULT_RANK
 
     @property
     def alpha(self) -> float:
-        return self.linear_alpha if self.linear_alpha is not None else float(self.linear)
+        return self.linear_alpha if self.linear_alpha is not None else self.alpha_key
 
 
 class SaveConfig(Section):
@@ -70,8 +95,8 @@ class SaveConfig(Section):
         "save_format": "LoRAs are always saved as safetensors",
     }
     dtype: DTYPES = "float16"
-    save_every: int = Field(250, gt=0, description="Save <name>_<step>.safetensors every N steps.")
-    max_step_saves_to_keep: int = Field(4, ge=0, description="Step saves kept; older ones are deleted.")
+    save_every: int = Field(1000, gt=0, description="Save <name>_<step>.safetensors every N steps.")
+    max_step_saves_to_keep: int = Field(5, ge=0, description="Step saves kept; older ones are deleted.")
     push_to_hub: bool = False
 
 
@@ -92,16 +117,68 @@ class DatasetConfig(Section):
             "mask_min_value",
             "poi",
             "is_reg",
+            "prior_reg",
             "network_weight",
             "token_dropout_rate",
             "type",
             "random_triggers",
+            "random_triggers_max",
+            "dataset_path",
+            "control_path_1",
+            "control_path_2",
+            "control_path_3",
+            "control_from_same_folder",
+            "num_controls_from_same_folder",
+            "control_transparent_color",
+            "inpaint_path",
+            "full_size_control_images",
+            "unconditional_path",
+            "invert_mask",
+            "use_short_captions",
+            "clip_image_path",
+            "clip_image_from_same_folder",
+            "clip_image_augmentations",
+            "clip_image_shuffle_augmentations",
+            "replacements",
+            "loss_multiplier",
+            "extra_values",
+            "square_crop",
+            "replay_transforms",
+            "num_frames",
+            "shrink_video_to_frames",
+            "fps",
+            "auto_frame_count",
+            "trim_auto_frame_count_tail",
+            "controls",
+            "do_i2v",
+            "do_audio",
+            "audio_preserve_pitch",
+            "audio_normalize",
+            "guidance_type",
+            "standardize_images",
+            "diff_output_preservation",
+            "diff_output_preservation_class",
         ),
         "not supported; the dataset is used as uploaded",
-    ) | {"buckets": "aspect-ratio buckets are always used", "bucket_tolerance": "buckets snap to the model's size step"}
+    ) | {
+        "buckets": "aspect-ratio buckets are always used",
+        "bucket_tolerance": "buckets snap to the model's size step",
+        "batch_size": "train.batch_size applies to every dataset",
+        "cache_text_embeddings": "train.cache_text_embeddings applies to every dataset",
+        "cache_tensors_to_disk": "latents are cached by cache_latents_to_disk",
+        "cache_clip_vision_to_disk": "no vision encoder",
+        "load_image_when_caching_latents": "images are read when their latents are cached",
+        "num_workers": "images are read in the worker's own process",
+        "prefetch_factor": "images are read in the worker's own process",
+        "cache_latents_num_workers": "images are read in the worker's own process",
+        "debug": "progress is reported through the job",
+        "fast_image_size": "image sizes come from the manifest",
+    }
     folder_path: str = Field(description="An uploaded dataset: its name, or a path under the data root.")
     caption_ext: Literal["txt", ".txt"] = "txt"
-    caption_dropout_rate: float = Field(0.05, ge=0, le=1, description="Chance to train a step with an empty caption.")
+    caption_dropout_rate: float = Field(
+        0.0, ge=0, le=1, description="Chance a step trains on the trigger word alone (or empty) instead of the caption."
+    )
     shuffle_tokens: bool = Field(False, description="Shuffle the comma-separated parts of captions each step.")
     keep_tokens: int = Field(0, ge=0, description="Leading caption parts never shuffled.")
     cache_latents: bool = Field(True, description="Encode each image once; false: the VAE encodes it every step.")
@@ -109,6 +186,7 @@ class DatasetConfig(Section):
     resolution: list[int] = Field(default_factory=lambda: [512])
     num_repeats: int = Field(1, gt=0, description="Relative sampling weight of this dataset.")
     default_caption: str | None = None
+    trigger_word: str | None = Field(None, max_length=200, description="This dataset's trigger; default the process's.")
 
     @field_validator("resolution", mode="before")
     @classmethod
@@ -127,8 +205,9 @@ class DatasetConfig(Section):
 
 
 class EmaConfig(Section):
+    IGNORED = {"use_feedback": "not supported", "param_multiplier": "not supported"}
     use_ema: bool = False
-    ema_decay: float = Field(0.99, gt=0, lt=1)
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="Constant decay, no warm-up (ai-toolkit).")
 
 
 # What each optimizer accepts in `optimizer_params` (the keyword arguments of its class).
@@ -142,6 +221,11 @@ OPTIMIZER_PARAMS = {
 }
 
 
+# Scheduler parameters: num_cycles, power (diffusers' schedules), start_factor and end_factor
+# (`linear`, torch's LinearLR as ai-toolkit uses it), num_warmup_steps (ai-toolkit's warm-up key).
+SCHEDULER_PARAMS = ("num_cycles", "power", "start_factor", "end_factor", "num_warmup_steps")
+
+
 class TrainConfig(Section):
     IGNORED = {
         "xformers": "PyTorch's scaled-dot-product attention is always used",
@@ -152,38 +236,132 @@ class TrainConfig(Section):
         "merge_network_on_save": "the LoRA is always saved separately",
         "free_u": "not supported",
         "skip_first_sample": "no sample is made at step 0",
-        "content_or_style": "timesteps follow `timestep_type`",
         "unload_text_encoder": "text encoders leave the device after caching anyway",
         "loss_type": "the loss is mean squared error",
         "start_step": "resume continues from the newest saved state",
         "bypass_guidance_embedding": "not supported",
         "min_denoising_steps": "timesteps follow `timestep_type`",
         "max_denoising_steps": "timesteps follow `timestep_type`",
+        "attention_backend": "PyTorch's scaled-dot-product attention is always used",
+        "train_refiner": "no refiner",
+        "refiner_lr": "no refiner",
+        "train_turbo": "not supported",
+        "show_turbo_outputs": "not supported",
+        "snr_gamma": "use min_snr_gamma",
+        "learnable_snr_gos": "not supported",
+        "force_first_sample": "no sample is made at step 0",
+        "merge_network_on_save_strength": "the LoRA is always saved separately",
+        "adapter_assist_name_or_path": "no adapters are trained",
+        "adapter_assist_type": "no adapters are trained",
+        "noise_multiplier": "not supported",
+        "target_noise_multiplier": "not supported",
+        "random_noise_multiplier": "not supported",
+        "do_signal_correction_noise": "not supported",
+        "signal_correction_noise_scale": "not supported",
+        "do_batch_noise_correction": "not supported",
+        "batch_noise_correction_scale": "not supported",
+        "do_signal_amplification": "not supported",
+        "signal_amplification_strength": "not supported",
+        "random_noise_shift": "not supported",
+        "img_multiplier": "not supported",
+        "noisy_latent_multiplier": "not supported",
+        "latent_multiplier": "not supported",
+        "negative_prompt": "not supported",
+        "max_negative_prompts": "not supported",
+        "reg_weight": "no regularisation datasets",
+        "num_train_timesteps": "the scheduler's own (1000) is used",
+        "adaptive_scaling_factor": "not supported",
+        "prompt_dropout_prob": "use datasets[].caption_dropout_rate",
+        "match_noise_norm": "not supported",
+        "short_and_long_captions": "not supported",
+        "short_and_long_captions_encoder_split": "not supported",
+        "single_item_batching": "not supported",
+        "match_adapter_assist": "no adapters are trained",
+        "match_adapter_chance": "no adapters are trained",
+        "loss_target": "the target is the family's own (noise, v or velocity)",
+        "inverted_mask_prior": "no masks",
+        "inverted_mask_prior_multiplier": "no masks",
+        "diff_output_preservation": "not supported",
+        "diff_output_preservation_multiplier": "not supported",
+        "diff_output_preservation_class": "not supported",
+        "blank_prompt_preservation": "not supported",
+        "blank_prompt_preservation_multiplier": "not supported",
+        "standardize_images": "not supported",
+        "standardize_latents": "not supported",
+        "dynamic_noise_offset": "not supported",
+        "do_cfg": "not supported",
+        "do_random_cfg": "not supported",
+        "cfg_scale": "not supported",
+        "max_cfg_scale": "not supported",
+        "cfg_rescale": "not supported",
+        "correct_pred_norm": "not supported",
+        "correct_pred_norm_multiplier": "not supported",
+        "t0_loss_target": "not supported",
+        "t0_velocity_equiv_weight": "not supported",
+        "do_fft_loss": "not supported",
+        "do_fft_velocity_equiv_weight": "not supported",
+        "pred_scaler": "not supported",
+        "prompt_saturation_chance": "not supported",
+        "do_prior_divergence": "not supported",
+        "target_norm_std": "not supported",
+        "target_norm_std_value": "not supported",
+        "next_sample_timesteps": "timestep_type next_sample is not supported",
+        "linear_timesteps2": "use linear_timesteps",
+        "do_paramiter_swapping": "not supported",
+        "paramiter_swapping_factor": "not supported",
+        "latent_feature_extractor_path": "not supported",
+        "latent_feature_loss_weight": "not supported",
+        "diffusion_feature_extractor_path": "not supported",
+        "diffusion_feature_extractor_weight": "not supported",
+        "optimal_noise_pairing_samples": "not supported",
+        "force_consistent_noise": "not supported",
+        "blended_blur_noise": "not supported",
+        "do_guidance_loss": "not supported",
+        "guidance_loss_target": "not supported",
+        "do_guidance_loss_cfg_zero": "not supported",
+        "guidance_loss_schedule": "not supported",
+        "unconditional_prompt": "not supported",
+        "do_differential_guidance": "not supported",
+        "differential_guidance_scale": "not supported",
+        "switch_boundary_every": "no multi-stage models",
+        "do_blank_stabilization": "not supported",
+        "audio_loss_multiplier": "no audio",
+        "max_loss_debug": "not supported",
+        "max_loss": "not supported",
+        "validation_config": "not supported",
     }
     batch_size: int = Field(1, gt=0, le=64)
     steps: int = Field(1000, gt=0, le=200_000)
-    gradient_accumulation_steps: int = Field(1, gt=0, le=256)
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, le=256, description="Micro-batches per optimizer step; `steps` counts micro-batches (ai-toolkit)."
+    )
+    gradient_accumulation: int = Field(
+        1, gt=0, le=256, description="Batches per optimizer step; `steps` counts optimizer steps (ai-toolkit)."
+    )
     train_unet: bool = True
     train_text_encoder: bool = False
     gradient_checkpointing: bool = True
     noise_scheduler: Literal["flowmatch", "ddpm", "ddim", "euler", "euler_a", "lms", "dpmsolver"] = "ddpm"
     optimizer: Literal["adamw", "adamw8bit", "adam", "adam8bit", "sgd", "prodigy"] = "adamw"
     optimizer_params: dict[str, float | list[float]] = Field(default_factory=dict)
-    lr: float = Field(1e-4, gt=0, le=10)
+    lr: float = Field(1e-6, gt=0, le=10, description="ai-toolkit's default when omitted: 1e-6.")
     unet_lr: float | None = Field(None, gt=0, le=10)
     text_encoder_lr: float | None = Field(None, gt=0, le=10, description="With train_text_encoder; default lr.")
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
     lr_scheduler_params: dict[str, float] = Field(default_factory=dict)
-    lr_warmup_steps: int = Field(0, ge=0)
+    lr_warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps (constant_with_warmup: 1000).")
     max_grad_norm: float = Field(1.0, ge=0)
     noise_offset: float = Field(0.0, ge=0, le=1)
     min_snr_gamma: float | None = Field(None, gt=0)
-    timestep_type: Literal["sigmoid", "linear", "shift"] | None = None
-    linear_timesteps: bool = False
+    timestep_type: Literal["sigmoid", "linear", "shift", "flux_shift"] | None = None
+    linear_timesteps: bool = Field(False, description="FLUX: uniform timesteps, the loss weighted by a bell curve.")
+    content_or_style: Literal["balanced", "content", "style"] = Field(
+        "balanced", description="Timestep bias: content towards high noise, style towards low noise."
+    )
     ema_config: EmaConfig = Field(default_factory=EmaConfig)
-    dtype: DTYPES = "bf16"
+    dtype: DTYPES = Field("fp32", description="Mixed precision of the base model on CUDA (ai-toolkit: fp32).")
     seed: int | None = Field(None, ge=0)
     disable_sampling: bool = False
     cache_text_embeddings: bool = Field(True, description="Encode each caption once; false: every step.")
@@ -210,10 +388,16 @@ class TrainConfig(Section):
     @field_validator("lr_scheduler_params")
     @classmethod
     def _known_scheduler_params(cls, value: dict) -> dict:
-        unknown = sorted(set(value) - {"num_cycles", "power"})
+        unknown = sorted(set(value) - set(SCHEDULER_PARAMS))
         if unknown:
-            raise ValueError(f"unknown scheduler parameter(s) {unknown}; valid: num_cycles, power")
+            raise ValueError(f"unknown scheduler parameter(s) {unknown}; valid: {', '.join(SCHEDULER_PARAMS)}")
         return value
+
+    @model_validator(mode="after")
+    def _one_kind_of_accumulation(self) -> TrainConfig:
+        if self.gradient_accumulation > 1 and self.gradient_accumulation_steps > 1:
+            raise ValueError("set gradient_accumulation or gradient_accumulation_steps, not both (as in ai-toolkit)")
+        return self
 
     @property
     def learning_rate(self) -> float:
@@ -224,7 +408,7 @@ class ModelConfig(Section):
     IGNORED = {
         "low_vram": "memory is managed by unloading encoders after caching",
         "quantize_te": "text encoders only run once, to cache embeddings",
-        "qtype": "quantization is 8-bit through bitsandbytes",
+        "qtype": "quantization is bitsandbytes 8-bit (LLM.int8), not ai-toolkit's qfloat8",
         "text_encoder_bits": "text encoders only run once, to cache embeddings",
         "dtype": "the base model's dtype follows `train.dtype`",
         "assistant_lora_path": "not supported",
@@ -233,22 +417,81 @@ class ModelConfig(Section):
         "use_text_encoder_1": "both text encoders are used",
         "use_text_encoder_2": "both text encoders are used",
         "experimental_xl": "not needed",
+        "qtype_te": "text encoders only run once, to cache embeddings",
+        "quantize_kwargs": "quantization covers the denoiser's linear layers",
+        "attn_masking": "not supported",
+        "ignore_if_contains": "only LoRA layers train",
+        "only_if_contains": "only LoRA layers train",
+        "split_model_over_gpus": "one GPU per job",
+        "split_model_other_module_param_count_scale": "one GPU per job",
+        "te_name_or_path": "the base model's own text encoders are used",
+        "auto_memory": "not supported",
+        "layer_offloading": "not supported",
+        "layer_offloading_transformer_percent": "not supported",
+        "layer_offloading_text_encoder_percent": "not supported",
+        "extras_name_or_path": "the base model's own parts are used",
+        "accuracy_recovery_adapter": "not supported",
+        "compile": "not supported",
+        "block_compile": "not supported",
+        "compile_mode": "not supported",
+        "compile_fullgraph": "not supported",
+        "compile_dynamic": "not supported",
+        "cache_size_limit": "not supported",
+        "model_kwargs": "not supported",
+        "model_paths": "not supported",
+        "in_context": "not supported",
+        "vae_dtype": "the VAE follows `train.dtype` (SDXL encodes in fp32)",
+        "vae_device": "the VAE runs on the training device",
+        "te_device": "text encoders run on the training device",
+        "te_dtype": "text encoders follow `train.dtype`",
+        "refiner_name_or_path": "no refiner",
+        "refiner_start_at": "no refiner",
+        "inference_lora_path": "not supported",
+        "unconditional_lora_path": "not supported",
+        "latent_space_version": "the base model's own VAE is used",
+        "unet_path": "the base model's own UNet is used",
+        "unet_sample_size": "the base model's own UNet is used",
+        "use_flux_cfg": "not supported",
     }
     name_or_path: str = Field(min_length=1, max_length=300, description="A hub id or a local diffusers folder.")
-    arch: Literal["flux", "sdxl", "sd15", "sd1"] | None = None
+    arch: str | None = Field(
+        None, description="flux (or flex1), sdxl, sd15 (or sd1); ai-toolkit's `arch:tag` form too."
+    )
     is_flux: bool = False
     is_xl: bool = False
+    is_ssd: bool = False  # SSD-1B and Vega are distilled SDXL models: trained as SDXL
+    is_vega: bool = False
     is_v2: bool = False
     is_v3: bool = False
+    is_pixart: bool = False
+    is_pixart_sigma: bool = False
+    is_auraflow: bool = False
+    is_lumina2: bool = False
     is_v_pred: bool = False
     quantize: bool = False
     revision: str | None = None
 
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        name = value.split(":", 1)[0]  # ai-toolkit's `arch:tag` (zimage:turbo) names a variant of `arch`
+        name = ARCH_ALIASES.get(name, name)
+        if name not in ARCHES:
+            raise ValueError(
+                f"architecture {value!r} is not supported by this worker yet; supported: {', '.join(ARCHES)} "
+                f"(also {', '.join(ARCH_ALIASES)})"
+            )
+        return name
+
     @model_validator(mode="after")
     def _one_arch(self) -> ModelConfig:
-        if self.is_v2 or self.is_v3:
-            raise ValueError("Stable Diffusion 2 and 3 are not supported; use arch flux, sdxl or sd15")
-        flags = [name for name, on in (("flux", self.is_flux), ("sdxl", self.is_xl)) if on]
+        unsupported = [flag for flag in UNSUPPORTED_FLAGS if getattr(self, flag)]
+        if unsupported:
+            raise ValueError(f"{unsupported[0]}: that architecture is not supported yet; use arch {', '.join(ARCHES)}")
+        xl = self.is_xl or self.is_ssd or self.is_vega
+        flags = [name for name, on in (("flux", self.is_flux), ("sdxl", xl)) if on]
         if len(flags) > 1 or (self.arch and flags and self.resolved_arch != flags[0]):
             raise ValueError(
                 f"conflicting architecture settings: arch={self.arch!r}, is_flux={self.is_flux}, is_xl={self.is_xl}"
@@ -258,8 +501,8 @@ class ModelConfig(Section):
     @property
     def resolved_arch(self) -> str:
         if self.arch:
-            return "sd15" if self.arch == "sd1" else self.arch
-        return "flux" if self.is_flux else "sdxl" if self.is_xl else "sd15"
+            return self.arch
+        return "flux" if self.is_flux else "sdxl" if (self.is_xl or self.is_ssd or self.is_vega) else "sd15"
 
 
 class SampleConfig(Section):
@@ -269,18 +512,23 @@ class SampleConfig(Section):
         "samples": "use `prompts`",
         "refiner_start_at": "no refiner",
         "network_multiplier": "samples use the LoRA at full strength",
+        "extra_values": "not supported",
+        "num_frames": "images only",
+        "fps": "images only",
+        "do_cfg_norm": "not supported",
     }
     sampler: Literal["flowmatch", "ddpm", "ddim", "euler", "euler_a", "lms", "dpmsolver"] = Field(
-        "flowmatch", description="Samples use the base model's own scheduler; a mismatch is warned about."
+        "ddpm", description="Samples use the base model's own scheduler; a mismatch is warned about."
     )
-    sample_every: int = Field(250, gt=0)
-    width: int = Field(1024, ge=32, le=4096)
-    height: int = Field(1024, ge=32, le=4096)
+    sample_every: int = Field(100, gt=0)
+    sample_start_step: int = Field(0, ge=0, description="No samples on schedule before this step.")
+    width: int = Field(512, ge=32, le=4096)
+    height: int = Field(512, ge=32, le=4096)
     prompts: list[str] = Field(default_factory=list, max_length=64)
     neg: str | bool = ""
     seed: int = Field(0, ge=0)
     walk_seed: bool = False
-    guidance_scale: float = Field(4.0, ge=0, le=50)
+    guidance_scale: float = Field(7.0, ge=0, le=50)
     sample_steps: int = Field(20, gt=0, le=200)
     format: Literal["jpg", "png", "webp"] = "jpg"
 
@@ -294,17 +542,25 @@ class ProcessConfig(Section):
         "performance_log_every": "progress is reported through the job",
         "logging": "progress is reported through the job",
         "sqlite_db_path": "not used",
+        "log_dir": "progress is reported through the job",
     }
     type: Literal["sd_trainer"]
     training_folder: str = "output"
     device: str = "cuda:0"
     trigger_word: str | None = Field(None, max_length=200)
+    training_seed: int | None = Field(None, ge=0, description="The seed when train.seed is not set.")
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     save: SaveConfig = Field(default_factory=SaveConfig)
     datasets: list[DatasetConfig] = Field(min_length=1, max_length=16)
     train: TrainConfig = Field(default_factory=TrainConfig)
     model: ModelConfig
     sample: SampleConfig | None = None
+
+    @property
+    def lora_alpha(self) -> float:
+        """FLUX LoRAs train at scale 1 (alpha = rank) whatever `linear_alpha` says, as ai-toolkit's
+        (it saves them in peft's format); SD 1.5 / SDXL at linear_alpha / rank."""
+        return float(self.network.rank) if self.model.resolved_arch == "flux" else self.network.alpha
 
     @model_validator(mode="after")
     def _something_to_train(self) -> ProcessConfig:
@@ -416,7 +672,7 @@ def sweep_keys(node: Any, section: type[Section], path: str, warnings: list[str]
     kept = {}
     for key, value in node.items():
         key_path = f"{path}.{key}" if path else str(key)
-        field = section.model_fields.get(key) if isinstance(key, str) else None
+        field = section.fields_by_key().get(key) if isinstance(key, str) else None
         if field is not None:
             child = _section_of(field.annotation)
             if child is not None and isinstance(value, list):
@@ -434,9 +690,9 @@ def sweep_keys(node: Any, section: type[Section], path: str, warnings: list[str]
 
 
 def _nearest(key: Any, section: type[Section]) -> str:
-    valid = [*section.model_fields, *section.IGNORED]
+    valid = [*section.fields_by_key(), *section.IGNORED]
     close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(section.model_fields)}"
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(section.fields_by_key())}"
 
 
 # ---------------------------------------------------------------- entry point
@@ -484,6 +740,34 @@ def unused_for_arch(process: ProcessConfig) -> list[tuple[str, str]]:
     return [(path, why) for path, is_set, why in candidates if is_set]
 
 
+def recipe_notes(process: ProcessConfig) -> list[str]:
+    """Where a key does what ai-toolkit does with it, but not what its name suggests, or where this
+    worker differs from ai-toolkit on purpose: said in the run's warnings."""
+    train, network, notes = process.train, process.network, []
+    if process.model.resolved_arch == "flux" and network.linear_alpha not in (None, float(network.rank)):
+        notes.append(
+            f"{PREFIX}.network.linear_alpha: FLUX LoRAs train at scale 1 (alpha = rank {network.rank}), as in "
+            f"ai-toolkit; {network.linear_alpha:g} is not used"
+        )
+    window = train.gradient_accumulation_steps
+    if window > 1:
+        notes.append(
+            f"{PREFIX}.train.gradient_accumulation_steps: as in ai-toolkit, steps, save_every and sample_every "
+            f"count micro-batches: {train.steps} steps are {math.ceil(train.steps / window)} optimizer updates "
+            f"of {window} micro-batches each; unlike ai-toolkit (which keeps only the last micro-batch's "
+            "gradient), each update uses all of them"
+        )
+    if train.lr_scheduler == "linear":
+        notes.append(
+            f"{PREFIX}.train.lr_scheduler: linear ramps the rate up from lr/3 to lr over the steps (torch's "
+            "LinearLR, as in ai-toolkit); lr_scheduler_params start_factor and end_factor change the ramp"
+        )
+    warmup_given = train.lr_warmup_steps is not None or "num_warmup_steps" in train.lr_scheduler_params
+    if train.lr_scheduler == "constant_with_warmup" and not warmup_given:
+        notes.append(f"{PREFIX}.train.lr_scheduler: constant_with_warmup warms up over 1000 steps (ai-toolkit's)")
+    return notes
+
+
 def semantic_warnings(config: TrainingConfig) -> list[str]:
     """Settings that are valid but will not do what they might seem to."""
     process = config.process
@@ -493,6 +777,7 @@ def semantic_warnings(config: TrainingConfig) -> list[str]:
     if process.save.push_to_hub:
         notes.append(f"{PREFIX}.save.push_to_hub: ignored (download the LoRA with download_model)")
     notes += [f"{PREFIX}.{path}: ignored ({why})" for path, why in unused_for_arch(process)]
+    notes += recipe_notes(process)
     objective = "flowmatch" if process.model.resolved_arch == "flux" else "ddpm"
     if process.sample is not None and (process.sample.sampler == "flowmatch") != (objective == "flowmatch"):
         notes.append(

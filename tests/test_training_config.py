@@ -9,6 +9,13 @@ from fastbackend.errors import ValidationFailed
 from tests.test_upload import snapshot
 from tests.training_helpers import fixture_yaml, install_model, train, upload_photos, user_yaml
 
+# The user's YAML has gradient_accumulation_steps: 4 and steps: 2000; ai-toolkit counts micro-batches.
+ACCUMULATION_NOTE = (
+    "config.process[0].train.gradient_accumulation_steps: as in ai-toolkit, steps, save_every and sample_every "
+    "count micro-batches: 2000 steps are 500 optimizer updates of 4 micro-batches each; unlike ai-toolkit "
+    "(which keeps only the last micro-batch's gradient), each update uses all of them"
+)
+
 
 def test_the_users_config_parses_unchanged():
     config, warnings = parse_training_config(fixture_yaml())
@@ -19,7 +26,7 @@ def test_the_users_config_parses_unchanged():
     assert process.datasets[0].resolution == [512, 768, 1024, 1280]
     assert process.train.ema_config.use_ema and process.train.ema_config.ema_decay == 0.99
     assert process.sample.prompts[1] == "Matt, portrait, upper body"
-    assert warnings == []
+    assert warnings == [ACCUMULATION_NOTE]
 
 
 def test_numbers_are_read_as_ai_toolkit_reads_them_and_name_is_substituted():
@@ -33,7 +40,8 @@ def test_known_but_unused_keys_are_accepted_with_a_warning():
     text = fixture_yaml().replace("      quantize: true", "      quantize: true\n      low_vram: true")
     _, warnings = parse_training_config(text)
     assert warnings == [
-        "config.process[0].model.low_vram: ignored (memory is managed by unloading encoders after caching)"
+        "config.process[0].model.low_vram: ignored (memory is managed by unloading encoders after caching)",
+        ACCUMULATION_NOTE,
     ]
 
 
@@ -188,6 +196,7 @@ def test_settings_that_do_not_fit_the_architecture_are_warned_about():
     _, warnings = parse_training_config(text)
     assert warnings == [
         "config.process[0].sample.network_multiplier: ignored (samples use the LoRA at full strength)",
+        ACCUMULATION_NOTE,
         "config.process[0].sample.sampler: 'flowmatch' does not fit sd15; samples use the model's own scheduler",
         "config.process[0].train.noise_scheduler: 'flowmatch' does not fit sd15; its own objective (ddpm) is used",
     ]
@@ -199,6 +208,7 @@ def test_keys_the_architecture_does_not_use_are_warned_about():
     assert warnings == [
         "config.process[0].train.noise_offset: ignored (an SD 1.5 / SDXL setting; FLUX uses flow matching)",
         "config.process[0].train.min_snr_gamma: ignored (an SD 1.5 / SDXL setting)",
+        ACCUMULATION_NOTE,
     ]
     sd_text = (
         fixture_yaml()

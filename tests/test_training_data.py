@@ -14,8 +14,9 @@ from tests.training_helpers import install_model, train, upload_photos, user_yam
 @pytest.mark.parametrize(
     ("caption", "trigger", "expected"),
     [
-        ("a man, photo", "Matt", "Matt, a man, photo"),
+        ("a man, photo", "Matt", "Matt a man, photo"),
         ("[trigger] smiling, photo", "p3r5on", "p3r5on smiling, photo"),
+        ("photo of [name]", "p3r5on", "photo of p3r5on"),
         ("Matt at the beach", "Matt", "Matt at the beach"),
         ("", "Matt", "Matt"),
         ("[trigger] smiling", None, "smiling"),
@@ -33,6 +34,14 @@ def test_caption_dropout_and_shuffle_keep_leading_tokens():
     assert sorted(next(iter(shuffled)).split(", ")) == sorted(["Matt", "a", "b", "c", "d"])
     always_dropped = data.CaptionOptions(dropout_rate=1.0)
     assert data.caption_for_step("Matt", always_dropped, rng) == ""
+    # ai-toolkit: a dropped caption keeps the trigger word, so the subject stays tied to it
+    with_trigger = data.CaptionOptions(trigger_word="p3r5on", dropout_rate=1.0)
+    assert data.caption_for_step("p3r5on smiling, photo", with_trigger, rng) == "p3r5on"
+
+
+def test_sample_prompts_only_have_their_tags_replaced():
+    assert data.apply_trigger("[trigger] at the beach", "p3r5on", add_if_missing=False) == "p3r5on at the beach"
+    assert data.apply_trigger("a dog", "p3r5on", add_if_missing=False) == "a dog"
 
 
 @pytest.mark.parametrize(

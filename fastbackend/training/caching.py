@@ -60,12 +60,14 @@ def prepare_data(
     """Examples with cached latents, a caption cache, the batch sampler and the dataset hash."""
     multiple = family.pixel_multiple(pipe)
     examples, items, caches = [], [], {}
+    captions = set()
     for folder, dataset_cfg in zip(folders, process.datasets, strict=True):
         found = data.read_items(folder, dataset_cfg.default_caption)
         items += found
-        examples += data.make_examples(
-            found, dataset_cfg.resolution, multiple, process.trigger_word, dataset_cfg.num_repeats
-        )
+        trigger_word = dataset_cfg.trigger_word or process.trigger_word
+        made = data.make_examples(found, dataset_cfg.resolution, multiple, trigger_word, dataset_cfg.num_repeats)
+        examples += made
+        captions |= {e.caption for e in made} | {data.dropped_caption(trigger_word)}
         if dataset_cfg.cache_latents or dataset_cfg.cache_latents_to_disk:
             on_disk = DatasetFolder(folder).latent_cache(model_key(base_model))
             caches[folder] = data.LatentCache(on_disk if dataset_cfg.cache_latents_to_disk else None)
@@ -74,7 +76,7 @@ def prepare_data(
     encoded = data.cache_latents(cached, lambda pixels: family.encode_pixels(pipe, pixels), caches)
     texts = TextCache(family, pipe, device, memoize=process.train.cache_text_embeddings, trainable=trains_text_encoder)
     if texts.memoize:
-        for caption in {e.caption for e in examples} | {""}:
+        for caption in captions:
             texts.get(caption)
     log.info(
         "cached %d of %d latents (%d encoded, %d from disk) and %d captions in %.1fs",

@@ -29,7 +29,7 @@ def save_checkpoint(run: Run, final: bool) -> Path:
         run.family,
         process.model.name_or_path,
         process.network.rank,
-        process.network.alpha,
+        process.lora_alpha,
         run.step,
         process.datasets[0].resolution,
         process.trigger_word,
@@ -40,7 +40,7 @@ def save_checkpoint(run: Run, final: bool) -> Path:
     with run.ema_weights():
         states = lora_io.lora_state(run.lora_modules)
     run.sha256[path.name] = lora_io.save_lora(
-        path, run.family, states, process.network.rank, process.network.alpha, process.save.dtype, metadata
+        path, run.family, states, process.network.rank, process.lora_alpha, process.save.dtype, metadata
     )
     if not final:
         run.saves.append(path)
@@ -68,6 +68,8 @@ def save_state(run: Run) -> None:
         "optimizer": run.optimizer.state_dict(),
         "lr_scheduler": run.lr_scheduler.state_dict(),
         "ema": run.ema.state_dict() if run.ema is not None else None,
+        # Gradients of an accumulation window the save fell inside (gradient_accumulation_steps).
+        "grads": [None if p.grad is None else p.grad.detach().cpu() for p in run.params],
         "history": run.history,
         "saves": [p.name for p in run.saves],
         "sha256": run.sha256,
@@ -85,7 +87,7 @@ def fingerprint(run: Run) -> dict:
         "arch": run.family.name,
         "model": process.model.name_or_path,
         "rank": process.network.rank,
-        "alpha": process.network.alpha,
+        "alpha": process.lora_alpha,
         "dataset": run.dataset_hash,
         "lora_modules": sorted(run.lora_modules),
     }
@@ -108,6 +110,8 @@ def restore_state(run: Run) -> int:
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if run.ema is not None and state["ema"] is not None:
         run.ema.load_state_dict(state["ema"])
+    for param, grad in zip(run.params, state.get("grads") or [], strict=False):
+        param.grad = None if grad is None else grad.to(param.device)
     run.step, run.history, run.sha256 = state["step"], state["history"], state["sha256"]
     run.saves = [run.folder.path / name for name in state["saves"] if (run.folder.path / name).exists()]
     rng = state["rng"]
@@ -129,7 +133,7 @@ def write_model_record(run: Run) -> None:
             arch=run.family.name,
             base_model=process.model.name_or_path,
             rank=process.network.rank,
-            alpha=process.network.alpha,
+            alpha=process.lora_alpha,
             steps=run.step,
             dataset_hash=run.dataset_hash,
             sha256=run.sha256,

@@ -26,7 +26,8 @@ from fastbackend.storage import temporary_path
 # Buckets at or above this resolution snap to this step (as ai-toolkit's do), or to the
 # model's own step when that is coarser.
 BUCKET_STEP = 64
-TRIGGER_TAG = "[trigger]"
+# ai-toolkit replaces both tags in captions and sample prompts with the trigger word.
+TRIGGER_TAGS = ("[trigger]", "[name]")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Example:
 
 @dataclass
 class CaptionOptions:
+    trigger_word: str | None = None
     dropout_rate: float = 0.0
     shuffle: bool = False
     keep_tokens: int = 0
@@ -95,27 +97,36 @@ def dataset_hash(items: list[Item]) -> str:
     return digest.hexdigest()[:16]
 
 
-def apply_trigger(caption: str, trigger_word: str | None) -> str:
-    """ai-toolkit's rule: ``[trigger]`` becomes the trigger word; captions without it get it in front."""
-    if not trigger_word:
-        return caption.replace(TRIGGER_TAG, "").strip()
-    if TRIGGER_TAG in caption:
-        return caption.replace(TRIGGER_TAG, trigger_word)
-    if trigger_word in caption:
-        return caption
-    return f"{trigger_word}, {caption}" if caption else trigger_word
+def apply_trigger(caption: str, trigger_word: str | None, add_if_missing: bool = True) -> str:
+    """ai-toolkit's rule (toolkit/prompt_utils.py inject_trigger_into_prompt): ``[trigger]`` and
+    ``[name]`` become the trigger word, and a caption that still lacks it gets it in front,
+    separated by a space. Sample prompts only have the tags replaced (``add_if_missing`` off).
+    Outer spaces are stripped (ai-toolkit leaves a trailing one on an empty caption)."""
+    for tag in TRIGGER_TAGS:
+        caption = caption.replace(tag, trigger_word or "")
+    if trigger_word and add_if_missing and trigger_word not in caption:
+        caption = f"{trigger_word} {caption}"
+    return caption.strip()
 
 
 def caption_for_step(caption: str, options: CaptionOptions, rng: random.Random) -> str:
-    """The caption one step trains on: sometimes dropped, and parts shuffled when asked."""
+    """The caption one step trains on: sometimes dropped, and parts shuffled when asked.
+
+    A dropped caption is the trigger word alone, as in ai-toolkit (empty without one): the
+    unconditioned steps keep the trigger tied to the subject instead of leaking it everywhere.
+    """
     if options.dropout_rate and rng.random() < options.dropout_rate:
-        return ""
+        return dropped_caption(options.trigger_word)
     if not options.shuffle:
         return caption
     parts = [part.strip() for part in caption.split(",") if part.strip()]
     kept, rest = parts[: options.keep_tokens], parts[options.keep_tokens :]
     rng.shuffle(rest)
     return ", ".join(kept + rest)
+
+
+def dropped_caption(trigger_word: str | None) -> str:
+    return apply_trigger("", trigger_word)
 
 
 def bucket_for(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:

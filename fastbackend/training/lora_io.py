@@ -34,12 +34,14 @@ TORCH_DTYPES = {
 
 
 def add_lora(
-    module: torch.nn.Module, targets: str | list[str], rank: int, alpha: float, dropout: float
+    module: torch.nn.Module, targets: list[str], rank: int, alpha: float, dropout: float
 ) -> list[torch.nn.Parameter]:
-    """Inject LoRA layers (``lora_B`` starts at zero, so the model is unchanged) and return them."""
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
-    )
+    """Inject LoRA layers into the modules named ``targets`` and return their parameters.
+
+    Initialised as ai-toolkit does: ``lora_A`` Kaiming-uniform (a = sqrt(5), so |w| <= 1/sqrt(fan_in))
+    and ``lora_B`` zero, so the model starts unchanged (peft's default initialisation).
+    """
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, target_modules=targets)
     module.requires_grad_(False)
     module.add_adapter(config, adapter_name=ADAPTER)
     params = [p for name, p in module.named_parameters() if "lora_" in name]

@@ -21,7 +21,8 @@ def should_sample(run: Run, final: bool = False) -> bool:
         return False
     if final:
         return True
-    return run.step % sample_cfg.sample_every == 0 and run.step < run.process.train.steps
+    on_schedule = run.step % sample_cfg.sample_every == 0 and run.step >= sample_cfg.sample_start_step
+    return on_schedule and run.step < run.process.train.steps
 
 
 @torch.no_grad()
@@ -42,7 +43,7 @@ def sample(run: Run) -> list[Path]:
             for index, prompt in enumerate(sample_cfg.prompts):
                 seed = sample_cfg.seed + index if sample_cfg.walk_seed else sample_cfg.seed
                 image = run.pipe(
-                    data.apply_trigger(prompt, run.process.trigger_word),
+                    data.apply_trigger(prompt, run.process.trigger_word, add_if_missing=False),
                     num_inference_steps=sample_cfg.sample_steps,
                     guidance_scale=sample_cfg.guidance_scale,
                     width=width,

@@ -22,6 +22,12 @@ from fastbackend.training.run import Run, TrainJob
 
 log = logging.getLogger("fastbackend.trainer")
 MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
+# ai-toolkit's optimizer settings where they differ from the libraries' (toolkit/optimizer.py):
+# eps 1e-6 for the Adam family and Prodigy, and Prodigy's lr raised to 1.0 when below 0.1.
+ADAM_EPS = 1e-6
+PRODIGY_MIN_LR = 0.1
+# ai-toolkit's warm-up for constant_with_warmup when none is given (toolkit/scheduler.py).
+DEFAULT_WARMUP_STEPS = 1000
 
 
 def set_up(job: TrainJob) -> Run:
@@ -29,7 +35,9 @@ def set_up(job: TrainJob) -> Run:
     train_cfg = process.train
     device, weight_dtype = choose_device(process.device, train_cfg.dtype, job.warnings)
     accelerator = make_accelerator(device, weight_dtype)
-    seed = train_cfg.seed if train_cfg.seed is not None else random.SystemRandom().randrange(2**31)
+    seed = next((s for s in (train_cfg.seed, process.training_seed) if s is not None), None)
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
     torch.manual_seed(seed)
     family = family_for(process.model.resolved_arch, process.model.is_v_pred)
     pipe = load_pipeline(family, process.model, job, device, weight_dtype)
@@ -59,7 +67,9 @@ def set_up(job: TrainJob) -> Run:
         texts=texts,
         loss_options=LossOptions(
             scheduler=family.training_scheduler(pipe),
-            timestep_type=train_cfg.timestep_type or ("linear" if train_cfg.linear_timesteps else "sigmoid"),
+            timestep_type="shift" if train_cfg.timestep_type == "flux_shift" else train_cfg.timestep_type or "sigmoid",
+            linear_timesteps=train_cfg.linear_timesteps,
+            content_or_style=train_cfg.content_or_style,
             noise_offset=train_cfg.noise_offset,
             min_snr_gamma=train_cfg.min_snr_gamma,
         ),
@@ -74,10 +84,8 @@ def lora_group(name: str, module: torch.nn.Module, family: Family, process: Proc
     """LoRA layers added to one module, as an optimizer parameter group with that module's lr."""
     is_denoiser = name == family.denoiser_name
     network = process.network
-    targets = family.lora_targets if is_denoiser else family.text_encoder_targets
-    if targets is None:  # trainable_text_encoders() offers no encoder of such a family
-        raise ValueError(f"{family.name}: {name} takes no LoRA layers")
-    params = lora_io.add_lora(module, targets, network.rank, network.alpha, network.dropout)
+    targets = family.lora_targets(module) if is_denoiser else family.text_encoder_lora_targets(module)
+    params = lora_io.add_lora(module, targets, network.rank, process.lora_alpha, network.dropout)
     module.train()
     train_cfg = process.train
     lr = train_cfg.learning_rate if is_denoiser else train_cfg.text_encoder_lr or train_cfg.learning_rate
@@ -118,6 +126,11 @@ def load_pipeline(family: Family, model_cfg: ModelConfig, job: TrainJob, device:
             f"{PREFIX}.model.quantize: 8-bit base weights need CUDA and bitsandbytes; "
             "the base model is kept in full precision"
         )
+    elif quantize:
+        job.warnings.append(
+            f"{PREFIX}.model.quantize: the denoiser's base weights are bitsandbytes 8-bit (LLM.int8); "
+            "ai-toolkit quantizes to qfloat8 (optimum-quanto), so the numerics differ slightly"
+        )
     log.info("loading %s model %s (%s, %s)", family.name, model_cfg.name_or_path, device, dtype)
     pipe = family.load(
         job.base_model,
@@ -151,8 +164,8 @@ def make_optimizer(train_cfg: TrainConfig, params: list, device: torch.device, w
 
     ``optimizer_params`` were checked against the optimizer with the config.
     """
-    name = train_cfg.optimizer
-    options: dict[str, Any] = dict(train_cfg.optimizer_params)
+    name: str = train_cfg.optimizer
+    options: dict[str, Any] = ({} if name == "sgd" else {"eps": ADAM_EPS}) | train_cfg.optimizer_params
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
     lr = train_cfg.learning_rate
@@ -161,34 +174,64 @@ def make_optimizer(train_cfg: TrainConfig, params: list, device: torch.device, w
             import bitsandbytes as bnb
 
             return (bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.Adam8bit)(params, lr=lr, **options)
-        warnings.append(f"{PREFIX}.train.optimizer: {name} needs CUDA and bitsandbytes; using AdamW")
-        name = "adamw"
+        fallback = "adamw" if name == "adamw8bit" else "adam"
+        shown = "AdamW" if fallback == "adamw" else "Adam"
+        warnings.append(f"{PREFIX}.train.optimizer: {name} needs CUDA and bitsandbytes; using {shown}")
+        name = fallback
     if name == "prodigy":
         from prodigyopt import Prodigy
 
+        if lr < PRODIGY_MIN_LR:
+            warnings.append(f"{PREFIX}.train.lr: {lr:g} is too small for prodigy, which sets its own step; 1.0 is used")
+            lr = 1.0
+            for group in params:
+                if isinstance(group, dict):
+                    group["lr"] = lr
         return Prodigy(params, lr=lr, **options)
     optimizer_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
     return optimizer_class(params, lr=lr, **options)
 
 
 def make_lr_scheduler(train_cfg: TrainConfig, optimizer):
+    """The learning-rate schedule over ``steps``, advanced once per step, as ai-toolkit's.
+
+    "linear" is torch's LinearLR as ai-toolkit builds it: a ramp *up* from lr/3 to lr (its
+    start_factor/end_factor are lr_scheduler_params). "constant_with_warmup" warms up over
+    ``lr_warmup_steps``, or ``num_warmup_steps``, or ai-toolkit's 1000. The cosine schedules equal
+    ai-toolkit's torch CosineAnnealingLR / one-cycle CosineAnnealingWarmRestarts.
+    """
+    params = dict(train_cfg.lr_scheduler_params)
+    if train_cfg.lr_scheduler == "linear":
+        return torch.optim.lr_scheduler.LinearLR(
+            optimizer,
+            start_factor=params.get("start_factor", 1 / 3),
+            end_factor=params.get("end_factor", 1.0),
+            total_iters=train_cfg.steps,
+        )
     from diffusers.optimization import get_scheduler
 
+    warmup = train_cfg.lr_warmup_steps
+    if warmup is None:
+        default = DEFAULT_WARMUP_STEPS if train_cfg.lr_scheduler == "constant_with_warmup" else 0
+        warmup = int(params.get("num_warmup_steps", default))
+    shape = {key: params[key] for key in ("num_cycles", "power") if key in params}
     return get_scheduler(
-        train_cfg.lr_scheduler,
-        optimizer,
-        num_warmup_steps=train_cfg.lr_warmup_steps,
-        num_training_steps=train_cfg.steps,
-        **train_cfg.lr_scheduler_params,
+        train_cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=train_cfg.steps, **shape
     )
 
 
 def make_ema(train_cfg: TrainConfig, params: list[torch.nn.Parameter]):
+    """ai-toolkit's EMA: a constant decay from the first update, no warm-up (toolkit/ema.py).
+
+    diffusers' EMAModel warms its decay up as (1 + n) / (10 + n) unless min_decay holds it at
+    ``ema_decay``; update_after_step -1 makes the very first update use that decay too.
+    """
     if not train_cfg.ema_config.use_ema:
         return None
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(params, decay=train_cfg.ema_config.ema_decay)
+    decay = train_cfg.ema_config.ema_decay
+    return EMAModel(params, decay=decay, min_decay=decay, update_after_step=-1)
 
 
 def log_run_shape(run: Run) -> None:

@@ -2,9 +2,15 @@
 
 ``train(job, hooks)`` reads top to bottom: set up (device, model, cached latents and caption
 embeddings, LoRA layers, optimizer: ``setup``), resume from the newest saved state if there is
-one (``checkpoint``), then run ``steps`` optimizer steps of ``batch_size x
-gradient_accumulation_steps`` examples, saving (``checkpoint``) and sampling (``sampling``) on
-schedule. A non-finite loss stops the run with its step number; the last good save stays.
+one (``checkpoint``), then run ``steps`` steps, saving (``checkpoint``) and sampling
+(``sampling``) on schedule. A non-finite loss stops the run with its step number; the last good
+save stays.
+
+A step counts as ai-toolkit counts it. Each step trains ``gradient_accumulation`` batches of
+``batch_size``; the optimizer updates every ``gradient_accumulation_steps`` steps (ai-toolkit's
+older key, with which ``steps`` counts micro-batches) with the mean gradient of all of them, and
+the learning-rate schedule advances every step. (ai-toolkit with ``gradient_accumulation_steps``
+keeps only the last micro-batch's gradient, a defect this worker does not copy.)
 
 The core never imports runpod: the handler turns ``hooks.on_step`` into progress updates.
 """
@@ -39,7 +45,7 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
     bar = terminal_bar(total, resumed_from)
     while run.step < total:
         step_started = time.monotonic()
-        loss = optimizer_step(run)
+        loss = train_step(run)
         run.step += 1
         run.history.append((run.step, loss))
         report_step(run, hooks, loss, time.monotonic() - step_started, bar)
@@ -69,29 +75,38 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
 # ---------------------------------------------------------------- one step
 
 
-def optimizer_step(run: Run) -> float:
-    """One optimizer step over ``gradient_accumulation_steps`` batches; returns the mean loss."""
+def train_step(run: Run) -> float:
+    """One step: its batches forward and backward, the optimizer when its window is full; the mean loss."""
     train_cfg = run.process.train
-    accumulation = train_cfg.gradient_accumulation_steps
-    total = 0.0
-    for _ in range(accumulation):
-        loss = compute_loss(run, next_batch(run))
-        if not torch.isfinite(loss):
-            last_save = run.saves[-1].name if run.saves else "none yet"
-            raise NonFiniteLoss(
-                f"training stopped: the loss became {loss.item()} at step {run.step + 1}; "
-                f"the last good save is kept ({last_save})"
-            )
-        run.accelerator.backward(loss / accumulation)
-        total += loss.item()
-    if train_cfg.max_grad_norm:
-        run.accelerator.clip_grad_norm_(run.params, train_cfg.max_grad_norm)
-    run.optimizer.step()
+    batches, window = train_cfg.gradient_accumulation, train_cfg.gradient_accumulation_steps
+    losses = [backward_batch(run, batches * window) for _ in range(batches)]
+    if (run.step + 1) % window == 0 or run.step + 1 == train_cfg.steps:
+        optimizer_update(run)
     run.lr_scheduler.step()
+    return sum(losses) / len(losses)
+
+
+def backward_batch(run: Run, batches_per_update: int) -> float:
+    """The loss of one batch, its gradient added (scaled so an update uses the mean over its batches)."""
+    loss = compute_loss(run, next_batch(run))
+    if not torch.isfinite(loss):
+        last_save = run.saves[-1].name if run.saves else "none yet"
+        raise NonFiniteLoss(
+            f"training stopped: the loss became {loss.item()} at step {run.step + 1}; "
+            f"the last good save is kept ({last_save})"
+        )
+    run.accelerator.backward(loss / batches_per_update)
+    return loss.item()
+
+
+def optimizer_update(run: Run) -> None:
+    max_grad_norm = run.process.train.max_grad_norm
+    if max_grad_norm:
+        run.accelerator.clip_grad_norm_(run.params, max_grad_norm)
+    run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.step(run.params)
-    return total / accumulation
 
 
 def compute_loss(run: Run, batch: TrainingBatch) -> torch.Tensor:
@@ -124,7 +139,12 @@ def latent_posterior(run: Run, example: data.Example) -> tuple[torch.Tensor, tor
 
 def caption_options(run: Run, example: data.Example) -> data.CaptionOptions:
     dataset_cfg = run.process.datasets[run.job.dataset_folders.index(example.item.path.parent)]
-    return data.CaptionOptions(dataset_cfg.caption_dropout_rate, dataset_cfg.shuffle_tokens, dataset_cfg.keep_tokens)
+    return data.CaptionOptions(
+        dataset_cfg.trigger_word or run.process.trigger_word,
+        dataset_cfg.caption_dropout_rate,
+        dataset_cfg.shuffle_tokens,
+        dataset_cfg.keep_tokens,
+    )
 
 
 def report_step(run: Run, hooks: Hooks, loss: float, seconds: float, bar) -> None:

@@ -9,6 +9,7 @@ through this interface; each family lives in its own file and is found through t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -30,9 +31,34 @@ class TrainingBatch:
 @dataclass
 class LossOptions:
     scheduler: Any  # a diffusers noise scheduler
-    timestep_type: str = "sigmoid"
+    timestep_type: str = "sigmoid"  # flow matching: how noise levels are drawn
+    linear_timesteps: bool = False  # flow matching: linear levels, the loss weighted by a bell curve
+    content_or_style: str = "balanced"  # which end of the noise levels to favour
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
+
+
+# ai-toolkit draws an index into a table of 1000 noise levels, most noise first.
+NOISE_LEVELS = 1000
+
+
+def noise_level_indices(batch_size: int, content_or_style: str, device) -> torch.Tensor:
+    """Indices into a table of ``NOISE_LEVELS`` noise levels sorted from most to least noise.
+
+    "balanced" is uniform; "content" favours noisy levels (index u^3 * 1000), "style" clean
+    ones ((1 - u^3) * 1000), as ai-toolkit's `content_or_style` (after diffusers' T2I-Adapter
+    training, section 3.4 of arXiv:2302.08453).
+    """
+    if content_or_style == "balanced":
+        return torch.randint(0, NOISE_LEVELS, (batch_size,), device=device)
+    cubed = torch.rand(batch_size, device=device) ** 3
+    position = cubed if content_or_style == "content" else 1 - cubed
+    return (position * NOISE_LEVELS).long().clamp(0, NOISE_LEVELS - 1)
+
+
+def module_names(module: torch.nn.Module, keep: Callable[[str, torch.nn.Module], bool]) -> list[str]:
+    """Names of the sub-modules of ``module`` that ``keep`` accepts, in module order."""
+    return [name for name, child in module.named_modules() if keep(name, child)]
 
 
 class Family(ABC):
@@ -42,8 +68,8 @@ class Family(ABC):
     pipeline_class_name: ClassVar[str]
     denoiser_name: ClassVar[str] = "unet"  # the pipeline attribute LoRA layers go into
     denoiser_class_name: ClassVar[str] = "UNet2DConditionModel"
-    lora_targets: ClassVar[str]  # regex over the denoiser's module names
-    text_encoder_targets: ClassVar[str | None] = None  # regex over text-encoder module names; None: frozen
+    trains_text_encoders: ClassVar[bool] = False  # whether train_text_encoder adds LoRA layers to them
+    vae_encode_dtype: ClassVar[torch.dtype | None] = None  # the VAE's own dtype unless a family needs another
     # How its LoRA files are keyed: "diffusers" (`transformer.<module>.lora_A/B`, alpha folded into
     # lora_B) or "kohya" (`lora_unet_<module>.lora_down/up` + `.alpha`), as ai-toolkit writes them.
     file_format: ClassVar[Literal["diffusers", "kohya"]]
@@ -54,6 +80,14 @@ class Family(ABC):
         self.v_prediction = v_prediction  # SD 1.5 / SDXL: learn v instead of epsilon
 
     # ---------------------------------------------------------------- what each family must say
+
+    @abstractmethod
+    def lora_targets(self, denoiser: torch.nn.Module) -> list[str]:
+        """The names of the denoiser's modules that get LoRA layers (as ai-toolkit chooses them)."""
+
+    def text_encoder_lora_targets(self, encoder: torch.nn.Module) -> list[str]:
+        """The names of a text encoder's modules that get LoRA layers when text encoders train."""
+        raise NotImplementedError(f"{self.name} keeps its text encoders frozen")
 
     @abstractmethod
     def encode_prompt(self, pipe, text: str) -> dict[str, torch.Tensor]:
@@ -112,7 +146,7 @@ class Family(ABC):
 
     def trainable_text_encoders(self, pipe) -> dict[str, torch.nn.Module]:
         """Text encoders that can take a LoRA, by their pipeline name (none when the family keeps them frozen)."""
-        if self.text_encoder_targets is None:
+        if not self.trains_text_encoders:
             return {}
         names = ("text_encoder", "text_encoder_2")
         return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
@@ -136,7 +170,13 @@ class Family(ABC):
     def encode_pixels(self, pipe, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE's latent mean and std (unscaled), to cache."""
         vae = pipe.vae
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        own_dtype = vae.dtype
+        dtype = self.vae_encode_dtype or own_dtype
+        vae.to(dtype)
+        try:
+            dist = vae.encode(pixels.to(vae.device, dtype)).latent_dist
+        finally:
+            vae.to(own_dtype)
         return dist.mean.float().cpu(), dist.std.float().cpu()
 
     def scale_latents(self, pipe, raw: torch.Tensor) -> torch.Tensor:

@@ -1,35 +1,49 @@
 """FLUX.1 (dev and schnell): a transformer that learns the flow-matching velocity ``noise - latents``.
 
-Sigmas are drawn by ``timestep_type``; FLUX.1-dev (``guidance_embeds``) takes its guidance
-embedding at 1 while training. Its text encoders stay frozen, as in ai-toolkit.
+Noise levels (sigmas) are drawn as ai-toolkit draws them (its CustomFlowMatchEulerDiscreteScheduler):
+a table of 1000 levels by ``timestep_type``, an index into it by ``content_or_style``; with
+``linear_timesteps`` the loss is weighted by a bell curve over the table. FLUX.1-dev
+(``guidance_embeds``) takes its guidance embedding at 1 while training. Its text encoders stay
+frozen, as in ai-toolkit.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from fastbackend.training.families.base import Family, LossOptions, TrainingBatch
+from fastbackend.training.families.base import (
+    NOISE_LEVELS,
+    Family,
+    LossOptions,
+    TrainingBatch,
+    module_names,
+    noise_level_indices,
+)
 
 # Fixed for FLUX.1-dev by its authors; schnell was distilled with 256.
 FLUX_DEV_MAX_SEQUENCE = 512
 FLUX_SCHNELL_MAX_SEQUENCE = 256
-# Attention and feed-forward projections of both block kinds, image and text streams.
-FLUX_TARGETS = (
-    r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-    r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)"
-)
+# ai-toolkit's FLUX LoRA (transformer_only, its default): every Linear inside both kinds of
+# transformer block, the modulation layers (norm1.linear, norm1_context.linear, norm.linear) that
+# carry the timestep, text and guidance conditioning included; the embedders and the final
+# norm_out / proj_out stay frozen.
+FLUX_BLOCKS = "transformer_blocks"  # matches single_transformer_blocks too
 
 
 class Flux(Family):
     name = "flux"
     pipeline_class_name = "FluxPipeline"
-    lora_targets = FLUX_TARGETS
     denoiser_name = "transformer"
     denoiser_class_name = "FluxTransformer2DModel"
     file_format = "diffusers"
     kohya_base_version = "flux1"
     modelspec_architecture = "flux-1-dev/lora"
+
+    def lora_targets(self, denoiser: torch.nn.Module) -> list[str]:
+        return module_names(denoiser, lambda name, m: FLUX_BLOCKS in name and isinstance(m, torch.nn.Linear))
 
     def pixel_multiple(self, pipe) -> int:
         return pipe.vae_scale_factor * 2  # latents are packed in 2x2 patches
@@ -59,7 +73,9 @@ class Flux(Family):
         latents = batch.latents
         b, c, h, w = latents.shape
         noise = torch.randn_like(latents)
-        sigmas = flux_sigmas(b, options.timestep_type, options.scheduler.config.get("shift", 3.0), latents.device)
+        index = noise_level_indices(b, options.content_or_style, latents.device)
+        table = sigma_table(options, image_seq_len=h * w // 4, device=latents.device)  # 2x2 patches as tokens
+        sigmas = table[index]
         s = sigmas.view(b, 1, 1, 1).to(latents.dtype)
         noisy = (1 - s) * latents + s * noise
         # (B, C, H, W) -> (B, H/2 * W/2, 4C): the transformer sees 2x2 patches as tokens.
@@ -79,15 +95,47 @@ class Flux(Family):
             return_dict=False,
         )[0]
         target = FluxPipeline._pack_latents(noise - latents, b, c, h, w)
-        return F.mse_loss(prediction.float(), target.float())
+        per_item = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2))
+        if options.linear_timesteps:
+            per_item = per_item * bell_weights(latents.device)[index]
+        return per_item.mean()
 
 
-def flux_sigmas(batch_size: int, timestep_type: str, shift: float, device) -> torch.Tensor:
-    """Noise levels in (0, 1): logit-normal ("sigmoid"), uniform ("linear"), or uniform shifted
-    towards noise ("shift", as FLUX's scheduler does at inference)."""
-    if timestep_type == "sigmoid":
-        return torch.sigmoid(torch.randn(batch_size, device=device))
-    uniform = torch.rand(batch_size, device=device)
-    if timestep_type == "shift":
-        return shift * uniform / (1 + (shift - 1) * uniform)
-    return uniform
+def sigma_table(options: LossOptions, image_seq_len: int, device) -> torch.Tensor:
+    """``NOISE_LEVELS`` sigmas in (0, 1], most noise first, for one batch.
+
+    "sigmoid" (the default): sorted sigmoid(normal) draws, a logit-normal distribution. "linear" (or
+    ``linear_timesteps``): evenly spaced from 1 to 0.001. "shift": the even levels shifted towards
+    noise as the scheduler does at inference: by mu, which grows with the image's token count,
+    when the scheduler shifts dynamically (FLUX.1), else by its fixed ``shift``.
+    """
+    kind = "linear" if options.linear_timesteps else options.timestep_type
+    if kind == "sigmoid":
+        return torch.sigmoid(torch.randn(NOISE_LEVELS, device=device)).sort(descending=True).values
+    even = torch.linspace(1.0, 1.0 / NOISE_LEVELS, NOISE_LEVELS, device=device)
+    if kind == "linear":
+        return even
+    config = options.scheduler.config
+    if config.get("use_dynamic_shifting"):
+        mu = dynamic_shift(image_seq_len, config)
+        return math.exp(mu) / (math.exp(mu) + (1 / even - 1))
+    shift = config.get("shift", 3.0)
+    return shift * even / (1 + (shift - 1) * even)
+
+
+def dynamic_shift(image_seq_len: int, config) -> float:
+    """mu for ``image_seq_len`` tokens: linear from base_shift at base_image_seq_len to max_shift at
+    max_image_seq_len (FLUX.1: 0.5 at 256 tokens, 1.15 at 4096, i.e. 1024 px)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return base_shift + slope * (image_seq_len - base_len)
+
+
+def bell_weights(device) -> torch.Tensor:
+    """ai-toolkit's loss weights for ``linear_timesteps``: a bell over the table's indices, peak in
+    the middle, about 0 at both ends, mean 1."""
+    x = torch.arange(NOISE_LEVELS, dtype=torch.float32, device=device)
+    bell = torch.exp(-2 * ((x - NOISE_LEVELS / 2) / NOISE_LEVELS) ** 2)
+    bell = bell - bell.min()
+    return bell * (NOISE_LEVELS / bell.sum())

@@ -2,28 +2,49 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import re
 
 import torch
 import torch.nn.functional as F
 
-from fastbackend.training.families.base import Family, LossOptions, TrainingBatch
+from fastbackend.training.families.base import (
+    NOISE_LEVELS,
+    Family,
+    LossOptions,
+    TrainingBatch,
+    module_names,
+    noise_level_indices,
+)
 
-# Attention and feed-forward projections of every transformer block, as the diffusers example
-# scripts and ai-toolkit target them. Regexes, matched against full module names.
-UNET_TARGETS = r".*(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|.*\.ff\.net\.(0\.proj|2)"
-# CLIP text encoders: the attention projections of every layer.
-CLIP_TARGETS = r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+# ai-toolkit's UNet LoRA (toolkit/lora_special.py with kohya's target classes): every Linear and 1x1
+# Conv2d inside the UNet's Transformer2DModel blocks, which diffusers names `...attentions.<i>.`:
+# proj_in, attn1/attn2 projections, the feed-forward layers, proj_out. ResNet blocks stay frozen.
+TRANSFORMER_BLOCK = re.compile(r"(^|\.)attentions\.\d+\.")
+# ...and in CLIP text encoders every Linear of the attention and MLP (CLIPAttention, CLIPMLP).
+CLIP_LAYER = re.compile(r"\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
+
+
+def is_linear_or_pointwise_conv(module: torch.nn.Module) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1)
 
 
 class SD15(Family):
     name = "sd15"
     pipeline_class_name = "StableDiffusionPipeline"
-    lora_targets = UNET_TARGETS
-    text_encoder_targets: ClassVar[str | None] = CLIP_TARGETS
+    trains_text_encoders = True
     file_format = "kohya"
     kohya_base_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1/lora"
+
+    def lora_targets(self, denoiser: torch.nn.Module) -> list[str]:
+        return module_names(
+            denoiser, lambda name, m: bool(TRANSFORMER_BLOCK.search(name)) and is_linear_or_pointwise_conv(m)
+        )
+
+    def text_encoder_lora_targets(self, encoder: torch.nn.Module) -> list[str]:
+        return module_names(encoder, lambda name, m: bool(CLIP_LAYER.search(name)) and isinstance(m, torch.nn.Linear))
 
     def encode_prompt(self, pipe, text: str) -> dict[str, torch.Tensor]:
         embeds, _ = pipe.encode_prompt(text, pipe.text_encoder.device, 1, do_classifier_free_guidance=False)
@@ -41,6 +62,15 @@ class SD15(Family):
         """Extra conditioning the UNet takes (none for SD 1.5)."""
         return {}
 
+    def timesteps(self, batch_size: int, scheduler, content_or_style: str, device) -> torch.Tensor:
+        """DDPM timesteps: uniform, or biased to high ("content") or low ("style") noise."""
+        steps = scheduler.config.num_train_timesteps
+        if content_or_style == "balanced":
+            return torch.randint(0, steps, (batch_size,), device=device)
+        # The index counts from the noisiest level down, as ai-toolkit's table does.
+        index = noise_level_indices(batch_size, content_or_style, device)
+        return (steps - 1 - index * steps // NOISE_LEVELS).clamp(0, steps - 1)
+
     def loss(self, pipe, denoiser, batch: TrainingBatch, options: LossOptions) -> torch.Tensor:
         scheduler = options.scheduler
         latents = batch.latents
@@ -48,7 +78,7 @@ class SD15(Family):
         if options.noise_offset:
             # Per-channel offset: lets the model learn overall brightness (Guttenberg's noise offset).
             noise += options.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        timesteps = self.timesteps(latents.shape[0], scheduler, options.content_or_style, latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = (
             noise

@@ -13,6 +13,9 @@ class SDXL(SD15):
     pipeline_class_name = "StableDiffusionXLPipeline"
     kohya_base_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
+    # SDXL's VAE overflows in fp16 (NaN latents): it encodes in fp32, as diffusers' SDXL example
+    # scripts do. ai-toolkit encodes in the training dtype; here the two differ on purpose.
+    vae_encode_dtype = torch.float32
 
     def encode_prompt(self, pipe, text: str) -> dict[str, torch.Tensor]:
         embeds, _, pooled, _ = pipe.encode_prompt(
