@@ -505,11 +505,36 @@ class ModelConfig(Section):
         return "flux" if self.is_flux else "sdxl" if (self.is_xl or self.is_ssd or self.is_vega) else "sd15"
 
 
+class SampleItem(Section):
+    """One entry of ai-toolkit's newer `samples:` list (its UI writes these instead of `prompts`)."""
+
+    IGNORED = dict.fromkeys(
+        (
+            "width",
+            "height",
+            "neg",
+            "seed",
+            "guidance_scale",
+            "sample_steps",
+            "fps",
+            "num_frames",
+            "ctrl_img",
+            "ctrl_idx",
+            "ctrl_img_1",
+            "ctrl_img_2",
+            "ctrl_img_3",
+            "network_multiplier",
+            "do_cfg_norm",
+        ),
+        "per-prompt settings are not supported; the sample section's own are used",
+    )
+    prompt: str = Field(max_length=2000)
+
+
 class SampleConfig(Section):
     IGNORED = {
         "guidance_rescale": "not supported",
         "adapter_conditioning_scale": "no adapters",
-        "samples": "use `prompts`",
         "refiner_start_at": "no refiner",
         "network_multiplier": "samples use the LoRA at full strength",
         "extra_values": "not supported",
@@ -525,12 +550,17 @@ class SampleConfig(Section):
     width: int = Field(512, ge=32, le=4096)
     height: int = Field(512, ge=32, le=4096)
     prompts: list[str] = Field(default_factory=list, max_length=64)
+    samples: list[SampleItem] = Field(default_factory=list, max_length=64, description="Sampled after `prompts`.")
     neg: str | bool = ""
     seed: int = Field(0, ge=0)
     walk_seed: bool = False
     guidance_scale: float = Field(7.0, ge=0, le=50)
     sample_steps: int = Field(20, gt=0, le=200)
     format: Literal["jpg", "png", "webp"] = "jpg"
+
+    @property
+    def all_prompts(self) -> list[str]:
+        return [*self.prompts, *(item.prompt for item in self.samples)]
 
     @property
     def negative_prompt(self) -> str:
@@ -544,7 +574,7 @@ class ProcessConfig(Section):
         "sqlite_db_path": "not used",
         "log_dir": "progress is reported through the job",
     }
-    type: Literal["sd_trainer"]
+    type: Literal["sd_trainer", "diffusion_trainer"]  # ai-toolkit's UI writes diffusion_trainer
     training_folder: str = "output"
     device: str = "cuda:0"
     trigger_word: str | None = Field(None, max_length=200)

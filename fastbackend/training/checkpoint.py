@@ -32,7 +32,7 @@ def save_checkpoint(run: Run, final: bool) -> Path:
         process.lora_alpha,
         run.step,
         process.datasets[0].resolution,
-        process.trigger_word,
+        process.trigger_word or process.datasets[0].trigger_word,
         run.dataset_hash,
         name,
         run.job.config.model_dump_json(exclude_defaults=True),

@@ -17,7 +17,7 @@ from fastbackend.training.run import Run
 def should_sample(run: Run, final: bool = False) -> bool:
     """Samples every ``sample_every`` steps and at the end, when there are prompts and sampling is on."""
     sample_cfg = run.process.sample
-    if sample_cfg is None or not sample_cfg.prompts or run.process.train.disable_sampling:
+    if sample_cfg is None or not sample_cfg.all_prompts or run.process.train.disable_sampling:
         return False
     if final:
         return True
@@ -40,7 +40,7 @@ def sample(run: Run) -> list[Path]:
     paths = []
     try:
         with run.ema_weights():
-            for index, prompt in enumerate(sample_cfg.prompts):
+            for index, prompt in enumerate(sample_cfg.all_prompts):
                 seed = sample_cfg.seed + index if sample_cfg.walk_seed else sample_cfg.seed
                 image = run.pipe(
                     data.apply_trigger(prompt, run.process.trigger_word, add_if_missing=False),

@@ -1,0 +1,447 @@
+"""The same YAML trains as ai-toolkit trains it: each behaviour pinned against ai-toolkit's code.
+
+References are to ostris/ai-toolkit at 27a03a9 (toolkit/lora_special.py, toolkit/optimizer.py,
+toolkit/scheduler.py, toolkit/ema.py, toolkit/prompt_utils.py, toolkit/config_modules.py,
+toolkit/samplers/custom_flowmatch_sampler.py, jobs/process/BaseSDTrainProcess.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastbackend.config import TrainConfig, parse_training_config
+from fastbackend.errors import ValidationFailed
+from fastbackend.layout import read_header
+from tests.training_helpers import fixture_yaml, install_model, train, upload_photos, user_yaml
+
+
+def load(tiny_models, arch):
+    import diffusers
+
+    pipeline = {"flux": "FluxPipeline", "sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline"}[arch]
+    return getattr(diffusers, pipeline).from_pretrained(str(tiny_models / arch))
+
+
+# ---------------------------------------------------------------- 1. initialisation
+
+
+def test_lora_a_is_kaiming_uniform_and_lora_b_zero(tiny_models):
+    from fastbackend.training import lora_io
+    from fastbackend.training.families import family_for
+
+    torch.manual_seed(0)
+    transformer = load(tiny_models, "flux").transformer
+    lora_io.add_lora(transformer, family_for("flux").lora_targets(transformer), rank=4, alpha=4, dropout=0.0)
+    downs = [m for n, m in transformer.named_modules() if n.endswith("lora_A.fastbackend")]
+    ups = [m for n, m in transformer.named_modules() if n.endswith("lora_B.fastbackend")]
+    assert downs and len(downs) == len(ups)
+    for down in downs:  # kaiming_uniform_(a=sqrt(5)): uniform on +-1/sqrt(fan_in), std 1/sqrt(3 fan_in)
+        bound = 1 / math.sqrt(down.in_features)
+        assert down.weight.abs().max() <= bound
+        assert down.weight.abs().max() > 0.8 * bound
+    pooled = torch.cat([d.weight.flatten() * math.sqrt(3 * d.in_features) for d in downs])
+    assert abs(pooled.std().item() - 1) < 0.1
+    assert all(torch.count_nonzero(up.weight) == 0 for up in ups)
+
+
+# ---------------------------------------------------------------- 2. targets
+
+
+def test_flux_targets_every_linear_of_both_block_kinds_modulation_included(tiny_models):
+    from fastbackend.training.families import family_for
+
+    transformer = load(tiny_models, "flux").transformer
+    targets = set(family_for("flux").lora_targets(transformer))
+    linears = {n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert targets == {n for n in linears if n.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    assert {"transformer_blocks.0.norm1.linear", "transformer_blocks.0.norm1_context.linear"} <= targets
+    assert {"single_transformer_blocks.0.norm.linear", "single_transformer_blocks.0.proj_out"} <= targets
+    assert not targets & {"proj_out", "norm_out.linear", "x_embedder", "context_embedder"}
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_unet_targets_every_linear_and_pointwise_conv_of_its_transformer_blocks(arch, tiny_models):
+    from fastbackend.training.families import family_for
+
+    unet = load(tiny_models, arch).unet
+    targets = set(family_for(arch).lora_targets(unet))
+    inside = {n for n, m in unet.named_modules() if ".attentions." in f".{n}" and isinstance(m, torch.nn.Linear)}
+    inside |= {
+        n
+        for n, m in unet.named_modules()
+        if ".attentions." in f".{n}" and isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)
+    }
+    assert targets == inside
+    assert any(n.endswith(".proj_in") for n in targets) and any(n.endswith("attn2.to_k") for n in targets)
+    assert not any(".resnets." in n for n in targets)
+
+
+def test_clip_targets_attention_and_mlp(tiny_models):
+    from fastbackend.training.families import family_for
+
+    encoder = load(tiny_models, "sd15").text_encoder
+    targets = family_for("sd15").text_encoder_lora_targets(encoder)
+    endings = {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in targets}
+    assert endings == {
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "mlp.fc1",
+        "mlp.fc2",
+    }
+
+
+# ---------------------------------------------------------------- 4. optimizers
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "adamw8bit", "prodigy"])
+def test_adam_family_and_prodigy_use_eps_1e6(name):
+    from fastbackend.training.setup import make_optimizer
+
+    warnings: list[str] = []
+    config = TrainConfig(optimizer=name, lr=1e-4)
+    optimizer = make_optimizer(config, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"), warnings)
+    assert optimizer.param_groups[0]["eps"] == 1e-6
+    if name == "prodigy":  # ai-toolkit raises prodigy's lr to 1.0 below 0.1
+        assert optimizer.param_groups[0]["lr"] == 1.0
+        assert warnings == [
+            "config.process[0].train.lr: 0.0001 is too small for prodigy, which sets its own step; 1.0 is used"
+        ]
+
+
+def test_optimizer_params_still_override_eps():
+    from fastbackend.training.setup import make_optimizer
+
+    config = TrainConfig(optimizer="adamw", optimizer_params={"eps": 1e-8})
+    optimizer = make_optimizer(config, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"), [])
+    assert optimizer.param_groups[0]["eps"] == 1e-8
+
+
+# ---------------------------------------------------------------- 5. accumulation
+
+
+@pytest.mark.parametrize(
+    ("key", "steps", "batches", "updates"),
+    [
+        ("gradient_accumulation_steps: 1", 6, 6, 6),
+        ("gradient_accumulation_steps: 2", 6, 6, 3),  # ai-toolkit's older key: steps count micro-batches
+        ("gradient_accumulation_steps: 4", 6, 6, 2),  # the last, partial window still updates
+        ("gradient_accumulation: 2", 6, 12, 6),  # the newer key: steps count optimizer updates
+    ],
+)
+def test_steps_batches_and_updates_are_counted_as_ai_toolkit_counts_them(
+    key, steps, batches, updates, tiny_models, data_root, monkeypatch
+):
+    from fastbackend.training import trainer
+
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    counted = {"batches": 0, "updates": 0}
+    real_loss, real_update = trainer.compute_loss, trainer.optimizer_update
+
+    def counting_loss(run, batch):
+        counted["batches"] += 1
+        return real_loss(run, batch)
+
+    def counting_update(run):
+        counted["updates"] += 1
+        real_update(run)
+
+    monkeypatch.setattr(trainer, "compute_loss", counting_loss)
+    monkeypatch.setattr(trainer, "optimizer_update", counting_update)
+    text = user_yaml(model_path, steps=steps).replace("gradient_accumulation_steps: 4", key)
+    text = text.replace("      train_unet: true\n", "      train_unet: true\n      disable_sampling: true\n")
+    answer = train(text)
+    assert answer["status"] == "success", answer
+    assert (answer["steps"], counted["batches"], counted["updates"]) == (steps, batches, updates)
+
+
+# ---------------------------------------------------------------- 6. the recipe keys
+
+
+def test_sd_alpha_defaults_to_one_and_flux_trains_at_scale_one():
+    def process(arch: str, network: str):
+        text = fixture_yaml().replace("is_flux: true", f"arch: {arch}")
+        text = text.replace("      linear: 16\n      linear_alpha: 16\n", network)
+        return parse_training_config(text)[0].process
+
+    assert process("sdxl", "      linear: 16\n").lora_alpha == 1.0  # ai-toolkit: alpha 1.0 when omitted
+    assert process("sdxl", "      linear: 16\n      alpha: 4\n").lora_alpha == 4.0
+    assert process("sdxl", "      linear: 16\n      linear_alpha: 8\n").lora_alpha == 8.0
+    assert process("flux", "      linear: 16\n      linear_alpha: 1\n").lora_alpha == 16.0
+    assert process("flux", "      rank: 8\n").network.rank == 8
+
+
+def test_linear_timesteps_weights_are_ai_toolkits_bell():
+    from fastbackend.training.families.flux import bell_weights
+
+    weights = bell_weights("cpu")
+    assert weights.shape == (1000,) and abs(weights.mean().item() - 1) < 1e-5
+    assert weights[0] < 0.01 and weights[-1] < 0.01
+    assert int(weights.argmax()) == 500 and abs(weights.max().item() - 1.58) < 0.01
+
+
+class FluxSchedulerConfig(dict):
+    """FLUX.1-dev's scheduler settings (scheduler/scheduler_config.json)."""
+
+    def __init__(self, dynamic: bool = True):
+        super().__init__(
+            shift=3.0,
+            use_dynamic_shifting=dynamic,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+
+
+class FakeScheduler:
+    def __init__(self, dynamic: bool = True):
+        self.config = FluxSchedulerConfig(dynamic)
+
+
+def test_shift_follows_the_image_size_as_flux_inference_does():
+    from fastbackend.training.families import LossOptions
+    from fastbackend.training.families.flux import dynamic_shift, sigma_table
+
+    config = FluxSchedulerConfig()
+    assert dynamic_shift(1024, config) == pytest.approx(0.6300, abs=1e-3)  # 512 px: 64x64 latents, 2x2 patches
+    assert dynamic_shift(4096, config) == pytest.approx(1.15)  # 1024 px
+    options = LossOptions(scheduler=FakeScheduler(), timestep_type="shift")
+    small, large = sigma_table(options, 1024, "cpu"), sigma_table(options, 4096, "cpu")
+    middle = 500  # the unshifted table is linear: sigma ~0.5 there
+    assert large[middle] == pytest.approx(math.exp(1.15) / (math.exp(1.15) + 1 / 0.5005 - 1), rel=1e-3)
+    assert large[middle] > small[middle] > 0.5
+    static = sigma_table(LossOptions(scheduler=FakeScheduler(dynamic=False), timestep_type="shift"), 4096, "cpu")
+    assert static[middle] == pytest.approx(3 * 0.5005 / (1 + 2 * 0.5005), rel=1e-3)
+
+
+def test_sigmoid_and_linear_tables():
+    from fastbackend.training.families import LossOptions
+    from fastbackend.training.families.flux import sigma_table
+
+    torch.manual_seed(0)
+    sigmoid = sigma_table(LossOptions(scheduler=FakeScheduler(), timestep_type="sigmoid"), 4096, "cpu")
+    assert torch.all(sigmoid[:-1] >= sigmoid[1:]) and abs(sigmoid.median().item() - 0.5) < 0.05
+    linear = sigma_table(LossOptions(scheduler=FakeScheduler(), linear_timesteps=True), 4096, "cpu")
+    assert linear[0] == 1.0 and linear[-1] == pytest.approx(0.001) and torch.all(linear[:-1] > linear[1:])
+
+
+def test_content_favours_noise_and_style_favours_detail():
+    from fastbackend.training.families.base import noise_level_indices
+
+    torch.manual_seed(0)
+    balanced = noise_level_indices(20_000, "balanced", "cpu").float()
+    content = noise_level_indices(20_000, "content", "cpu").float()
+    style = noise_level_indices(20_000, "style", "cpu").float()
+    # u^3 * 1000 has mean 250; (1 - u^3) * 1000 has mean 750; index 0 is the noisiest level
+    assert balanced.mean() == pytest.approx(500, abs=15)
+    assert content.mean() == pytest.approx(250, abs=15) and style.mean() == pytest.approx(750, abs=15)
+
+
+def lr_curve(scheduler: str, steps: int = 10, **params) -> list[float]:
+    from fastbackend.training.setup import make_lr_scheduler
+
+    config = TrainConfig(lr=1.0, steps=steps, lr_scheduler=scheduler, **params)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = make_lr_scheduler(config, optimizer)
+    curve = []
+    for _ in range(steps):
+        curve.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return curve
+
+
+def test_learning_rate_curves_are_ai_toolkits():
+    assert lr_curve("constant") == [1.0] * 10
+    linear = lr_curve("linear")  # torch's LinearLR as ai-toolkit uses it: up from lr/3 to lr
+    assert linear[0] == pytest.approx(1 / 3) and linear[-1] == pytest.approx(1 / 3 + 0.9 * 2 / 3)
+    assert all(a < b for a, b in itertools.pairwise(linear))
+    assert lr_curve("linear", lr_scheduler_params={"start_factor": 1.0, "end_factor": 0.1})[-1] == pytest.approx(0.19)
+    cosine = lr_curve("cosine")  # CosineAnnealingLR(T_max=steps)
+    assert cosine == pytest.approx([0.5 * (1 + math.cos(math.pi * i / 10)) for i in range(10)])
+    warm = lr_curve("constant_with_warmup", steps=2000)  # ai-toolkit's default warm-up: 1000 steps
+    assert warm[0] == 0 and warm[500] == pytest.approx(0.5) and warm[1500] == 1.0
+    assert lr_curve("constant_with_warmup", steps=10, lr_warmup_steps=2)[:3] == [0.0, 0.5, 1.0]
+
+
+def test_ema_decay_is_constant_from_the_first_update():
+    from fastbackend.training.setup import make_ema
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    ema = make_ema(TrainConfig(ema_config={"use_ema": True, "ema_decay": 0.9}), [param])
+    shadow = 0.0
+    for value in (1.0, 2.0, 3.0):
+        param.data.fill_(value)
+        ema.step([param])
+        shadow = 0.9 * shadow + 0.1 * value
+        assert ema.shadow_params[0].item() == pytest.approx(shadow)
+
+
+def test_omitted_keys_take_ai_toolkits_defaults():
+    config, _ = parse_training_config(
+        {
+            "job": "extension",
+            "config": {
+                "name": "defaults",
+                "process": [
+                    {"type": "sd_trainer", "datasets": [{"folder_path": "d"}], "model": {"name_or_path": "a/b"}}
+                ],
+            },
+        }
+    )
+    process = config.process
+    train_cfg = process.train
+    assert (train_cfg.lr, train_cfg.steps, train_cfg.batch_size, train_cfg.optimizer) == (1e-6, 1000, 1, "adamw")
+    assert (train_cfg.lr_scheduler, train_cfg.max_grad_norm, train_cfg.dtype) == ("constant", 1.0, "fp32")
+    assert (train_cfg.noise_scheduler, train_cfg.content_or_style, train_cfg.gradient_checkpointing) == (
+        "ddpm",
+        "balanced",
+        True,
+    )
+    assert (train_cfg.ema_config.use_ema, train_cfg.ema_config.ema_decay) == (False, 0.999)
+    assert (process.network.rank, process.network.alpha) == (4, 1.0)
+    assert process.datasets[0].caption_dropout_rate == 0.0
+    assert (process.save.save_every, process.save.max_step_saves_to_keep, process.save.dtype) == (1000, 5, "float16")
+
+
+# ---------------------------------------------------------------- 8. SDXL's VAE
+
+
+def test_sdxl_encodes_in_fp32_whatever_the_vae_dtype(tiny_models):
+    from fastbackend.training.families import family_for
+
+    pipe = load(tiny_models, "sdxl")
+    pipe.vae.to(torch.bfloat16)
+    seen = []
+    encode = pipe.vae.encode
+
+    def spy(pixels, *args, **kwargs):
+        seen.append((pixels.dtype, pipe.vae.dtype))
+        return encode(pixels, *args, **kwargs)
+
+    pipe.vae.encode = spy
+    mean, std = family_for("sdxl").encode_pixels(pipe, torch.zeros(1, 3, 64, 64))
+    assert seen == [(torch.float32, torch.float32)] and pipe.vae.dtype == torch.bfloat16
+    assert torch.isfinite(mean).all() and torch.isfinite(std).all()
+
+
+# ---------------------------------------------------------------- 9. ai-toolkit's own configs
+
+EXAMPLES = Path(__file__).resolve().parent / "fixtures" / "ai_toolkit"
+
+
+@pytest.mark.parametrize(
+    ("example", "arch", "ignored"),
+    [
+        ("flux_dev.yaml", "flux", set()),
+        ("flux_schnell.yaml", "flux", {"model.assistant_lora_path"}),
+        (
+            "sdxl_ui.yaml",
+            "sdxl",
+            {
+                "sqlite_db_path",
+                "performance_log_every",
+                "logging",
+                "network.conv",
+                "network.conv_alpha",
+                "network.lokr_full_rank",
+                "network.lokr_factor",
+                "network.network_kwargs",
+                "save.save_format",
+                "datasets[0].mask_path",
+                "datasets[0].mask_min_value",
+                "datasets[0].is_reg",
+                "datasets[0].network_weight",
+                "datasets[0].controls",
+                "datasets[0].shrink_video_to_frames",
+                "datasets[0].num_frames",
+                "datasets[0].flip_x",
+                "datasets[0].flip_y",
+                "train.bypass_guidance_embedding",
+                "train.unload_text_encoder",
+                "train.skip_first_sample",
+                "train.force_first_sample",
+                "train.diff_output_preservation",
+                "train.diff_output_preservation_multiplier",
+                "train.diff_output_preservation_class",
+                "train.switch_boundary_every",
+                "train.loss_type",
+                "train.timestep_type",  # a flow-matching key; ai-toolkit ignores it for ddpm too
+                "model.qtype",
+                "model.quantize_te",
+                "model.qtype_te",
+                "model.low_vram",
+                "model.model_kwargs",
+                "model.compile",
+                "sample.samples[1].seed",
+                "sample.num_frames",
+                "sample.fps",
+            },
+        ),
+    ],
+)
+def test_ai_toolkits_configs_parse_unchanged_and_say_what_they_ignore(example, arch, ignored):
+    config, warnings = parse_training_config((EXAMPLES / example).read_text())
+    assert config.process.model.resolved_arch == arch
+    said = {w.split(": ignored")[0].removeprefix("config.process[0].") for w in warnings if ": ignored (" in w}
+    assert said == ignored
+
+
+@pytest.mark.parametrize("example", ["flux_dev.yaml", "flux_schnell.yaml", "sdxl_ui.yaml"])
+def test_ai_toolkits_configs_train_with_only_paths_and_sizes_changed(example, tiny_models, data_root):
+    """The configs as written, but for the model and dataset paths and what keeps a CPU test short."""
+    arch = "sdxl" if example.startswith("sdxl") else "flux_schnell" if "schnell" in example else "flux"
+    model_path = install_model(tiny_models, data_root, arch)
+    upload_photos()
+    text = (EXAMPLES / example).read_text()
+    for model in (
+        "black-forest-labs/FLUX.1-dev",
+        "black-forest-labs/FLUX.1-schnell",
+        "stabilityai/stable-diffusion-xl-base-1.0",
+    ):
+        text = text.replace(model, model_path)
+    text = text.replace("/path/to/images/folder", "matt_training_test")
+    text = text.replace("[ 512, 768, 1024 ]", "[ 64 ]").replace("[512, 768, 1024]", "[64]")
+    text = text.replace("steps: 2000", "steps: 2").replace("steps: 3000", "steps: 2")
+    text = text.replace("width: 1024", "width: 64").replace("height: 1024", "height: 64")
+    text = text.replace("sample_steps: 20", "sample_steps: 2").replace("sample_steps: 25", "sample_steps: 2")
+    answer = train(text)
+    assert answer["status"] == "success", answer
+    assert answer["steps"] == 2 and len(answer["samples"]) == 2  # both prompts, at the end
+
+
+def test_an_architecture_not_trained_yet_is_refused_by_name():
+    text = fixture_yaml().replace("is_flux: true", "arch: qwen_image")
+    refused = r"model\.arch: .*'qwen_image' is not supported by this worker yet; supported: flux, sdxl, sd15"
+    with pytest.raises(ValidationFailed, match=refused):
+        parse_training_config(text)
+
+
+def test_sample_start_step_dataset_trigger_and_training_seed(tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    text = user_yaml(
+        model_path,
+        steps=4,
+        replacements={
+            "sample_every: 100": "sample_every: 1\n      sample_start_step: 3",
+            "caption_ext: txt": "caption_ext: txt\n      trigger_word: p3r5on",
+            "- type: sd_trainer": "- type: sd_trainer\n    training_seed: 5",
+        },
+    )
+    text = text.replace("      seed: 1234\n", "")  # training_seed is the seed now
+    first, second = train(text), None
+    assert first["status"] == "success", first
+    steps = sorted({Path(p).name.split("_")[0] for p in first["samples"]})
+    assert steps == ["000000003", "000000004"]  # nothing on schedule before step 3; the end always
+    assert read_header(Path(first["lora_path"]))["fastbackend_trigger_word"] == "p3r5on"
+    second = train(text.replace("steps: 4", "steps: 4\n      disable_sampling: true"), resume=False)
+    assert second["loss_history"] == first["loss_history"]  # training_seed made the run reproducible
