@@ -27,14 +27,33 @@ def read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()  # noqa: SIM118 - not iterable
 
 
-def render(pipeline_folder: str, lora_path: str | None, arch: str):
-    """One image at 64 px from a fresh pipeline, with or without the LoRA, for a fixed seed."""
+def loaded_lora_layers(pipe, adapter: str) -> int:
+    """How many layers of the pipeline's models hold the adapter's LoRA weights."""
+    count = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            count += sum(1 for name, _ in component.named_modules() if name.endswith(f"lora_A.{adapter}"))
+    return count
+
+
+def lora_layers_in_file(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(1 for key in tensors if key.endswith((".lora_A.weight", ".lora_down.weight")))
+
+
+def render(pipeline_folder: str, lora_path: str | None, arch: str, scale: float = 1.0):
+    """One image at 64 px from a fresh pipeline, with or without the LoRA, for a fixed seed.
+
+    Every LoRA layer the file holds must land in the pipeline (a partial load would pass a
+    "the output changed" check).
+    """
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(pipeline_folder)
     pipe.set_progress_bar_config(disable=True)
     if lora_path:
         pipe.load_lora_weights(lora_path, adapter_name="trained")
+        assert loaded_lora_layers(pipe, "trained") == lora_layers_in_file(read_lora(lora_path)[0])
+        pipe.set_adapters(["trained"], adapter_weights=[scale])
     options = {"max_sequence_length": 32} if arch.startswith("flux") else {}
     return pipe(
         "Matt, photo",
@@ -103,6 +122,7 @@ def test_user_yaml_trains_a_lora_that_loads_in_diffusers_and_changes_the_output(
     before = render(folder, None, arch)
     after = render(folder, answer["lora_path"], arch)
     assert before.shape == after.shape and not (before == after).all()
+    assert (render(folder, answer["lora_path"], arch, scale=0.0) == before).all()  # scale 0: the base model
 
 
 def test_fixed_batch_learns(tiny_models, data_root):

@@ -172,3 +172,38 @@ def test_a_folder_made_by_hand_is_read_with_captions_and_upright_sizes(tmp_path)
     ]
     examples = data.make_examples(items, [256], 16, "Matt", 1.0)
     assert [e.bucket for e in examples] == [(256, 192), (192, 256)]  # the turned photo gets a portrait bucket
+
+
+def test_without_caching_the_encoders_run_for_every_batch(tiny_models, data_root, monkeypatch):
+    from fastbackend.training.families.sd15 import SD15
+
+    model_path = install_model(tiny_models, data_root, "sd15")
+    upload_photos()
+    calls = {"pixels": 0, "prompt": 0}
+    encode_pixels, encode_prompt = SD15.encode_pixels, SD15.encode_prompt
+
+    def counted_pixels(self, pipe, pixels):
+        calls["pixels"] += pixels.shape[0]
+        return encode_pixels(self, pipe, pixels)
+
+    def counted_prompt(self, pipe, text):
+        calls["prompt"] += 1
+        return encode_prompt(self, pipe, text)
+
+    monkeypatch.setattr(SD15, "encode_pixels", counted_pixels)
+    monkeypatch.setattr(SD15, "encode_prompt", counted_prompt)
+    yaml_text = user_yaml(
+        model_path,
+        "sd15",
+        steps=3,
+        replacements={
+            "cache_latents_to_disk: true": "cache_latents_to_disk: false\n      cache_latents: false",
+            "gradient_accumulation_steps: 4": "gradient_accumulation: 2",
+            "batch_size: 1": "batch_size: 2",
+            "dtype: bf16": "dtype: bf16\n      cache_text_embeddings: false",
+            "sample_every: 100": "sample_every: 1000",
+        },
+    ).replace("      train_unet: true\n", "      train_unet: true\n      disable_sampling: true\n")
+    assert train(yaml_text)["status"] == "success"
+    # 3 steps x 2 batches x 2 images: every image and caption encoded when it is drawn, none up front
+    assert calls == {"pixels": 12, "prompt": 12}
