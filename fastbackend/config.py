@@ -37,9 +37,11 @@ DEFAULT_RANK = 4
 # The families this worker trains (training/families registers the same names; a test compares),
 # ai-toolkit's other names for them, and its flags for families it does not train yet.
 ARCHES = ("flux", "sdxl", "sd15")
-ARCH_ALIASES = {"sd1": "sd15", "flex1": "flux"}
+ARCH_ALIASES = {"sd1": "sd15", "flex1": "flux", "ssd": "sdxl", "vega": "sdxl"}
 UNSUPPORTED_FLAGS = ("is_v2", "is_v3", "is_pixart", "is_pixart_sigma", "is_auraflow", "is_lumina2")
 DTYPES = Literal["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"]
+# ai-toolkit's other spellings of the same dtypes (toolkit/train_tools.py get_torch_dtype).
+DTYPE_ALIASES = {"half": "fp16", "float": "fp32", "single": "fp32"}
 
 
 class Section(BaseModel):
@@ -47,6 +49,8 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     IGNORED: typing.ClassVar[dict[str, str]] = {}
+    # Keys that ask for something this worker does not do: refused with why, not as typos.
+    REFUSED: typing.ClassVar[dict[str, str]] = {}
 
     @classmethod
     def fields_by_key(cls) -> dict[str, Any]:
@@ -70,14 +74,19 @@ class NetworkConfig(Section):
         "pretrained_lora_path": "training starts from a fresh LoRA (or resumes its own)",
         "all_layers": "only the transformer blocks' linear layers are trained",
     }
-    type: Literal["lora"] = "lora"
+    type: Literal["lora"] = "lora"  # ai-toolkit lower-cases it (LoRA, Lora)
     linear: int | None = Field(None, gt=0, le=512, description="LoRA rank (ai-toolkit's default 4).")
     rank_key: int | None = Field(None, alias="rank", gt=0, le=512, description="LoRA rank; wins over `linear`.")
     linear_alpha: float | None = Field(
-        None, gt=0, description="LoRA alpha (SD 1.5 / SDXL): the update is scaled by alpha / rank. FLUX trains at 1."
+        None, ge=0, description="LoRA alpha (SD 1.5 / SDXL): the update is scaled by alpha / rank. FLUX trains at 1."
     )
-    alpha_key: float = Field(1.0, alias="alpha", gt=0, description="`linear_alpha` when that is not given.")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    alpha_key: float = Field(1.0, alias="alpha", ge=0, description="`linear_alpha` when that is not given.")
+    dropout: float | None = Field(None, ge=0, lt=1)
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @property
     def rank(self) -> int:
@@ -85,7 +94,8 @@ class NetworkConfig(Section):
 
     @property
     def alpha(self) -> float:
-        return self.linear_alpha if self.linear_alpha is not None else self.alpha_key
+        alpha = self.linear_alpha if self.linear_alpha is not None else self.alpha_key
+        return alpha or float(self.rank)  # ai-toolkit: alpha 0 means alpha = rank
 
 
 class SaveConfig(Section):
@@ -176,6 +186,7 @@ class DatasetConfig(Section):
     }
     folder_path: str = Field(description="An uploaded dataset: its name, or a path under the data root.")
     caption_ext: Literal["txt", ".txt"] = "txt"
+    caption_type: Literal["txt", ".txt"] | None = Field(None, description="ai-toolkit's older name for caption_ext.")
     caption_dropout_rate: float = Field(
         0.0, ge=0, le=1, description="Chance a step trains on the trigger word alone (or empty) instead of the caption."
     )
@@ -355,12 +366,28 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, ge=0)
     noise_offset: float = Field(0.0, ge=0, le=1)
     min_snr_gamma: float | None = Field(None, gt=0)
-    timestep_type: Literal["sigmoid", "linear", "shift", "flux_shift"] | None = None
+    timestep_type: Literal["sigmoid", "linear", "shift", "flux_shift", "lumina2_shift"] | None = None
     linear_timesteps: bool = Field(False, description="FLUX: uniform timesteps, the loss weighted by a bell curve.")
     content_or_style: Literal["balanced", "content", "style"] = Field(
         "balanced", description="Timestep bias: content towards high noise, style towards low noise."
     )
     ema_config: EmaConfig = Field(default_factory=EmaConfig)
+
+    @field_validator("ema_config", mode="before")
+    @classmethod
+    def _no_ema_section(cls, value: Any) -> Any:
+        return {} if value is None else value  # `ema_config:` left empty means its defaults
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _lower_optimizer(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value  # as ai-toolkit (AdamW8bit)
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:
+        return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+
     dtype: DTYPES = Field("fp32", description="Mixed precision of the base model on CUDA (ai-toolkit: fp32).")
     seed: int | None = Field(None, ge=0)
     disable_sampling: bool = False
@@ -573,6 +600,19 @@ class ProcessConfig(Section):
         "logging": "progress is reported through the job",
         "sqlite_db_path": "not used",
         "log_dir": "progress is reported through the job",
+        "name": "files are named by config.name",
+        "first_sample": "no sample is made at step 0",
+        "guidance": "not used by ai-toolkit either",
+        "do_lorm": "not used by ai-toolkit either",
+        "lorm_extract_mode": "not used by ai-toolkit either",
+        "lorm_extract_mode_param": "not used by ai-toolkit either",
+        "torch_profiler": "not supported",
+        "slider": "only LoRA training (sd_trainer) is run",
+    }
+    REFUSED = {
+        "embedding": "not supported: this worker trains LoRAs, not textual-inversion embeddings",
+        "decorator": "not supported: this worker trains LoRAs, not decorator tokens",
+        "adapter": "not supported: this worker trains LoRAs, not adapters",
     }
     type: Literal["sd_trainer", "diffusion_trainer"]  # ai-toolkit's UI writes diffusion_trainer
     training_folder: str = "output"
@@ -600,6 +640,7 @@ class ProcessConfig(Section):
 
 
 class JobSection(Section):
+    IGNORED = {"device": "the process's `device` is used"}
     name: SafeName
     process: list[ProcessConfig] = Field(min_length=1, max_length=1)
 
@@ -714,6 +755,8 @@ def sweep_keys(node: Any, section: type[Section], path: str, warnings: list[str]
             kept[key] = value
         elif key in section.IGNORED:
             warnings.append(f"{key_path}: ignored ({section.IGNORED[key]})")
+        elif key in section.REFUSED:
+            problems.append(f"{key_path}: {section.REFUSED[key]}")
         else:
             problems.append(f"{key_path}: unknown key{_nearest(key, section)}")
     return kept
@@ -808,6 +851,11 @@ def semantic_warnings(config: TrainingConfig) -> list[str]:
         notes.append(f"{PREFIX}.save.push_to_hub: ignored (download the LoRA with download_model)")
     notes += [f"{PREFIX}.{path}: ignored ({why})" for path, why in unused_for_arch(process)]
     notes += recipe_notes(process)
+    if "network" not in process.model_fields_set:
+        notes.append(
+            f"{PREFIX}.network: missing; ai-toolkit would fine-tune the whole model, this worker trains a LoRA "
+            f"(rank {process.network.rank}, alpha {process.network.alpha:g})"
+        )
     objective = "flowmatch" if process.model.resolved_arch == "flux" else "ddpm"
     if process.sample is not None and (process.sample.sampler == "flowmatch") != (objective == "flowmatch"):
         notes.append(

@@ -445,3 +445,35 @@ def test_sample_start_step_dataset_trigger_and_training_seed(tiny_models, data_r
     assert read_header(Path(first["lora_path"]))["fastbackend_trigger_word"] == "p3r5on"
     second = train(text.replace("steps: 4", "steps: 4\n      disable_sampling: true"), resume=False)
     assert second["loss_history"] == first["loss_history"]  # training_seed made the run reproducible
+
+
+@pytest.mark.parametrize(
+    ("change", "check"),
+    [
+        (("optimizer: adamw8bit", "optimizer: AdamW8bit"), lambda p: p.train.optimizer == "adamw8bit"),
+        (("type: lora", "type: LoRA"), lambda p: p.network.type == "lora"),
+        (("linear_alpha: 16", "linear_alpha: 0"), lambda p: p.network.alpha == 16.0),  # 0 means alpha = rank
+        (("dtype: bf16", "dtype: half"), lambda p: p.train.dtype == "fp16"),
+        (("caption_ext: txt", "caption_type: txt"), lambda p: p.datasets[0].caption_type == "txt"),
+        (("is_flux: true", "arch: vega"), lambda p: p.model.resolved_arch == "sdxl"),
+        (("ema_decay: 0.99", "ema_decay: 0.99\n      timestep_type: lumina2_shift"), lambda p: True),
+    ],
+)
+def test_ai_toolkits_other_spellings_are_read_as_it_reads_them(change, check):
+    config, _ = parse_training_config(fixture_yaml().replace(*change))
+    assert check(config.process)
+
+
+def test_training_kinds_other_than_lora_are_refused_by_name():
+    text = fixture_yaml().replace("  - type: sd_trainer", "  - type: sd_trainer\n    embedding:\n      trigger: x")
+    with pytest.raises(
+        ValidationFailed, match=r"config\.process\[0\]\.embedding: not supported: this worker trains LoRAs"
+    ):
+        parse_training_config(text)
+
+
+def test_a_config_without_a_network_section_says_it_trains_a_lora():
+    text = fixture_yaml().replace("    network:\n      type: lora\n      linear: 16\n      linear_alpha: 16\n", "")
+    _, warnings = parse_training_config(text)
+    said = "config.process[0].network: missing; ai-toolkit would fine-tune the whole model, this worker trains a LoRA"
+    assert f"{said} (rank 4, alpha 1)" in warnings

@@ -85,7 +85,7 @@ def lora_group(name: str, module: torch.nn.Module, family: Family, process: Proc
     is_denoiser = name == family.denoiser_name
     network = process.network
     targets = family.lora_targets(module) if is_denoiser else family.text_encoder_lora_targets(module)
-    params = lora_io.add_lora(module, targets, network.rank, process.lora_alpha, network.dropout)
+    params = lora_io.add_lora(module, targets, network.rank, process.lora_alpha, network.dropout or 0.0)
     module.train()
     train_cfg = process.train
     lr = train_cfg.learning_rate if is_denoiser else train_cfg.text_encoder_lr or train_cfg.learning_rate
