@@ -183,6 +183,7 @@ class DatasetConfig(Section):
         "cache_latents_num_workers": "images are read in the worker's own process",
         "debug": "progress is reported through the job",
         "fast_image_size": "image sizes come from the manifest",
+        "keep_tokens": "ai-toolkit applies it to token_dropout_rate only, which is not supported",
     }
     folder_path: str = Field(description="An uploaded dataset: its name, or a path under the data root.")
     caption_ext: Literal["txt", ".txt"] = "txt"
@@ -191,7 +192,6 @@ class DatasetConfig(Section):
         0.0, ge=0, le=1, description="Chance a step trains on the trigger word alone (or empty) instead of the caption."
     )
     shuffle_tokens: bool = Field(False, description="Shuffle the comma-separated parts of captions each step.")
-    keep_tokens: int = Field(0, ge=0, description="Leading caption parts never shuffled.")
     cache_latents: bool = Field(True, description="Encode each image once; false: the VAE encodes it every step.")
     cache_latents_to_disk: bool = Field(False, description="Also keep the latents beside the dataset for later runs.")
     resolution: list[int] = Field(default_factory=lambda: [512])
@@ -253,6 +253,8 @@ class TrainConfig(Section):
         "bypass_guidance_embedding": "not supported",
         "min_denoising_steps": "timesteps follow `timestep_type`",
         "max_denoising_steps": "timesteps follow `timestep_type`",
+        "unet_lr": "ai-toolkit trains every LoRA layer at train.lr",
+        "text_encoder_lr": "ai-toolkit trains every LoRA layer at train.lr",
         "attention_backend": "PyTorch's scaled-dot-product attention is always used",
         "train_refiner": "no refiner",
         "refiner_lr": "no refiner",
@@ -356,8 +358,6 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "adamw8bit", "adam", "adam8bit", "sgd", "prodigy"] = "adamw"
     optimizer_params: dict[str, float | list[float]] = Field(default_factory=dict)
     lr: float = Field(1e-6, gt=0, le=10, description="ai-toolkit's default when omitted: 1e-6.")
-    unet_lr: float | None = Field(None, gt=0, le=10)
-    text_encoder_lr: float | None = Field(None, gt=0, le=10, description="With train_text_encoder; default lr.")
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
@@ -425,10 +425,6 @@ class TrainConfig(Section):
         if self.gradient_accumulation > 1 and self.gradient_accumulation_steps > 1:
             raise ValueError("set gradient_accumulation or gradient_accumulation_steps, not both (as in ai-toolkit)")
         return self
-
-    @property
-    def learning_rate(self) -> float:
-        return self.unet_lr if self.unet_lr is not None else self.lr
 
 
 class ModelConfig(Section):
@@ -835,6 +831,8 @@ def recipe_notes(process: ProcessConfig) -> list[str]:
             f"{PREFIX}.train.lr_scheduler: linear ramps the rate up from lr/3 to lr over the steps (torch's "
             "LinearLR, as in ai-toolkit); lr_scheduler_params start_factor and end_factor change the ramp"
         )
+    if train.lr_scheduler in ("constant", "linear") and train.lr_warmup_steps:
+        notes.append(f"{PREFIX}.train.lr_warmup_steps: ignored ({train.lr_scheduler} has no warm-up, as in ai-toolkit)")
     warmup_given = train.lr_warmup_steps is not None or "num_warmup_steps" in train.lr_scheduler_params
     if train.lr_scheduler == "constant_with_warmup" and not warmup_given:
         notes.append(f"{PREFIX}.train.lr_scheduler: constant_with_warmup warms up over 1000 steps (ai-toolkit's)")

@@ -23,8 +23,8 @@ from tests.training_helpers import fixture_yaml, install_model, train, upload_ph
 def load(tiny_models, arch):
     import diffusers
 
-    pipeline = {"flux": "FluxPipeline", "sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline"}[arch]
-    return getattr(diffusers, pipeline).from_pretrained(str(tiny_models / arch))
+    pipeline = {"flux": "FluxPipeline", "sdxl": "StableDiffusionXLPipeline", "sd15": "StableDiffusionPipeline"}
+    return getattr(diffusers, pipeline[arch.removesuffix("_schnell")]).from_pretrained(str(tiny_models / arch))
 
 
 # ---------------------------------------------------------------- 1. initialisation
@@ -108,11 +108,8 @@ def test_adam_family_and_prodigy_use_eps_1e6(name):
     config = TrainConfig(optimizer=name, lr=1e-4)
     optimizer = make_optimizer(config, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"), warnings)
     assert optimizer.param_groups[0]["eps"] == 1e-6
-    if name == "prodigy":  # ai-toolkit raises prodigy's lr to 1.0 below 0.1
-        assert optimizer.param_groups[0]["lr"] == 1.0
-        assert warnings == [
-            "config.process[0].train.lr: 0.0001 is too small for prodigy, which sets its own step; 1.0 is used"
-        ]
+    # ai-toolkit passes lr 1.0 to Prodigy below 0.1, but its parameter groups carry train.lr, which wins
+    assert optimizer.param_groups[0]["lr"] == 1e-4
 
 
 def test_optimizer_params_still_override_eps():
@@ -229,6 +226,8 @@ def test_sigmoid_and_linear_tables():
     torch.manual_seed(0)
     sigmoid = sigma_table(LossOptions(scheduler=FakeScheduler(), timestep_type="sigmoid"), 4096, "cpu")
     assert torch.all(sigmoid[:-1] >= sigmoid[1:]) and abs(sigmoid.median().item() - 0.5) < 0.05
+    # logit-normal, not uniform: its 10th percentile is sigmoid(-1.28) = 0.217 (uniform: 0.1)
+    assert sigmoid.quantile(0.1).item() == pytest.approx(0.217, abs=0.03)
     linear = sigma_table(LossOptions(scheduler=FakeScheduler(), linear_timesteps=True), 4096, "cpu")
     assert linear[0] == 1.0 and linear[-1] == pytest.approx(0.001) and torch.all(linear[:-1] > linear[1:])
 
@@ -477,3 +476,52 @@ def test_a_config_without_a_network_section_says_it_trains_a_lora():
     _, warnings = parse_training_config(text)
     said = "config.process[0].network: missing; ai-toolkit would fine-tune the whole model, this worker trains a LoRA"
     assert f"{said} (rank 4, alpha 1)" in warnings
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("gradient_accumulation_steps: 2", [1.5, 3.5]),  # the mean over each window of steps
+        ("gradient_accumulation_steps: 3", [2.0, 4.0]),  # windows of 3 and a last one of 1
+        ("gradient_accumulation: 2", [3.0, 7.0, 11.0, 15.0]),  # each step's batches summed, as ai-toolkit
+    ],
+)
+def test_each_update_sees_its_windows_gradient(key, expected, tiny_models, data_root, monkeypatch):
+    from fastbackend.training import trainer
+    from tests.test_config_effects import set_up_run
+
+    run = set_up_run(tiny_models, data_root, "flux", {"gradient_accumulation_steps: 4": key})  # 4 steps
+    calls, seen = iter(range(1, 100)), []
+    monkeypatch.setattr(trainer, "next_batch", lambda run: None)
+    # batch number k has loss k * sum(first LoRA weight): its gradient there is k everywhere
+    monkeypatch.setattr(trainer, "compute_loss", lambda run, batch: next(calls) * run.params[0].sum())
+
+    def record_update(run):
+        seen.append(run.params[0].grad.mean().item())
+        run.optimizer.zero_grad()
+
+    monkeypatch.setattr(trainer, "optimizer_update", record_update)
+    for run.step in range(4):
+        trainer.train_step(run)
+    assert seen == pytest.approx(expected)
+
+
+def test_flux_trains_with_dev_scheduler_settings_even_on_schnell(tiny_models):
+    from fastbackend.training.families import family_for
+
+    pipe = load(tiny_models, "flux_schnell")
+    pipe.scheduler.register_to_config(use_dynamic_shifting=False, shift=1.0)  # FLUX.1-schnell's own
+    config = family_for("flux").training_scheduler(pipe).config
+    assert (config.use_dynamic_shifting, config.base_shift, config.max_shift) == (True, 0.5, 1.15)
+
+
+@pytest.mark.parametrize(("bias", "low", "high"), [("balanced", 480, 520), ("content", 720, 780), ("style", 220, 280)])
+def test_sd_timesteps_follow_content_or_style(bias, low, high):
+    from diffusers import DDPMScheduler
+
+    from fastbackend.training.families.sd15 import SD15
+
+    torch.manual_seed(0)
+    steps = SD15().timesteps(20_000, DDPMScheduler(), bias, "cpu").float()
+    assert low < steps.mean() < high  # content: noisy (high t); style: clean (low t)
+    assert steps.min() >= 0 and steps.max() <= 999

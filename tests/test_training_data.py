@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -26,17 +27,25 @@ def test_trigger_word_follows_ai_toolkit(caption, trigger, expected):
     assert data.apply_trigger(caption, trigger) == expected
 
 
-def test_caption_dropout_and_shuffle_keep_leading_tokens():
-    options = data.CaptionOptions(dropout_rate=0.0, shuffle=True, keep_tokens=1)
+def example(caption: str, trigger: str | None = None) -> data.Example:
+    item = data.Item(Path("x.jpg"), "0" * 64, caption, (64, 64))
+    return data.Example(item, data.apply_trigger(caption, trigger), (64, 64))
+
+
+def test_caption_dropout_and_shuffle_as_ai_toolkit():
     rng = random.Random(0)
-    shuffled = {data.caption_for_step("Matt, a, b, c, d", options, rng) for _ in range(50)}
-    assert len(shuffled) > 1 and all(s.startswith("Matt, ") for s in shuffled)
-    assert sorted(next(iter(shuffled)).split(", ")) == sorted(["Matt", "a", "b", "c", "d"])
-    always_dropped = data.CaptionOptions(dropout_rate=1.0)
-    assert data.caption_for_step("Matt", always_dropped, rng) == ""
-    # ai-toolkit: a dropped caption keeps the trigger word, so the subject stays tied to it
-    with_trigger = data.CaptionOptions(trigger_word="p3r5on", dropout_rate=1.0)
-    assert data.caption_for_step("p3r5on smiling, photo", with_trigger, rng) == "p3r5on"
+    # every part is shuffled, then the trigger goes in front (ai-toolkit's data loader)
+    options = data.CaptionOptions(trigger_word="Matt", shuffle=True)
+    shuffled = {data.caption_for_step(example("a, b, c, d", "Matt"), options, rng) for _ in range(50)}
+    assert len(shuffled) > 1 and all(s.startswith("Matt ") for s in shuffled)
+    assert sorted(next(iter(shuffled)).removeprefix("Matt ").split(", ")) == ["a", "b", "c", "d"]
+    assert data.caption_for_step(example("Matt, photo"), data.CaptionOptions(dropout_rate=1.0), rng) == ""
+    # a dropped caption keeps the process's trigger word, so the subject stays tied to it ...
+    dropped = data.CaptionOptions(trigger_word="p3r5on", dropout_trigger="p3r5on", dropout_rate=1.0)
+    assert data.caption_for_step(example("smiling, photo", "p3r5on"), dropped, rng) == "p3r5on"
+    # ... but not a dataset's own trigger, which ai-toolkit adds before the dropout
+    dataset_only = data.CaptionOptions(trigger_word="p3r5on", dropout_rate=1.0)
+    assert data.caption_for_step(example("smiling, photo", "p3r5on"), dataset_only, rng) == ""
 
 
 def test_sample_prompts_only_have_their_tags_replaced():

@@ -67,7 +67,7 @@ def prepare_data(
         trigger_word = dataset_cfg.trigger_word or process.trigger_word
         made = data.make_examples(found, dataset_cfg.resolution, multiple, trigger_word, dataset_cfg.num_repeats)
         examples += made
-        captions |= {e.caption for e in made} | {data.dropped_caption(trigger_word)}
+        captions |= {e.caption for e in made} | {data.dropped_caption(process.trigger_word)}
         if dataset_cfg.cache_latents or dataset_cfg.cache_latents_to_disk:
             on_disk = DatasetFolder(folder).latent_cache(model_key(base_model))
             caches[folder] = data.LatentCache(on_disk if dataset_cfg.cache_latents_to_disk else None)

@@ -74,7 +74,14 @@ def save_state(run: Run) -> None:
         "saves": [p.name for p in run.saves],
         "sha256": run.sha256,
         # Every random source the steps draw from, so a resumed run continues exactly as it would have.
-        "rng": {"captions": run.rng.getstate(), "batches": run.sampler.rng.getstate(), "torch": torch.get_rng_state()},
+        "rng": {
+            "captions": run.rng.getstate(),
+            "batches": run.sampler.rng.getstate(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+        # fp16's loss scale: the saved gradients are scaled by it
+        "scaler": run.accelerator.scaler.state_dict() if run.accelerator.scaler is not None else None,
     }
     with temporary_path(run.folder.state) as tmp:
         torch.save(state, tmp)
@@ -118,7 +125,11 @@ def restore_state(run: Run) -> int:
     run.rng.setstate(rng["captions"] if "captions" in rng else rng["python"])  # "python": older states
     if "batches" in rng:
         run.sampler.rng.setstate(rng["batches"])
-    torch.set_rng_state(state["rng"]["torch"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if state.get("scaler") is not None and run.accelerator.scaler is not None:
+        run.accelerator.scaler.load_state_dict(state["scaler"])
     run.job.warnings.append(f"resumed from the saved state at step {run.step}")
     log.info("resumed from step %d", run.step)
     return run.step

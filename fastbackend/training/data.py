@@ -55,10 +55,10 @@ class Example:
 
 @dataclass
 class CaptionOptions:
-    trigger_word: str | None = None
+    trigger_word: str | None = None  # put into every caption: the dataset's, else the process's
+    dropout_trigger: str | None = None  # what a dropped caption becomes: the process's trigger only
     dropout_rate: float = 0.0
     shuffle: bool = False
-    keep_tokens: int = 0
 
 
 def read_items(folder: Path, default_caption: str | None) -> list[Item]:
@@ -109,20 +109,21 @@ def apply_trigger(caption: str, trigger_word: str | None, add_if_missing: bool =
     return caption.strip()
 
 
-def caption_for_step(caption: str, options: CaptionOptions, rng: random.Random) -> str:
-    """The caption one step trains on: sometimes dropped, and parts shuffled when asked.
+def caption_for_step(example: Example, options: CaptionOptions, rng: random.Random) -> str:
+    """The caption one step trains on, as ai-toolkit's data loader and trainer make it.
 
-    A dropped caption is the trigger word alone, as in ai-toolkit (empty without one): the
-    unconditioned steps keep the trigger tied to the subject instead of leaking it everywhere.
+    A dropped caption is the process's trigger word alone (empty without one): ai-toolkit drops
+    it before the dataset's trigger goes in and the trainer adds the process's after, so the
+    unconditioned steps keep the trigger tied to the subject. With ``shuffle`` every
+    comma-separated part of the caption as written is shuffled, then the trigger goes in.
     """
     if options.dropout_rate and rng.random() < options.dropout_rate:
-        return dropped_caption(options.trigger_word)
+        return dropped_caption(options.dropout_trigger)
     if not options.shuffle:
-        return caption
-    parts = [part.strip() for part in caption.split(",") if part.strip()]
-    kept, rest = parts[: options.keep_tokens], parts[options.keep_tokens :]
-    rng.shuffle(rest)
-    return ", ".join(kept + rest)
+        return example.caption
+    parts = [part.strip() for part in example.item.caption.split(",") if part.strip()]
+    rng.shuffle(parts)
+    return apply_trigger(", ".join(parts), options.trigger_word)
 
 
 def dropped_caption(trigger_word: str | None) -> str:

@@ -84,10 +84,21 @@ def to_file_format(family: Family, states: States, rank: int, alpha: float) -> d
         }
     from diffusers.utils import convert_state_dict_to_kohya
 
-    # "unet." -> lora_unet_*, "text_encoder." -> lora_te1_*, "text_encoder_2." -> lora_te2_*
-    prefixed = {f"{name}.{key}": value for name, state in states.items() for key, value in state.items()}
-    kohya = convert_state_dict_to_kohya(prefixed)
+    kohya: dict[str, torch.Tensor] = {}
+    for name, state in states.items():
+        denoiser = name == family.denoiser_name
+        paths = {key if denoiser else clip_path(key): value for key, value in state.items()}
+        # diffusers keys "unet.<path>" as lora_unet_<path with _>; each encoder then takes its own prefix.
+        keyed = convert_state_dict_to_kohya({f"unet.{path}": value for path, value in paths.items()})
+        prefix = "lora_unet_" if denoiser else family.kohya_text_encoder_prefixes[name]
+        kohya |= {prefix + key.removeprefix("lora_unet_"): value for key, value in keyed.items()}
     return {key: torch.tensor(float(alpha)) if key.endswith(".alpha") else value for key, value in kohya.items()}
+
+
+def clip_path(key: str) -> str:
+    """A CLIP text encoder's module path as kohya, A1111, Forge and ComfyUI name it: transformers 5
+    dropped CLIPTextModel's ``text_model`` wrapper (``encoder.layers.0...``); their maps expect it."""
+    return f"text_model.{key}" if key.startswith("encoder.") else key
 
 
 def save_lora(

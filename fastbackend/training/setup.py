@@ -22,10 +22,9 @@ from fastbackend.training.run import Run, TrainJob
 
 log = logging.getLogger("fastbackend.trainer")
 MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
-# ai-toolkit's optimizer settings where they differ from the libraries' (toolkit/optimizer.py):
-# eps 1e-6 for the Adam family and Prodigy, and Prodigy's lr raised to 1.0 when below 0.1.
+# ai-toolkit's optimizer setting where it differs from the libraries' (toolkit/optimizer.py):
+# eps 1e-6 for the Adam family and Prodigy.
 ADAM_EPS = 1e-6
-PRODIGY_MIN_LR = 0.1
 # ai-toolkit's warm-up for constant_with_warmup when none is given (toolkit/scheduler.py).
 DEFAULT_WARMUP_STEPS = 1000
 
@@ -81,15 +80,14 @@ def set_up(job: TrainJob) -> Run:
 
 
 def lora_group(name: str, module: torch.nn.Module, family: Family, process: ProcessConfig) -> dict:
-    """LoRA layers added to one module, as an optimizer parameter group with that module's lr."""
+    """LoRA layers added to one module, as an optimizer parameter group (train.lr for every module,
+    as ai-toolkit's; gradients are clipped per group, as its are)."""
     is_denoiser = name == family.denoiser_name
     network = process.network
     targets = family.lora_targets(module) if is_denoiser else family.text_encoder_lora_targets(module)
     params = lora_io.add_lora(module, targets, network.rank, process.lora_alpha, network.dropout or 0.0)
     module.train()
-    train_cfg = process.train
-    lr = train_cfg.learning_rate if is_denoiser else train_cfg.text_encoder_lr or train_cfg.learning_rate
-    return {"params": params, "lr": lr}
+    return {"params": params, "lr": process.train.lr}
 
 
 def choose_device(requested: str, dtype_name: str, warnings: list[str]) -> tuple[torch.device, torch.dtype]:
@@ -168,7 +166,7 @@ def make_optimizer(train_cfg: TrainConfig, params: list, device: torch.device, w
     options: dict[str, Any] = ({} if name == "sgd" else {"eps": ADAM_EPS}) | train_cfg.optimizer_params
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
-    lr = train_cfg.learning_rate
+    lr = train_cfg.lr
     if name in ("adamw8bit", "adam8bit"):
         if device.type == "cuda" and bitsandbytes_available():
             import bitsandbytes as bnb
@@ -181,12 +179,8 @@ def make_optimizer(train_cfg: TrainConfig, params: list, device: torch.device, w
     if name == "prodigy":
         from prodigyopt import Prodigy
 
-        if lr < PRODIGY_MIN_LR:
-            warnings.append(f"{PREFIX}.train.lr: {lr:g} is too small for prodigy, which sets its own step; 1.0 is used")
-            lr = 1.0
-            for group in params:
-                if isinstance(group, dict):
-                    group["lr"] = lr
+        # ai-toolkit passes lr 1.0 to Prodigy when train.lr is below 0.1, but its parameter groups
+        # carry train.lr, which wins: Prodigy runs at train.lr there, and so it does here.
         return Prodigy(params, lr=lr, **options)
     optimizer_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[name]
     return optimizer_class(params, lr=lr, **options)
@@ -258,5 +252,5 @@ def log_run_shape(run: Run) -> None:
         train_cfg.gradient_accumulation_steps,
         train_cfg.steps,
         run.step,
-        train_cfg.learning_rate,
+        train_cfg.lr,
     )

@@ -7,10 +7,11 @@ one (``checkpoint``), then run ``steps`` steps, saving (``checkpoint``) and samp
 save stays.
 
 A step counts as ai-toolkit counts it. Each step trains ``gradient_accumulation`` batches of
-``batch_size``; the optimizer updates every ``gradient_accumulation_steps`` steps (ai-toolkit's
-older key, with which ``steps`` counts micro-batches) with the mean gradient of all of them, and
-the learning-rate schedule advances every step. (ai-toolkit with ``gradient_accumulation_steps``
-keeps only the last micro-batch's gradient, a defect this worker does not copy.)
+``batch_size`` and adds their gradients (summed, as ai-toolkit's); the optimizer updates every
+``gradient_accumulation_steps`` steps (ai-toolkit's older key, with which ``steps`` counts
+micro-batches) with the mean over those steps, and the learning-rate schedule advances every step.
+ai-toolkit with ``gradient_accumulation_steps`` keeps only the last micro-batch's gradient and
+drops a last, partial window; this worker averages every window, the last one included.
 
 The core never imports runpod: the handler turns ``hooks.on_step`` into progress updates.
 """
@@ -78,16 +79,18 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
 def train_step(run: Run) -> float:
     """One step: its batches forward and backward, the optimizer when its window is full; the mean loss."""
     train_cfg = run.process.train
-    batches, window = train_cfg.gradient_accumulation, train_cfg.gradient_accumulation_steps
-    losses = [backward_batch(run, batches * window) for _ in range(batches)]
+    window = train_cfg.gradient_accumulation_steps
+    window_start = run.step - run.step % window
+    steps_in_window = min(window, train_cfg.steps - window_start)  # the last window may be short
+    losses = [backward_batch(run, steps_in_window) for _ in range(train_cfg.gradient_accumulation)]
     if (run.step + 1) % window == 0 or run.step + 1 == train_cfg.steps:
         optimizer_update(run)
     run.lr_scheduler.step()
     return sum(losses) / len(losses)
 
 
-def backward_batch(run: Run, batches_per_update: int) -> float:
-    """The loss of one batch, its gradient added (scaled so an update uses the mean over its batches)."""
+def backward_batch(run: Run, steps_in_window: int) -> float:
+    """The loss of one batch, its gradient added (scaled so an update averages its window's steps)."""
     loss = compute_loss(run, next_batch(run))
     if not torch.isfinite(loss):
         last_save = run.saves[-1].name if run.saves else "none yet"
@@ -95,14 +98,16 @@ def backward_batch(run: Run, batches_per_update: int) -> float:
             f"training stopped: the loss became {loss.item()} at step {run.step + 1}; "
             f"the last good save is kept ({last_save})"
         )
-    run.accelerator.backward(loss / batches_per_update)
+    run.accelerator.backward(loss / steps_in_window)
     return loss.item()
 
 
 def optimizer_update(run: Run) -> None:
     max_grad_norm = run.process.train.max_grad_norm
     if max_grad_norm:
-        run.accelerator.clip_grad_norm_(run.params, max_grad_norm)
+        run.accelerator.unscale_gradients()  # fp16's loss scale out first, once
+        for group in run.optimizer.param_groups:  # per group, as ai-toolkit clips (SDTrainer)
+            torch.nn.utils.clip_grad_norm_(group["params"], max_grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
@@ -117,7 +122,7 @@ def compute_loss(run: Run, batch: TrainingBatch) -> torch.Tensor:
 def next_batch(run: Run) -> TrainingBatch:
     """Draw examples from one bucket, sample their latents, and pick each step's captions."""
     examples = run.sampler.next_batch()
-    captions = [data.caption_for_step(e.caption, caption_options(run, e), run.rng) for e in examples]
+    captions = [data.caption_for_step(e, caption_options(run, e), run.rng) for e in examples]
     dtype = run.weight_dtype
     device = run.denoiser.device  # the configured device (accelerate only knows its default one)
     posteriors = [latent_posterior(run, e) for e in examples]
@@ -140,10 +145,10 @@ def latent_posterior(run: Run, example: data.Example) -> tuple[torch.Tensor, tor
 def caption_options(run: Run, example: data.Example) -> data.CaptionOptions:
     dataset_cfg = run.process.datasets[run.job.dataset_folders.index(example.item.path.parent)]
     return data.CaptionOptions(
-        dataset_cfg.trigger_word or run.process.trigger_word,
-        dataset_cfg.caption_dropout_rate,
-        dataset_cfg.shuffle_tokens,
-        dataset_cfg.keep_tokens,
+        trigger_word=dataset_cfg.trigger_word or run.process.trigger_word,
+        dropout_trigger=run.process.trigger_word,
+        dropout_rate=dataset_cfg.caption_dropout_rate,
+        shuffle=dataset_cfg.shuffle_tokens,
     )
 
 

@@ -45,12 +45,12 @@ NOISE_LEVELS = 1000
 def noise_level_indices(batch_size: int, content_or_style: str, device) -> torch.Tensor:
     """Indices into a table of ``NOISE_LEVELS`` noise levels sorted from most to least noise.
 
-    "balanced" is uniform; "content" favours noisy levels (index u^3 * 1000), "style" clean
-    ones ((1 - u^3) * 1000), as ai-toolkit's `content_or_style` (after diffusers' T2I-Adapter
-    training, section 3.4 of arXiv:2302.08453).
+    "balanced" is uniform over 0..998 (ai-toolkit's randint(0, 999) leaves the last level out);
+    "content" favours noisy levels (index u^3 * 1000), "style" clean ones ((1 - u^3) * 1000), as
+    ai-toolkit's `content_or_style` (after diffusers' T2I-Adapter training, arXiv:2302.08453 3.4).
     """
     if content_or_style == "balanced":
-        return torch.randint(0, NOISE_LEVELS, (batch_size,), device=device)
+        return torch.randint(0, NOISE_LEVELS - 1, (batch_size,), device=device)
     cubed = torch.rand(batch_size, device=device) ** 3
     position = cubed if content_or_style == "content" else 1 - cubed
     return (position * NOISE_LEVELS).long().clamp(0, NOISE_LEVELS - 1)
@@ -75,6 +75,8 @@ class Family(ABC):
     file_format: ClassVar[Literal["diffusers", "kohya"]]
     kohya_base_version: ClassVar[str]  # header `ss_base_model_version`
     modelspec_architecture: ClassVar[str]  # header `modelspec.architecture`
+    # Kohya files: the key prefix of each text encoder's LoRA, by pipeline name.
+    kohya_text_encoder_prefixes: ClassVar[dict[str, str]] = {}
 
     def __init__(self, v_prediction: bool = False):
         self.v_prediction = v_prediction  # SD 1.5 / SDXL: learn v instead of epsilon

@@ -31,6 +31,16 @@ FLUX_SCHNELL_MAX_SEQUENCE = 256
 # carry the timestep, text and guidance conditioning included; the embedders and the final
 # norm_out / proj_out stay frozen.
 FLUX_BLOCKS = "transformer_blocks"  # matches single_transformer_blocks too
+# The noise schedule training uses, whatever the checkpoint's own (FLUX.1-dev's scheduler_config.json).
+FLUX_TRAINING_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
 
 
 class Flux(Family):
@@ -65,7 +75,11 @@ class Flux(Family):
         return {"max_sequence_length": self.max_sequence_length(pipe)}
 
     def training_scheduler(self, pipe):
-        return pipe.scheduler
+        """ai-toolkit trains every FLUX.1 (schnell too, whose own scheduler does not shift) with
+        FLUX.1-dev's scheduler settings (its toolkit/sampler.py flux_config)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(**FLUX_TRAINING_SCHEDULER)
 
     def loss(self, pipe, denoiser, batch: TrainingBatch, options: LossOptions) -> torch.Tensor:
         from diffusers import FluxPipeline

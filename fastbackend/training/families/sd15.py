@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ class SD15(Family):
     name = "sd15"
     pipeline_class_name = "StableDiffusionPipeline"
     trains_text_encoders = True
+    kohya_text_encoder_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te_"}
     file_format = "kohya"
     kohya_base_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1/lora"
@@ -65,8 +67,8 @@ class SD15(Family):
     def timesteps(self, batch_size: int, scheduler, content_or_style: str, device) -> torch.Tensor:
         """DDPM timesteps: uniform, or biased to high ("content") or low ("style") noise."""
         steps = scheduler.config.num_train_timesteps
-        if content_or_style == "balanced":
-            return torch.randint(0, steps, (batch_size,), device=device)
+        if content_or_style == "balanced":  # ai-toolkit: indices 1..997 of the 999..0 table
+            return torch.randint(2, steps - 1, (batch_size,), device=device)
         # The index counts from the noisiest level down, as ai-toolkit's table does.
         index = noise_level_indices(batch_size, content_or_style, device)
         return (steps - 1 - index * steps // NOISE_LEVELS).clamp(0, steps - 1)

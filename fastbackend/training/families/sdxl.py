@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from fastbackend.training.families.base import TrainingBatch
@@ -13,6 +15,7 @@ class SDXL(SD15):
     pipeline_class_name = "StableDiffusionXLPipeline"
     kohya_base_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
+    kohya_text_encoder_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     # SDXL's VAE overflows in fp16 (NaN latents): it encodes in fp32, as diffusers' SDXL example
     # scripts do. ai-toolkit encodes in the training dtype; here the two differ on purpose.
     vae_encode_dtype = torch.float32
