@@ -150,7 +150,10 @@ def _job_id(job: Any) -> object:
 def main() -> None:
     """Start the worker; runpod reads ``--test_input`` / ``--rp_serve_api`` from the command line."""
     settings.check_all()  # a misconfigured worker stops here, naming the variable, before any job
-    logging.basicConfig(level=settings.LOG_LEVEL.get(), format="%(levelname)s %(name)s: %(message)s")
+    level = settings.LOG_LEVEL.get()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # basicConfig does nothing once something configured the root logger (runpod does): set ours.
+    logging.getLogger("fastbackend").setLevel(level)
     if not settings.runpod_log_level_set():
         # The SDK logs whole job inputs and outputs at DEBUG, its default: base64 photos and
         # LoRA chunks would fill the log. `--rp_log_level DEBUG` still turns them on.

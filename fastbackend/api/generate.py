@@ -62,6 +62,9 @@ def generate(request: GenerateRequest, progress: Progress | None = None) -> dict
 def render(family: Family, pipe, request: GenerateRequest) -> list:
     width, height = family.snap_size(pipe, request.width, request.height)
     generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.num_images)]
+    extra = family.sample_kwargs(pipe, request.negative_prompt)
+    if isinstance(extra.get("negative_prompt"), str):  # one per prompt, as the pipelines want a list
+        extra["negative_prompt"] = [extra["negative_prompt"]] * request.num_images
     return pipe(
         [request.prompt] * request.num_images,
         num_inference_steps=request.steps,
@@ -69,7 +72,7 @@ def render(family: Family, pipe, request: GenerateRequest) -> list:
         width=width,
         height=height,
         generator=generators,
-        **family.sample_kwargs(pipe, request.negative_prompt),
+        **extra,
     ).images
 
 
