@@ -23,6 +23,14 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that train or render on the tiny models are the slow tier: `pytest -m slow` runs them
+    alone, `pytest -m "not slow"` runs everything else (about a minute on 2 cores)."""
+    for item in items:
+        if "tiny_models" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def data_root(tmp_path, monkeypatch) -> Path:
     """Every test gets its own empty data root."""

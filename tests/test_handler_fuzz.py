@@ -48,7 +48,7 @@ def test_handler_always_answers_success_or_string_error(job):
     assert isinstance(answer, dict)
     if "error" in answer:
         assert answer["status"] == "error"
-        assert isinstance(answer["error"], str) and answer["error"]
+        assert isinstance(answer["error"], str) and answer["error"] and "\n" not in answer["error"]  # one line
         assert isinstance(answer["error_code"], str)
         assert answer["error_code"] != "internal_error", answer
     else:
