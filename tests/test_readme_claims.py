@@ -92,6 +92,8 @@ def test_logs_never_carry_base64_payloads_or_the_hub_token(tiny_models, data_roo
     image = call(type="generate", model="nowy_dataset_1.3", prompt="Matt", width=64, height=64, steps=1)
     for answer in (call(type="health"), call(type="list_models"), call(type="list_datasets")):
         assert answer["status"] in ("healthy", "success")
+    assert call(type="delete_model", model="nowy_dataset_1.3")["status"] == "success"
+    assert call(type="delete_dataset", training_name="matt_training_test")["status"] == "success"
     logged = caplog.text
     assert token not in logged and token not in json.dumps(trained)
     for payload in (photo_b64, chunk, sample, image["images"][0]["content"]):
