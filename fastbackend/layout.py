@@ -23,7 +23,7 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import TypedDict
 
-from fastbackend.storage import atomic_write_bytes
+from fastbackend.storage import atomic_write_bytes, no_links
 
 # The image formats a dataset holds (Pillow's names) and the extensions their files carry.
 FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
@@ -84,11 +84,13 @@ class DatasetFolder:
         """The dataset's images, sorted: those its manifest lists, or (a folder made by hand,
         with no manifest) every image file there."""
         if self.has_manifest():
-            return [self.path / name for name in sorted(self.images())]
+            return [no_links(self.path / name) for name in sorted(self.images())]
         if not self.path.is_dir():
             return []
         return sorted(
-            p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            p
+            for p in self.path.iterdir()
+            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and not p.is_symlink()
         )
 
     def write_manifest(self, manifest: Manifest) -> None:
@@ -101,7 +103,7 @@ class DatasetFolder:
 
     def latent_cache(self, model_key: str) -> Path:
         """Where latents encoded by one base model's VAE are kept between runs."""
-        return self.path / self.CACHE / "latents" / model_key
+        return no_links(self.path / self.CACHE / "latents" / model_key)
 
 
 def latent_name(image_sha256: str, bucket: tuple[int, int]) -> str:
@@ -204,7 +206,7 @@ class LoraFolder:
         """The final LoRA and step saves, sorted; temporary (dot) files are never listed."""
         if not self.path.is_dir():
             return []
-        return sorted(p for p in self.path.glob(f"*{LORA_SUFFIX}") if not p.name.startswith("."))
+        return sorted(p for p in self.path.glob(f"*{LORA_SUFFIX}") if not p.name.startswith(".") and not p.is_symlink())
 
     def has_saves(self) -> bool:
         """Whether a run left anything worth keeping: a LoRA file or a state to resume."""
@@ -226,8 +228,9 @@ class LoraFolder:
     def samples_by_step(self) -> dict[int, list[Path]]:
         """Sample images grouped by the step that made them (``<step>_<index>.<format>``)."""
         by_step: dict[int, list[Path]] = {}
+        no_links(self.samples)
         for path in sorted(self.samples.glob("*_*.*")) if self.samples.is_dir() else []:
             step, _, _ = path.stem.partition("_")
-            if step.isdigit() and not path.name.startswith("."):
+            if step.isdigit() and not path.name.startswith(".") and not path.is_symlink():
                 by_step.setdefault(int(step), []).append(path)
         return by_step

@@ -63,7 +63,7 @@ def outputs_dir() -> Path:
 
 
 def hf_cache_dir() -> Path:
-    return data_root() / "huggingface-cache"
+    return no_links(data_root() / "huggingface-cache")
 
 
 def name_problem(name: object) -> str | None:
@@ -83,12 +83,34 @@ def check_name(name: str, field: str) -> str:
 
 
 def dataset_dir(name: str) -> Path:
-    return datasets_dir() / check_name(name, "training_name")
+    return no_links(datasets_dir() / check_name(name, "training_name"))
 
 
 def lora_dir(name: str) -> Path:
     """``output/<name>``: the folder of one trained LoRA (a "model" in the request contract)."""
-    return outputs_dir() / check_name(name, "model")
+    return no_links(outputs_dir() / check_name(name, "model"))
+
+
+def no_links(path: Path) -> Path:
+    """``path``, once no part of it below the data root is a symbolic link.
+
+    The volume is shared (a Pod can write there): a link planted as a dataset, a model or a file
+    in them would send the worker's reads, writes, locks and deletes anywhere. Every path made
+    from a request goes through here before it is used.
+    """
+    root = data_root()
+    for base in (root, Path(os.path.realpath(root))):
+        if path.is_relative_to(base):
+            current = base
+            for part in path.relative_to(base).parts:
+                current = current / part
+                if current.is_symlink():
+                    raise FastBackendError(
+                        f"{str(current.relative_to(base))!r} on the volume is a symbolic link; the worker follows none",
+                        code=ErrorCode.PATH_OUTSIDE_ROOT,
+                    )
+            return path
+    raise FastBackendError(f"path {str(path)!r} is outside the data root", code=ErrorCode.PATH_OUTSIDE_ROOT)
 
 
 def existing_dataset_dir(name: str) -> Path:
@@ -104,9 +126,10 @@ def list_names(folder: Path) -> list[str]:
     Hidden folders (deletions in progress) and folders made by hand with names outside the rule
     are left out: a listing shows only what can be used, trained and deleted by name.
     """
-    if not folder.is_dir():
+    if not folder.is_dir() or folder.is_symlink():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and name_problem(p.name) is None)
+    names = (p.name for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
+    return sorted(name for name in names if name_problem(name) is None)
 
 
 def map_user_path(text: str, field: str) -> Path:

@@ -17,7 +17,7 @@ from fastbackend.errors import ErrorCode, FastBackendError, NotFound
 from fastbackend.images import PIL_FORMATS
 from fastbackend.layout import HeaderKey, LoraFolder, read_header
 from fastbackend.schemas import GenerateRequest
-from fastbackend.storage import lora_dir, resolve_base_model
+from fastbackend.storage import lora_dir, no_links, resolve_base_model
 from fastbackend.training import pipeline_cache
 from fastbackend.training.families import FAMILIES, Family, family_for
 
@@ -27,7 +27,7 @@ BASE_MODEL_FIELD = f"the LoRA's base model ({HeaderKey.BASE_MODEL.value})"
 
 def generate(request: GenerateRequest, progress: Progress | None = None) -> dict:
     folder = LoraFolder(lora_dir(request.model))
-    lora = folder.path / request.filename if request.filename else folder.final_lora
+    lora = no_links(folder.path / request.filename if request.filename else folder.final_lora)
     if not lora.is_file():
         raise NotFound(f"input.model: no LoRA file {lora.name!r} in model {request.model!r}")
     header = read_header(lora)

@@ -14,7 +14,7 @@ from fastbackend.api import Progress, check_result_size
 from fastbackend.errors import ErrorCode, FastBackendError, NotFound
 from fastbackend.layout import LORA_SUFFIX, HeaderKey, LoraFolder, read_header
 from fastbackend.schemas import DeleteModelRequest, DownloadModelRequest, GetSamplesRequest, ListModelsRequest
-from fastbackend.storage import list_names, lora_dir, outputs_dir, remove_tree, sha256_file
+from fastbackend.storage import list_names, lora_dir, no_links, outputs_dir, remove_tree, sha256_file
 
 
 def list_models(request: ListModelsRequest, progress: Progress | None = None) -> dict:
@@ -55,7 +55,7 @@ def download_model(request: DownloadModelRequest, progress: Progress | None = No
     """One base64 chunk of a LoRA file; call again with ``next_offset`` until it is null."""
     folder = LoraFolder(lora_dir(request.model))
     filename = request.filename or folder.final_lora.name
-    path = folder.path / filename
+    path = no_links(folder.path / filename)
     if not path.is_file() or path.suffix != LORA_SUFFIX:
         available = [p.name for p in folder.lora_files()]
         raise NotFound(f"input.filename: {filename!r} not found in model {request.model!r}; files: {available}")

@@ -24,6 +24,7 @@ from fastbackend.storage import (
     locked,
     map_user_path,
     name_problem,
+    no_links,
     outputs_dir,
     resolve_base_model,
 )
@@ -127,7 +128,7 @@ def resolve_datasets(config: TrainingConfig) -> list[Path]:
 def dataset_folder(text: str, field: str) -> Path:
     """A bare dataset name, or a path that maps into ``<root>/training_data/``."""
     if name_problem(text) is None:
-        return datasets_dir() / text
+        return no_links(datasets_dir() / text)
     folder = map_user_path(text, field)
     if folder.parent != Path(datasets_dir()).resolve():
         raise FastBackendError(
@@ -147,4 +148,4 @@ def resolve_output(config: TrainingConfig) -> LoraFolder:
             f"{field}: must be the data root's output folder ('output'), got {config.process.training_folder!r}",
             code=ErrorCode.INVALID_CONFIG,
         )
-    return LoraFolder(folder / config.name)
+    return LoraFolder(no_links(folder / config.name))
