@@ -72,14 +72,18 @@ def decode_base64(text: str) -> bytes:
 
 
 def shown_url(url: str) -> str:
-    """A URL without its query string, which may hold a signed token."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.netloc else repr(url[:80])
-
-
-def fetch_url(url: str, source: str, problems: list[str]) -> list[RawFile]:
+    """A URL without its query string or user:password, which may hold secrets."""
     try:
-        data = fetch(url)
+        parts = urlsplit(url)
+    except ValueError:
+        return repr(url[:80])
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}" if host else repr(url[:80])
+
+
+def fetch_url(url: str, source: str, problems: list[str], deadline: float | None = None) -> list[RawFile]:
+    try:
+        data = fetch(url, deadline=deadline)
     except FetchProblem as exc:
         problems.append(f"{source}: {exc}")
         return []

@@ -2,75 +2,172 @@
 refusing private, loopback and link-local addresses (so a job cannot reach the worker's own
 network) unless ``FASTBACKEND_ALLOW_PRIVATE_URLS=1``.
 
-Redirects are followed by hand so every hop is checked the same way.
+- Every hop of a redirect is checked the same way, at most ``MAX_REDIRECTS`` of them.
+- The name is resolved once, every address it resolves to is checked (with the IPv4 address
+  that IPv6 forms such as ``::ffff:a.b.c.d``, NAT64 and 6to4 carry), and the connection goes to
+  the address that was checked: a DNS answer that changes in between (rebinding) changes nothing.
+  TLS still verifies the certificate against the name.
+- Time is bounded per read (``URL_TIMEOUT_S``), per URL (``URL_DEADLINE_S``, a server sending one
+  byte at a time cannot hold the worker) and per request (the caller's ``deadline``).
+- Sizes are bounded by ``MAX_URL_BYTES``; header lines and counts by http.client's own limits.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+import time
+from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-import requests
+import urllib3
 
 from fastbackend import settings
 
 MAX_REDIRECTS = 5
 CHUNK_BYTES = 1 << 20
+REDIRECTS = (301, 302, 303, 307, 308)
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 class FetchProblem(ValueError):
     """Why a URL could not be used; shown to the user after the URL."""
 
 
-def check_url(url: str) -> None:
-    """Refuse schemes other than http(s) and hosts that resolve to non-public addresses."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise FetchProblem(f"scheme {parts.scheme or '(none)'!r} is not allowed; use http or https")
-    if not parts.hostname:
-        raise FetchProblem("has no host")
-    if settings.ALLOW_PRIVATE_URLS.get():
-        return
-    try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise FetchProblem(f"host {parts.hostname!r} does not resolve ({exc.strerror})") from None
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if not address.is_global:
-            raise FetchProblem(
-                f"host {parts.hostname!r} is a private or local address ({address}); "
-                "set FASTBACKEND_ALLOW_PRIVATE_URLS=1 on the worker to allow it"
-            )
+@dataclass(frozen=True)
+class Target:
+    """Where one URL's request goes: the checked address, and the name TLS and Host must carry."""
+
+    scheme: str
+    host: str
+    port: int
+    address: str
+    path: str  # path and query, as sent
 
 
-def fetch(url: str, max_bytes: int | None = None) -> bytes:
-    """The body at ``url`` (at most ``max_bytes``, default the setting), or FetchProblem naming what went wrong."""
+def fetch(url: str, max_bytes: int | None = None, deadline: float | None = None) -> bytes:
+    """The body at ``url``, or FetchProblem naming what went wrong.
+
+    ``deadline`` (a ``time.monotonic()`` value) bounds the whole fetch together with the per-URL
+    limit; ``max_bytes`` defaults to the setting.
+    """
     max_bytes = settings.MAX_URL_BYTES.get() if max_bytes is None else max_bytes
-    timeout = settings.URL_TIMEOUT_S.get()
+    limit_s = settings.URL_DEADLINE_S.get()
+    own_deadline = time.monotonic() + limit_s
+    deadline = own_deadline if deadline is None else min(deadline, own_deadline)
     for _ in range(MAX_REDIRECTS + 1):
-        check_url(url)
+        response = open_url(resolve(url), deadline)
         try:
-            with requests.get(url, stream=True, timeout=timeout, allow_redirects=False) as response:
-                if response.is_redirect:
-                    url = urljoin(url, response.headers["location"])
-                    continue
-                if response.status_code != 200:
-                    raise FetchProblem(f"answered HTTP {response.status_code}")
-                return _read_capped(response, max_bytes)
-        except requests.RequestException as exc:
-            raise FetchProblem(f"could not be fetched ({type(exc).__name__})") from None
+            if response.status in REDIRECTS and response.headers.get("location"):
+                url = urljoin(url, response.headers["location"])
+                continue
+            if response.status != 200:
+                raise FetchProblem(f"answered HTTP {response.status}")
+            return read_capped(response, max_bytes, deadline, limit_s)
+        finally:
+            response.release_conn()
     raise FetchProblem(f"redirected more than {MAX_REDIRECTS} times")
 
 
-def _read_capped(response: requests.Response, max_bytes: int) -> bytes:
+def resolve(url: str) -> Target:
+    """The URL's target, its name resolved once and every address checked."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unbalanced IPv6 bracket
+        raise FetchProblem(f"is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise FetchProblem(f"scheme {parts.scheme or '(none)'!r} is not allowed; use http or https")
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # a port out of range, a bad IPv6 literal
+        raise FetchProblem(f"is not a valid URL ({exc})") from None
+    if not host:
+        raise FetchProblem("has no host")
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise FetchProblem(f"host {host!r} does not resolve ({getattr(exc, 'strerror', None) or exc})") from None
+    addresses = [str(info[4][0]).split("%")[0] for info in infos]
+    if not settings.ALLOW_PRIVATE_URLS.get():
+        for address in addresses:
+            check_public(host, ipaddress.ip_address(address))
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Target(parts.scheme, host, port, addresses[0], path)
+
+
+def check_public(host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    embedded = embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else None
+    if not address.is_global or (embedded is not None and not embedded.is_global):
+        raise FetchProblem(
+            f"host {host!r} is a private or local address ({address}); "
+            "set FASTBACKEND_ALLOW_PRIVATE_URLS=1 on the worker to allow it"
+        )
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, 6to4, NAT64, IPv4-compatible), if any:
+    Python counts some of these forms as global whatever the IPv4 address inside them is."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in NAT64 or int(address) >> 32 == 0:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def open_url(target: Target, deadline: float) -> urllib3.HTTPResponse:
+    """GET ``target`` on a connection to its checked address; the response is not read yet."""
+    per_read = min(settings.URL_TIMEOUT_S.get(), max(0.1, deadline - time.monotonic()))
+    options: dict = {"timeout": urllib3.Timeout(connect=per_read, read=per_read), "retries": False, "maxsize": 1}
+    if target.scheme == "https":
+        options |= {"server_hostname": target.host, "assert_hostname": target.host}
+        pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(target.address, target.port, **options)
+    else:
+        pool = urllib3.HTTPConnectionPool(target.address, target.port, **options)
+    default_port = 443 if target.scheme == "https" else 80
+    host_header = target.host if target.port == default_port else f"{target.host}:{target.port}"
+    if ":" in target.host:  # an IPv6 literal
+        host_header = f"[{target.host}]" if target.port == default_port else f"[{target.host}]:{target.port}"
+    try:
+        return pool.urlopen(
+            "GET",
+            target.path,
+            headers={"Host": host_header},
+            redirect=False,
+            preload_content=False,
+            assert_same_host=False,
+        )
+    except urllib3.exceptions.HTTPError as exc:
+        raise FetchProblem(f"could not be fetched ({_reason(exc)})") from None
+
+
+def read_capped(response: urllib3.HTTPResponse, max_bytes: int, deadline: float, limit_s: float) -> bytes:
     declared = int(response.headers.get("content-length") or 0)
     if declared > max_bytes:
         raise FetchProblem(f"is {declared:,} bytes, over the {max_bytes:,}-byte limit")
     body = bytearray()
-    for chunk in response.iter_content(CHUNK_BYTES):
+    while True:
+        if time.monotonic() > deadline:
+            raise FetchProblem(f"took longer than the {limit_s:g}-second limit (or the request's) to arrive")
+        try:
+            chunk = response.read1(CHUNK_BYTES)  # whatever has arrived: a slow sender cannot stretch one read
+        except urllib3.exceptions.HTTPError as exc:
+            raise FetchProblem(f"could not be fetched ({_reason(exc)})") from None
+        if not chunk:
+            return bytes(body)
         body += chunk
         if len(body) > max_bytes:
             raise FetchProblem(f"is over the {max_bytes:,}-byte limit")
-    return bytes(body)
+
+
+def _reason(exc: Exception) -> str:
+    """The kind of failure, without the URL (which may hold a signed token)."""
+    inner = getattr(exc, "reason", None)
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError) or isinstance(inner, urllib3.exceptions.ReadTimeoutError):
+        return "ReadTimeout"
+    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError) or isinstance(
+        inner, urllib3.exceptions.ConnectTimeoutError
+    ):
+        return "ConnectTimeout"
+    return type(inner).__name__ if isinstance(inner, Exception) else type(exc).__name__

@@ -76,6 +76,10 @@ MIN_IMAGE_SIDE = _number("FASTBACKEND_MIN_IMAGE_SIDE", int, 256, "smallest short
 MAX_IMAGE_BYTES = _number("FASTBACKEND_MAX_IMAGE_BYTES", int, 40_000_000, "largest image file accepted")
 MAX_URL_BYTES = _number("FASTBACKEND_MAX_URL_BYTES", int, 500_000_000, "largest file fetched from one URL")
 URL_TIMEOUT_S = _number("FASTBACKEND_URL_TIMEOUT_S", float, 60.0, "connect/read timeout for `urls`")
+URL_DEADLINE_S = _number("FASTBACKEND_URL_DEADLINE_S", float, 300.0, "most time one URL may take, whole")
+URLS_DEADLINE_S = _number(
+    "FASTBACKEND_URLS_DEADLINE_S", float, 900.0, "most time all the `urls` of one request may take"
+)
 MAX_ZIP_UNPACKED_BYTES = _number(
     "FASTBACKEND_MAX_ZIP_UNPACKED_BYTES", int, 2_000_000_000, "largest unpacked size of one zip"
 )
@@ -107,6 +111,8 @@ ALL: tuple[Setting, ...] = (
     MAX_IMAGE_BYTES,
     MAX_URL_BYTES,
     URL_TIMEOUT_S,
+    URL_DEADLINE_S,
+    URLS_DEADLINE_S,
     MAX_ZIP_UNPACKED_BYTES,
     DECODE_THREADS,
     LOG_LEVEL,

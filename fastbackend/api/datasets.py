@@ -7,9 +7,10 @@ checked, every problem is reported together, and nothing is written unless all p
 from __future__ import annotations
 
 import binascii
+import time
 from pathlib import PurePosixPath
 
-from fastbackend import datasets
+from fastbackend import datasets, settings
 from fastbackend.api import Progress
 from fastbackend.datasets import RawFile
 from fastbackend.errors import ErrorCode, ValidationFailed
@@ -62,8 +63,9 @@ def gather(request: UploadTrainingDataRequest) -> tuple[list[RawFile], dict[str,
             files += datasets.unpack_zip(datasets.decode_base64(request.zip), "input.zip", problems)
         except (binascii.Error, ValueError):
             problems.append("input.zip: not valid base64")
+    deadline = time.monotonic() + settings.URLS_DEADLINE_S.get()  # for all of the request's URLs together
     for index, url in enumerate(request.urls):
-        files += datasets.fetch_url(url, f"input.urls[{index}] ({datasets.shown_url(url)})", problems)
+        files += datasets.fetch_url(url, f"input.urls[{index}] ({datasets.shown_url(url)})", problems, deadline)
     if len(files) > MAX_FILES_PER_REQUEST:
         problems.append(f"input: {len(files)} files in one request is over the limit of {MAX_FILES_PER_REQUEST}")
     return files, captions, problems
