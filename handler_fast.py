@@ -12,6 +12,7 @@ local server with ``--rp_serve_api``.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import logging
@@ -37,6 +38,7 @@ from fastbackend.schemas import (
     UploadTrainingDataRequest,
     parse_request,
 )
+from fastbackend.storage import disk_full
 
 log = logging.getLogger("fastbackend.handler")
 
@@ -72,7 +74,10 @@ def check_payload_size(job: dict) -> int:
 
     Returns the size in bytes. A body exactly at the limit passes.
     """
-    size = len(json.dumps({"input": job.get("input")}, ensure_ascii=False, separators=(",", ":")).encode())
+    try:
+        size = len(json.dumps({"input": job.get("input")}, ensure_ascii=False, separators=(",", ":")).encode())
+    except (TypeError, ValueError, RecursionError) as exc:  # bytes, NaN or 50,000-deep nesting from a caller
+        raise FastBackendError(f"input: not JSON data ({type(exc).__name__})", code=ErrorCode.INVALID_REQUEST) from None
     limit = payload_limit(job.get("id"))
     if size > limit:
         raise PayloadTooLarge(
@@ -138,6 +143,9 @@ def handler(job: Any) -> dict:
         log.warning("job %s refused: %s", _job_id(job), exc.message)
         return error_response(exc)
     except Exception as exc:  # the worker must keep serving; the traceback goes to the log only
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            log.error("job %s: the volume is full", _job_id(job))  # files written before stay intact
+            return error_response(disk_full())
         log.exception("job %s failed unexpectedly", _job_id(job))
         message = f"internal error ({type(exc).__name__}); see the worker log"
         return error_response(FastBackendError(message, code=ErrorCode.INTERNAL_ERROR))

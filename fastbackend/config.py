@@ -34,6 +34,8 @@ MAX_EXPANDED_NODES = 20_000
 PREFIX = "config.process[0]"
 # ai-toolkit's defaults where this worker's recipe depends on them (toolkit/config_modules.py).
 DEFAULT_RANK = 4
+# Seeds go to torch generators (at most 2**64 - 1) after small offsets (walk_seed, seed + 1).
+MAX_SEED = 2**32 - 1
 # The families this worker trains (training/families registers the same names; a test compares),
 # ai-toolkit's other names for them, and its flags for families it does not train yet.
 ARCHES = ("flux", "sdxl", "sd15")
@@ -47,7 +49,7 @@ DTYPE_ALIASES = {"half": "fp16", "float": "fp32", "single": "fp32"}
 class Section(BaseModel):
     """A config section: strict keys; ``IGNORED`` maps accepted-but-unused keys to the reason."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a NaN lr would train a NaN LoRA
     IGNORED: typing.ClassVar[dict[str, str]] = {}
     # Keys that ask for something this worker does not do: refused with why, not as typos.
     REFUSED: typing.ClassVar[dict[str, str]] = {}
@@ -389,7 +391,7 @@ class TrainConfig(Section):
         return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
 
     dtype: DTYPES = Field("fp32", description="Mixed precision of the base model on CUDA (ai-toolkit: fp32).")
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     disable_sampling: bool = False
     cache_text_embeddings: bool = Field(True, description="Encode each caption once; false: every step.")
 
@@ -410,6 +412,12 @@ class TrainConfig(Section):
         scalars = [key for key, item in value.items() if key != "betas" and isinstance(item, list)]
         if scalars:
             raise ValueError(f"{scalars[0]} must be a number, got {show_value(value[scalars[0]])}")
+        for key, low in (("eps", 0.0), ("d_coef", 0.0)):  # the optimizers refuse these only once a model is loaded
+            if key in value and not value[key] > low:
+                raise ValueError(f"{key} must be > {low:g}, got {show_value(value[key])}")
+        for key in ("weight_decay", "momentum"):
+            if key in value and not value[key] >= 0:
+                raise ValueError(f"{key} must be >= 0, got {show_value(value[key])}")
         return value
 
     @field_validator("lr_scheduler_params")
@@ -575,7 +583,7 @@ class SampleConfig(Section):
     prompts: list[str] = Field(default_factory=list, max_length=64)
     samples: list[SampleItem] = Field(default_factory=list, max_length=64, description="Sampled after `prompts`.")
     neg: str | bool = ""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     walk_seed: bool = False
     guidance_scale: float = Field(7.0, ge=0, le=50)
     sample_steps: int = Field(20, gt=0, le=200)
@@ -614,7 +622,7 @@ class ProcessConfig(Section):
     training_folder: str = "output"
     device: str = "cuda:0"
     trigger_word: str | None = Field(None, max_length=200)
-    training_seed: int | None = Field(None, ge=0, description="The seed when train.seed is not set.")
+    training_seed: int | None = Field(None, ge=0, le=MAX_SEED, description="The seed when train.seed is not set.")
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     save: SaveConfig = Field(default_factory=SaveConfig)
     datasets: list[DatasetConfig] = Field(min_length=1, max_length=16)

@@ -19,12 +19,14 @@ import hashlib
 import io
 import stat
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
 from fastbackend import settings
+from fastbackend.errors import ErrorCode, ValidationFailed
 from fastbackend.fetch import FetchProblem, fetch
 from fastbackend.images import CheckedImage, ImageProblem, check_image
 from fastbackend.layout import (
@@ -38,6 +40,10 @@ from fastbackend.layout import (
 )
 from fastbackend.schemas import MAX_CAPTION_CHARS
 from fastbackend.storage import TEMP_SUFFIX, atomic_write_bytes, locked, name_problem
+
+# What a damaged or hostile zip entry raises when read: CRC or size mismatch, bad deflate data,
+# truncation, an unknown compression method, encryption.
+ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError, ValueError)
 
 
 @dataclass
@@ -101,7 +107,7 @@ def unpack_zip(data: bytes, source: str, problems: list[str]) -> list[RawFile]:
     """The files of a zip, flattened to their base names; unsafe entries are problems."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, ValueError, OSError):  # ValueError, OSError: headers that lie about offsets
         problems.append(f"{source}: not a valid zip file")
         return []
     with archive:
@@ -117,7 +123,12 @@ def unpack_zip(data: bytes, source: str, problems: list[str]) -> list[RawFile]:
             if problem:
                 problems.append(f"{source}: entry {info.filename!r} {problem}")
                 continue
-            files.append(RawFile(PurePosixPath(info.filename).name, archive.read(info), f"{source}:{info.filename}"))
+            try:
+                content = archive.read(info)  # at most the declared size, itself checked against the limit
+            except ZIP_READ_ERRORS as exc:
+                problems.append(f"{source}: entry {info.filename!r} could not be unpacked ({type(exc).__name__})")
+                continue
+            files.append(RawFile(PurePosixPath(info.filename).name, content, f"{source}:{info.filename}"))
         return files
 
 
@@ -202,26 +213,46 @@ def _add_image(
 # ---------------------------------------------------------------- writing
 
 
-def commit(folder: DatasetFolder, batch: UploadBatch, replace: bool) -> tuple[list[dict], list[dict], Manifest]:
+def commit(
+    folder: DatasetFolder, batch: UploadBatch, replace: bool, overwrite: bool = False
+) -> tuple[list[dict], list[dict], list[str], Manifest]:
     """Write the batch into ``folder`` under its lock; the manifest goes last.
 
-    Returns the files uploaded, the files skipped (duplicates) and the new manifest.
+    Returns the files uploaded, the files skipped (duplicates), the names replaced and the new manifest. An image
+    under a name the dataset already holds with other bytes is refused unless ``overwrite``.
     """
     with locked(folder.path):
         manifest = Manifest(images={}) if replace else folder.read_manifest()
         images: dict[str, ManifestEntry] = manifest["images"]
+        refuse_silent_overwrites(batch, images, overwrite)
         known = {entry["sha256"]: name for name, entry in images.items()}
-        uploaded, skipped = [], list(batch.skipped)
+        uploaded, skipped, replaced = [], list(batch.skipped), []
         for filename, item in batch.images.items():
             original = known.get(item["sha256"])
             if original is not None:
                 skipped.append({"filename": filename, "reason": f"duplicate of {original!r} already in the dataset"})
                 continue
+            if filename in images:
+                replaced.append(filename)
             uploaded.append(_write_image(folder, filename, item["checked"], item["sha256"], images))
         _apply_captions(folder, images, batch.captions)
         folder.write_manifest(manifest)
         remove_unlisted(folder, images)
-    return uploaded, skipped, manifest
+    return uploaded, skipped, replaced, manifest
+
+
+def refuse_silent_overwrites(batch: UploadBatch, images: dict[str, ManifestEntry], overwrite: bool) -> None:
+    clashes = [
+        name for name, item in batch.images.items() if name in images and images[name]["sha256"] != item["sha256"]
+    ]
+    if clashes and not overwrite:
+        raise ValidationFailed.from_problems(
+            [
+                f"{name!r} is already in the dataset with other content; send overwrite: true to replace it"
+                for name in clashes
+            ],
+            code=ErrorCode.INVALID_UPLOAD,
+        )
 
 
 def _write_image(
@@ -229,8 +260,14 @@ def _write_image(
 ) -> dict:
     path = folder.path / filename
     atomic_write_bytes(path, checked.data)
+    previous = images.get(filename)  # an overwrite keeps the caption unless the request brings one
     images[filename] = ManifestEntry(
-        sha256=sha256, width=checked.width, height=checked.height, bytes=len(checked.data), caption=None, added=now()
+        sha256=sha256,
+        width=checked.width,
+        height=checked.height,
+        bytes=len(checked.data),
+        caption=previous["caption"] if previous else None,
+        added=now(),
     )
     return {
         "filename": filename,

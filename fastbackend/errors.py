@@ -33,6 +33,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_LORA = "unknown_lora"
     RESULT_TOO_LARGE = "result_too_large"
     OUT_OF_MEMORY = "out_of_memory"
+    DISK_FULL = "disk_full"
     INTERNAL_ERROR = "internal_error"
 
 

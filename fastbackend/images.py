@@ -10,6 +10,7 @@ sees; the stored bytes are the original unless a rotation had to be baked in.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from fastbackend.layout import FORMATS
 # What the worker writes (samples, generated images) in each format it offers, by extension.
 PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 EXIF_ORIENTATION = 0x0112
+# What Pillow raises for damaged or hostile data, beyond UnidentifiedImageError.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, KeyError)
 
 
 class ImageProblem(ValueError):
@@ -47,6 +50,8 @@ def check_image(data: bytes) -> CheckedImage:
             image = Image.open(io.BytesIO(data))
         except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageProblem(_reason(exc)) from None
+        except DECODE_ERRORS as exc:  # a header cut short or lying (PNG text chunks too large, ...)
+            raise ImageProblem(f"could not be decoded ({type(exc).__name__}: {str(exc)[:100]})") from None
         with image:
             return _check_open_image(image, data)
 
@@ -68,7 +73,7 @@ def _check_open_image(image: Image.Image, data: bytes) -> CheckedImage:
         raise ImageProblem(f"{width}x{height} is over the {max_pixels:,}-pixel limit")
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+    except DECODE_ERRORS as exc:  # truncated or corrupt data
         raise ImageProblem(f"could not be decoded ({exc})") from None
     orientation = image.getexif().get(EXIF_ORIENTATION, 1)
     upright = ImageOps.exif_transpose(image) if orientation != 1 else image

@@ -23,7 +23,7 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import TypedDict
 
-from fastbackend.storage import atomic_write_bytes, no_links
+from fastbackend.storage import TEMP_SUFFIX, atomic_write_bytes, no_links
 
 # The image formats a dataset holds (Pillow's names) and the extensions their files carry.
 FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
@@ -201,6 +201,12 @@ class LoraFolder:
     @property
     def samples(self) -> Path:
         return self.path / self.SAMPLES
+
+    def remove_temporaries(self) -> None:
+        """Delete the hidden temporary files a killed writer left (the caller holds the folder's lock)."""
+        for folder in (self.path, self.samples):
+            for path in folder.glob(f".*{TEMP_SUFFIX}") if folder.is_dir() else []:
+                path.unlink(missing_ok=True)
 
     def lora_files(self) -> list[Path]:
         """The final LoRA and step saves, sorted; temporary (dot) files are never listed."""

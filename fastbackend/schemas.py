@@ -83,6 +83,7 @@ class UploadTrainingDataRequest(Request):
     urls: list[str] = Field(default_factory=list, max_length=MAX_URLS)
     zip: str | None = Field(None, description="A .zip of images and .txt captions, base64-encoded.")
     mode: Literal["append", "replace"] = "append"
+    overwrite: bool = Field(False, description="Replace images already in the dataset under the same name.")
 
     @model_validator(mode="after")
     def _something_to_upload(self) -> UploadTrainingDataRequest:
@@ -117,7 +118,7 @@ class GenerateRequest(Request):
     height: int = Field(1024, ge=64, le=2048)
     steps: int = Field(20, gt=0, le=100)
     guidance_scale: float = Field(4.0, ge=0, le=30)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     num_images: int = Field(1, gt=0, le=4)
     lora_scale: float = Field(1.0, ge=0, le=2)
     format: Literal["jpg", "png"] = "jpg"

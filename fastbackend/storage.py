@@ -41,6 +41,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 # long, then answers `locked`: those jobs run for minutes to hours.
 BUSY_LOCK_TIMEOUT_S = 5
 TEMP_SUFFIX = ".tmp"
+READER_PREFIX = ".reader-"  # .reader-<model>: a run reading the folder, while it does
 NAME_RULE = "1-64 characters from A-Z a-z 0-9 . _ -, not starting with a dot"
 
 
@@ -200,30 +201,43 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def locked(folder: Path, timeout_s: float | None = None) -> Iterator[None]:
-    """Hold ``<folder>/.lock`` exclusively (an flock, released by the OS if the worker dies).
+def locked(folder: Path, timeout_s: float | None = None, reader: str | None = None) -> Iterator[None]:
+    """Hold ``<folder>/.lock`` (an flock, released by the OS if the worker dies).
 
-    Waits up to ``timeout_s`` (default ``settings.LOCK_TIMEOUT_S``) for another holder.
+    Writers hold it exclusively; a ``reader`` (a training run, by its model name) holds it shared
+    with other readers and leaves its name in ``.reader-<name>`` so that a refused writer can say
+    who is reading. Waits up to ``timeout_s`` (default ``settings.LOCK_TIMEOUT_S``) for other holders.
     """
     if timeout_s is None:
         timeout_s = settings.LOCK_TIMEOUT_S.get()
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / ".lock").open("a+") as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise FastBackendError(
-                        f"{folder.name!r} is locked by another job for over {timeout_s:g}s", code=ErrorCode.LOCKED
-                    ) from None
-                time.sleep(0.1)
+        _acquire(handle.fileno(), folder, timeout_s, fcntl.LOCK_SH if reader else fcntl.LOCK_EX)
+        marker = folder / f"{READER_PREFIX}{reader}" if reader else None
         try:
+            if marker is not None:
+                marker.touch()
             yield
         finally:
+            if marker is not None:
+                marker.unlink(missing_ok=True)
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _acquire(fd: int, folder: Path, timeout_s: float, mode: int) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                readers = sorted(p.name.removeprefix(READER_PREFIX) for p in folder.glob(f"{READER_PREFIX}*"))
+                holder = f"training of {', '.join(map(repr, readers))}" if readers else "another job"
+                raise FastBackendError(
+                    f"{folder.name!r} is in use by {holder} (waited {timeout_s:g}s)", code=ErrorCode.LOCKED
+                ) from None
+            time.sleep(0.1)
 
 
 def remove_tree(folder: Path) -> None:
@@ -236,6 +250,24 @@ def remove_tree(folder: Path) -> None:
         trash = folder.with_name(f".deleted-{folder.name}-{os.getpid()}-{time.time_ns()}")
         folder.rename(trash)
     shutil.rmtree(trash)
+
+
+def free_bytes() -> int:
+    """Free bytes on the data root's volume (the root itself may not exist yet)."""
+    path = data_root()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def disk_full(needed: int | None = None) -> FastBackendError:
+    """The error for a volume without room: what is free, and what was needed when it is known."""
+    free = free_bytes()
+    wanted = f"{needed:,} bytes are needed, " if needed is not None else ""
+    return FastBackendError(
+        f"the volume is full: {wanted}{free:,} bytes are free; delete datasets or models, or grow the volume",
+        code=ErrorCode.DISK_FULL,
+    )
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:

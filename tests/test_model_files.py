@@ -108,5 +108,5 @@ def test_deleting_a_model_that_is_being_trained_is_refused(data_root, monkeypatc
     monkeypatch.setattr(storage, "BUSY_LOCK_TIMEOUT_S", 0.2)
     with storage.locked(data_root / "output" / "matt"):
         answer = call(type="delete_model", model="matt")
-    assert answer["error"] == "'matt' is locked by another job for over 0.2s"
+    assert answer["error"] == "'matt' is in use by another job (waited 0.2s)"
     assert (data_root / "output" / "matt" / "matt.safetensors").exists()

@@ -203,7 +203,7 @@ def test_lock_timeout_follows_the_environment(data_root, monkeypatch):
         started = time.monotonic()
         answer = upload(files=file_entries(nine_photos()[:1]))
     assert answer["error_code"] == "locked" and time.monotonic() - started < 5
-    assert answer["error"] == "'matt' is locked by another job for over 0.2s"
+    assert answer["error"] == "'matt' is in use by another job (waited 0.2s)"
 
 
 # ---------------------------------------------------------------- training prose

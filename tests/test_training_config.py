@@ -176,7 +176,7 @@ def test_a_second_job_for_the_same_model_is_refused_while_the_first_runs(tiny_mo
         (output / "config.yaml").write_text("the first job's")
         answer = train(user_yaml(model_path))
     assert answer["error_code"] == "locked"
-    assert answer["error"] == "'nowy_dataset_1.3' is locked by another job for over 0.3s"
+    assert answer["error"] == "'nowy_dataset_1.3' is in use by another job (waited 0.3s)"
     assert (output / "config.yaml").read_text() == "the first job's"
 
 

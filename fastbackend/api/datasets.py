@@ -16,7 +16,15 @@ from fastbackend.datasets import RawFile
 from fastbackend.errors import ErrorCode, ValidationFailed
 from fastbackend.layout import DatasetFolder
 from fastbackend.schemas import DeleteDatasetRequest, ListDatasetsRequest, UploadTrainingDataRequest
-from fastbackend.storage import dataset_dir, datasets_dir, existing_dataset_dir, list_names, remove_tree
+from fastbackend.storage import (
+    dataset_dir,
+    datasets_dir,
+    disk_full,
+    existing_dataset_dir,
+    free_bytes,
+    list_names,
+    remove_tree,
+)
 
 MAX_FILES_PER_REQUEST = 2000
 
@@ -29,7 +37,12 @@ def upload_training_data(request: UploadTrainingDataRequest, progress: Progress 
     datasets.check_orphan_captions(batch, existing)
     if batch.problems:  # refused before the lock: a refused upload does not even create the folder
         raise ValidationFailed.from_problems(batch.problems, code=ErrorCode.INVALID_UPLOAD)
-    uploaded, skipped, manifest = datasets.commit(folder, batch, replace=request.mode == "replace")
+    needed = sum(len(item["checked"].data) for item in batch.images.values())
+    if needed > free_bytes():  # refused whole, before a byte is written
+        raise disk_full(needed)
+    uploaded, skipped, replaced, manifest = datasets.commit(
+        folder, batch, replace=request.mode == "replace", overwrite=request.overwrite
+    )
     images = manifest["images"]
     uncaptioned = sorted(name for name, entry in images.items() if not entry["caption"])
     warnings = [f"{len(uncaptioned)} image(s) have no caption: {', '.join(uncaptioned[:10])}"] if uncaptioned else []
@@ -39,6 +52,7 @@ def upload_training_data(request: UploadTrainingDataRequest, progress: Progress 
         "mode": request.mode,
         "uploaded_files": uploaded,
         "skipped": skipped,
+        "replaced": replaced,
         "total_images": len(images),
         "training_folder": str(folder.path),
         "warnings": warnings,

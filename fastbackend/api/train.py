@@ -35,7 +35,10 @@ def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = N
     datasets = resolve_datasets(config)
     base_model = resolve_base_model(config.process.model.name_or_path, f"{PREFIX}.model.name_or_path")
     output = resolve_output(config)
-    with locked(output.path, timeout_s=storage.BUSY_LOCK_TIMEOUT_S):  # a second job for the same model
+    with contextlib.ExitStack() as held:
+        held.enter_context(locked(output.path, timeout_s=storage.BUSY_LOCK_TIMEOUT_S))  # one job per model
+        for folder in datasets:  # read, not written: a delete waits (and says who reads) instead of pulling them away
+            held.enter_context(locked(folder, reader=config.name))
         try:
             return run_training(config, request, datasets, base_model, output, warnings, progress)
         except BaseException:
@@ -68,6 +71,7 @@ def run_training(
     from fastbackend.training.trainer import train
 
     pipeline_cache.release()
+    output.remove_temporaries()  # of a save a killed run left half-written
     if not request.resume:
         output.state.unlink(missing_ok=True)
     if request.yaml_config is not None:

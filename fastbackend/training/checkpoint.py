@@ -16,7 +16,7 @@ import torch
 from fastbackend.layout import LoraRecord
 from fastbackend.storage import temporary_path
 from fastbackend.training import lora_io
-from fastbackend.training.run import Run
+from fastbackend.training.run import NonFiniteLoss, Run
 
 log = logging.getLogger("fastbackend.trainer")
 
@@ -39,6 +39,7 @@ def save_checkpoint(run: Run, final: bool) -> Path:
     )
     with run.ema_weights():
         states = lora_io.lora_state(run.lora_modules)
+    check_finite(run, states)
     run.sha256[path.name] = lora_io.save_lora(
         path, run.family, states, process.network.rank, process.lora_alpha, process.save.dtype, metadata
     )
@@ -49,6 +50,18 @@ def save_checkpoint(run: Run, final: bool) -> Path:
     write_model_record(run)
     log.info("saved %s", path)
     return path
+
+
+def check_finite(run: Run, states: lora_io.States) -> None:
+    """A LoRA with a NaN or infinite weight is never saved (nor called a success)."""
+    for module, state in states.items():
+        for key, value in state.items():
+            if not torch.isfinite(value).all():
+                last_save = run.saves[-1].name if run.saves else "none yet"
+                raise NonFiniteLoss(
+                    f"training stopped: the LoRA weight {module}.{key} became non-finite at step {run.step}; "
+                    f"the last good save is kept ({last_save})"
+                )
 
 
 def prune_step_saves(run: Run) -> None:
@@ -131,6 +144,11 @@ def restore_state(run: Run) -> int:
     if state.get("scaler") is not None and run.accelerator.scaler is not None:
         run.accelerator.scaler.load_state_dict(state["scaler"])
     run.job.warnings.append(f"resumed from the saved state at step {run.step}")
+    if run.step >= run.process.train.steps:
+        run.job.warnings.append(
+            f"the saved state is at step {run.step}, not before train.steps {run.process.train.steps}: nothing more "
+            "was trained (send resume: false to start over)"
+        )
     log.info("resumed from step %d", run.step)
     return run.step
 
