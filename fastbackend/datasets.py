@@ -32,6 +32,7 @@ from fastbackend.images import CheckedImage, ImageProblem, check_image
 from fastbackend.layout import (
     CAPTION_EXTENSION,
     IMAGE_EXTENSIONS,
+    PENDING_PREFIX,
     DatasetFolder,
     Manifest,
     ManifestEntry,
@@ -222,9 +223,11 @@ def commit(
     under a name the dataset already holds with other bytes is refused unless ``overwrite``.
     """
     with locked(folder.path):
+        on_disk = set(finish_pending(folder)["images"])
         manifest = Manifest(images={}) if replace else folder.read_manifest()
         images: dict[str, ManifestEntry] = manifest["images"]
         refuse_silent_overwrites(batch, images, overwrite)
+        pending: dict[str, str] = {}
         known = {entry["sha256"]: name for name, entry in images.items()}
         uploaded, skipped, replaced = [], list(batch.skipped), []
         for filename, item in batch.images.items():
@@ -234,11 +237,40 @@ def commit(
                 continue
             if filename in images:
                 replaced.append(filename)
-            uploaded.append(_write_image(folder, filename, item["checked"], item["sha256"], images))
+            if filename in on_disk:  # new bytes for a file the manifest still describes: staged first
+                pending[filename] = f"{PENDING_PREFIX}{filename}"
+            uploaded.append(_write_image(folder, filename, item, images, pending.get(filename)))
         _apply_captions(folder, images, batch.captions)
+        if pending:
+            manifest["pending"] = pending
         folder.write_manifest(manifest)
+        manifest = finish_pending(folder)
         remove_unlisted(folder, images)
     return uploaded, skipped, replaced, manifest
+
+
+def finish_pending(folder: DatasetFolder) -> Manifest:
+    """Move staged overwrites into place and drop them from the manifest (the caller holds the lock).
+
+    Safe to repeat: a writer killed anywhere in between leaves either no pending entry (the old
+    file and entry stand; the staged copy is a leftover) or one this finishes.
+    """
+    manifest = folder.read_manifest()
+    pending = manifest.pop("pending", None)
+    if not pending:
+        return manifest
+    for filename, staged in pending.items():
+        if (folder.path / staged).exists():
+            (folder.path / staged).replace(folder.path / filename)  # atomic, per file
+    folder.write_manifest(manifest)
+    return manifest
+
+
+def recover(folder: DatasetFolder) -> None:
+    """Finish what a killed upload left half-done, before a run reads the dataset."""
+    if folder.read_manifest().get("pending"):
+        with locked(folder.path):
+            finish_pending(folder)
 
 
 def refuse_silent_overwrites(batch: UploadBatch, images: dict[str, ManifestEntry], overwrite: bool) -> None:
@@ -256,10 +288,12 @@ def refuse_silent_overwrites(batch: UploadBatch, images: dict[str, ManifestEntry
 
 
 def _write_image(
-    folder: DatasetFolder, filename: str, checked: CheckedImage, sha256: str, images: dict[str, ManifestEntry]
+    folder: DatasetFolder, filename: str, item: dict, images: dict[str, ManifestEntry], staged: str | None
 ) -> dict:
+    checked: CheckedImage = item["checked"]
+    sha256: str = item["sha256"]
     path = folder.path / filename
-    atomic_write_bytes(path, checked.data)
+    atomic_write_bytes(folder.path / (staged or filename), checked.data)
     previous = images.get(filename)  # an overwrite keeps the caption unless the request brings one
     images[filename] = ManifestEntry(
         sha256=sha256,
@@ -292,8 +326,10 @@ def remove_unlisted(folder: DatasetFolder, images: dict[str, ManifestEntry]) -> 
     owned = set(images) | {caption_name(name) for name, entry in images.items() if entry["caption"]}
     owned.add(folder.MANIFEST)
     for path in folder.path.iterdir():
-        # Hidden files are the lock and temporary files; only a dead writer's temporaries go.
-        leftover = path.name.endswith(TEMP_SUFFIX) if path.name.startswith(".") else path.name not in owned
+        # Hidden files are the lock, reader marks and temporary files; a dead writer's temporaries
+        # and staged overwrites go (finish_pending ran first, so no staged file is still wanted).
+        hidden_leftover = path.name.endswith(TEMP_SUFFIX) or path.name.startswith(PENDING_PREFIX)
+        leftover = hidden_leftover if path.name.startswith(".") else path.name not in owned
         if path.is_file() and leftover:
             path.unlink()
 

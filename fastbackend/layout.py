@@ -48,6 +48,12 @@ class ManifestEntry(TypedDict):
 class Manifest(TypedDict, total=False):
     images: dict[str, ManifestEntry]  # by filename
     updated: str  # ISO time of the last commit
+    # Overwritten images whose new bytes still wait under a hidden name (filename -> that name):
+    # the manifest switches to them first, then each is renamed into place.
+    pending: dict[str, str]
+
+
+PENDING_PREFIX = ".pending-"
 
 
 @dataclass(frozen=True)

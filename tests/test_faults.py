@@ -205,3 +205,49 @@ def test_zip_headers_that_lie_about_offsets_are_invalid(data_root):
     data[end + 16 : end + 20] = struct.pack("<I", 10**6)  # the central directory's offset
     answer = upload(zip=b64(bytes(data)))
     assert answer["error_code"] == "invalid_upload" and "zip" in answer["error"]
+
+
+def sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("killed_at", ["before the manifest", "after the manifest"])
+def test_an_overwrite_killed_midway_never_leaves_a_file_its_manifest_does_not_describe(
+    killed_at, data_root, monkeypatch
+):
+    from fastbackend import datasets
+    from fastbackend.layout import DatasetFolder
+
+    name, data, _ = nine_photos()[0]
+    assert upload(files=[{"filename": name, "content": b64(data)}])["status"] == "success"
+    folder = DatasetFolder(data_root / "training_data" / "matt")
+    real_write, real_finish = DatasetFolder.write_manifest, datasets.finish_pending
+    calls = {"finish": 0}
+
+    def kill_before_manifest(self, manifest):
+        raise KeyboardInterrupt("killed")
+
+    def kill_after_manifest(target):
+        calls["finish"] += 1
+        if calls["finish"] == 2:  # the first call only tidies up before the upload writes anything
+            raise KeyboardInterrupt("killed")
+        return real_finish(target)
+
+    if killed_at == "before the manifest":
+        monkeypatch.setattr(DatasetFolder, "write_manifest", kill_before_manifest)
+    else:
+        monkeypatch.setattr(datasets, "finish_pending", kill_after_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        upload(files=[{"filename": name, "content": b64(nine_photos()[1][1])}], overwrite=True)
+    monkeypatch.setattr(DatasetFolder, "write_manifest", real_write)
+    monkeypatch.setattr(datasets, "finish_pending", real_finish)
+
+    datasets.recover(folder)  # what a training run does before it reads the dataset
+    entry = folder.images()[name]
+    assert sha(folder.path / name) == entry["sha256"]  # the file is what the manifest says, old or new
+    expected = nine_photos()[0 if killed_at == "before the manifest" else 1][1]
+    assert (folder.path / name).read_bytes() == expected
+    assert upload(files=file_entries(nine_photos()[2:3]))["status"] == "success"  # the next writer tidies up
+    assert not [p.name for p in folder.path.iterdir() if p.name.startswith(".pending-")]

@@ -14,6 +14,7 @@ from pathlib import Path
 from fastbackend import storage
 from fastbackend.api import Progress
 from fastbackend.config import PREFIX, TrainingConfig, parse_training_config
+from fastbackend.datasets import recover as recover_dataset
 from fastbackend.errors import ErrorCode, FastBackendError, ValidationFailed
 from fastbackend.layout import DatasetFolder, LoraFolder
 from fastbackend.schemas import TrainWithYamlRequest
@@ -118,6 +119,8 @@ def resolve_datasets(config: TrainingConfig) -> list[Path]:
         except FastBackendError as exc:
             problems.append(exc.message)
             continue
+        if folder.is_dir():
+            recover_dataset(DatasetFolder(folder))
         if not folder.is_dir() or not DatasetFolder(folder).image_files():
             state = "is empty" if folder.is_dir() else "does not exist"
             problems.append(
