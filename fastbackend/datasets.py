@@ -31,6 +31,7 @@ from fastbackend.fetch import FetchProblem, fetch
 from fastbackend.images import CheckedImage, ImageProblem, check_image
 from fastbackend.layout import (
     CAPTION_EXTENSION,
+    FORMATS,
     IMAGE_EXTENSIONS,
     PENDING_PREFIX,
     DatasetFolder,
@@ -90,13 +91,13 @@ def shown_url(url: str) -> str:
 
 def fetch_url(url: str, source: str, problems: list[str], deadline: float | None = None) -> list[RawFile]:
     try:
-        data = fetch(url, deadline=deadline)
+        data, final_url = fetch(url, deadline=deadline)
     except FetchProblem as exc:
         problems.append(f"{source}: {exc}")
         return []
     if data[:4] == b"PK\x03\x04":
         return unpack_zip(data, source, problems)
-    filename = PurePosixPath(urlsplit(url).path).name
+    filename = PurePosixPath(urlsplit(final_url).path).name  # where redirects led: a share link's file
     problem = name_problem(filename)
     if problem:
         problems.append(f"{source}: the file name in the URL {problem}")
@@ -206,6 +207,10 @@ def _add_image(
         batch.skipped.append({"filename": raw.filename, "reason": f"duplicate of {seen[digest]!r} (same bytes)"})
     elif isinstance(result, ImageProblem):
         batch.problems.append(f"{raw.source}: {result}")
+    elif _suffix(raw) not in FORMATS[result.format]:  # stored as named: the name must say what it holds
+        batch.problems.append(
+            f"{raw.source}: {raw.filename!r} holds {result.format} data; name it {' or '.join(FORMATS[result.format])}"
+        )
     else:
         seen[digest] = raw.filename
         batch.images[raw.filename] = {"checked": result, "sha256": digest}

@@ -45,8 +45,8 @@ class Target:
     path: str  # path and query, as sent
 
 
-def fetch(url: str, max_bytes: int | None = None, deadline: float | None = None) -> bytes:
-    """The body at ``url``, or FetchProblem naming what went wrong.
+def fetch(url: str, max_bytes: int | None = None, deadline: float | None = None) -> tuple[bytes, str]:
+    """The body at ``url`` and the URL it came from after redirects, or FetchProblem naming what went wrong.
 
     ``deadline`` (a ``time.monotonic()`` value) bounds the whole fetch together with the per-URL
     limit; ``max_bytes`` defaults to the setting.
@@ -63,7 +63,7 @@ def fetch(url: str, max_bytes: int | None = None, deadline: float | None = None)
                 continue
             if response.status != 200:
                 raise FetchProblem(f"answered HTTP {response.status}")
-            return read_capped(response, max_bytes, deadline, limit_s)
+            return read_capped(response, max_bytes, deadline, limit_s), url
         finally:
             response.release_conn()
     raise FetchProblem(f"redirected more than {MAX_REDIRECTS} times")

@@ -20,11 +20,18 @@ class DripHandler(http.server.BaseHTTPRequestHandler):
     """/drip sends 100 bytes, one every 0.2 s; /photo a real photo at once."""
 
     def do_GET(self):
-        body = nine_photos()[0][1] if self.path == "/photo" else b"x" * 100
+        if self.path == "/share/abc123":  # a share link without a file name, redirecting to the file
+            self.send_response(302)
+            self.send_header("Location", "/files/IMG_0000.jpg")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        photo_paths = ("/photo", "/files/IMG_0000.jpg")
+        body = nine_photos()[0][1] if self.path in photo_paths else b"x" * 100
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if self.path == "/photo":
+        if self.path in photo_paths:
             self.wfile.write(body)
             return
         for byte in body:
@@ -93,7 +100,7 @@ def test_the_connection_goes_to_the_address_that_was_checked(drip_server, monkey
         return real(host, port, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
-    assert fetch.fetch(f"http://photos.example:{drip_server}/photo") == nine_photos()[0][1]
+    assert fetch.fetch(f"http://photos.example:{drip_server}/photo")[0] == nine_photos()[0][1]
     assert next(answers) == "10.255.255.1"  # the second answer was never asked for
 
 
@@ -115,3 +122,17 @@ def test_a_malformed_url_in_an_upload_is_named_not_an_internal_error(data_root):
     answer = upload(urls=["http://[::1/x.jpg"])
     assert answer["error_code"] == "invalid_upload"
     assert answer["error"] == "input.urls[0] ('http://[::1/x.jpg'): is not a valid URL (Invalid IPv6 URL)"
+
+
+def test_a_file_behind_a_redirect_takes_the_final_urls_name(drip_server, data_root, monkeypatch):
+    monkeypatch.setenv("FASTBACKEND_ALLOW_PRIVATE_URLS", "1")
+    answer = upload(urls=[f"http://127.0.0.1:{drip_server}/share/abc123"])
+    assert answer["status"] == "success", answer
+    assert [f["filename"] for f in answer["uploaded_files"]] == ["IMG_0000.jpg"]
+
+
+def test_a_file_named_for_another_format_is_refused(data_root):
+    from tests.photos import b64, photo
+
+    answer = upload(files=[{"filename": "a.png", "content": b64(photo(300, 300))}])  # JPEG bytes
+    assert answer["error"] == "input.files[0] ('a.png'): 'a.png' holds JPEG data; name it .jpg or .jpeg"

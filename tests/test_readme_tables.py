@@ -35,3 +35,23 @@ def test_a_setting_that_does_not_parse_names_its_variable(monkeypatch):
     monkeypatch.setenv("FASTBACKEND_RUN_LIMIT_BYTES", "ten")
     with pytest.raises(ValueError, match=r"^environment variable FASTBACKEND_RUN_LIMIT_BYTES='ten' is not valid: "):
         settings.RUN_LIMIT_BYTES.get()
+
+
+def test_reliability_table_counts_the_cases_the_suite_has():
+    import subprocess
+    import sys
+
+    rows = {}
+    for line in section("Reliability").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[3].startswith("`tests/"):
+            rows[cells[3].strip("`")] = int(cells[1])
+    listed = subprocess.run(
+        [sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", *rows],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    counts = {path: sum(1 for line in listed.splitlines() if line.startswith(f"{path}::")) for path in rows}
+    assert rows and counts == rows
