@@ -201,15 +201,9 @@ def build_flux(folder: Path, guidance_embeds: bool = True) -> Path:
             eos_token_id=1,
         )
     )
-    # FLUX.1's own scheduler settings: resolution-dependent ("dynamic") shift.
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    from fastbackend.training.families.flux import FLUX_TRAINING_SCHEDULER
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_TRAINING_SCHEDULER)  # FLUX.1-dev's own settings
     pipe = FluxPipeline(
         scheduler=scheduler,
         vae=vae(flux=True),

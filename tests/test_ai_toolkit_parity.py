@@ -184,30 +184,23 @@ def test_linear_timesteps_weights_are_ai_toolkits_bell():
     assert int(weights.argmax()) == 500 and abs(weights.max().item() - 1.58) < 0.01
 
 
-class FluxSchedulerConfig(dict):
-    """FLUX.1-dev's scheduler settings (scheduler/scheduler_config.json)."""
+def flux_scheduler_config(dynamic: bool = True) -> dict:
+    """FLUX.1-dev's scheduler settings (its scheduler_config.json), shifting dynamically or not."""
+    from fastbackend.training.families.flux import FLUX_TRAINING_SCHEDULER
 
-    def __init__(self, dynamic: bool = True):
-        super().__init__(
-            shift=3.0,
-            use_dynamic_shifting=dynamic,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        )
+    return FLUX_TRAINING_SCHEDULER | {"use_dynamic_shifting": dynamic}
 
 
 class FakeScheduler:
     def __init__(self, dynamic: bool = True):
-        self.config = FluxSchedulerConfig(dynamic)
+        self.config = flux_scheduler_config(dynamic)
 
 
 def test_shift_follows_the_image_size_as_flux_inference_does():
     from fastbackend.training.families import LossOptions
     from fastbackend.training.families.flux import dynamic_shift, sigma_table
 
-    config = FluxSchedulerConfig()
+    config = flux_scheduler_config()
     assert dynamic_shift(1024, config) == pytest.approx(0.6300, abs=1e-3)  # 512 px: 64x64 latents, 2x2 patches
     assert dynamic_shift(4096, config) == pytest.approx(1.15)  # 1024 px
     options = LossOptions(scheduler=FakeScheduler(), timestep_type="shift")
