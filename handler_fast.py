@@ -143,12 +143,19 @@ def handler(job: Any) -> dict:
         log.warning("job %s refused: %s", _job_id(job), exc.message)
         return error_response(exc)
     except Exception as exc:  # the worker must keep serving; the traceback goes to the log only
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if out_of_space(exc):
             log.error("job %s: the volume is full", _job_id(job))  # files written before stay intact
             return error_response(disk_full())
         log.exception("job %s failed unexpectedly", _job_id(job))
         message = f"internal error ({type(exc).__name__}); see the worker log"
         return error_response(FastBackendError(message, code=ErrorCode.INTERNAL_ERROR))
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """A full volume or quota: as an OSError, or as torch's and safetensors' own wrappers of one."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "os error 28" in str(exc)
 
 
 def _job_id(job: Any) -> object:

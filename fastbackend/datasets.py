@@ -41,7 +41,7 @@ from fastbackend.layout import (
     now,
 )
 from fastbackend.schemas import MAX_CAPTION_CHARS
-from fastbackend.storage import TEMP_SUFFIX, atomic_write_bytes, locked, name_problem
+from fastbackend.storage import TEMP_SUFFIX, atomic_write_bytes, locked, name_problem, no_links
 
 # What a damaged or hostile zip entry raises when read: CRC or size mismatch, bad deflate data,
 # truncation, an unknown compression method, encryption.
@@ -265,8 +265,12 @@ def finish_pending(folder: DatasetFolder) -> Manifest:
     if not pending:
         return manifest
     for filename, staged in pending.items():
-        if (folder.path / staged).exists():
-            (folder.path / staged).replace(folder.path / filename)  # atomic, per file
+        # Only what commit() writes: a manifest planted on the shared volume must not move files.
+        if name_problem(filename) is not None or staged != f"{PENDING_PREFIX}{filename}":
+            continue
+        source, target = no_links(folder.path / staged), no_links(folder.path / filename)
+        if source.is_file():
+            source.replace(target)  # atomic, per file
     folder.write_manifest(manifest)
     return manifest
 

@@ -14,8 +14,10 @@ network) unless ``FASTBACKEND_ALLOW_PRIVATE_URLS=1``.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -27,7 +29,9 @@ from fastbackend import settings
 MAX_REDIRECTS = 5
 CHUNK_BYTES = 1 << 20
 REDIRECTS = (301, 302, 303, 307, 308)
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IPv6 prefixes whose last 32 bits are an IPv4 address: NAT64 (well-known and local-use) and
+# IPv4-translated; mapped (::ffff:) and 6to4 have their own properties.
+IPV4_CARRIERS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96"))
 
 
 class FetchProblem(ValueError):
@@ -56,17 +60,59 @@ def fetch(url: str, max_bytes: int | None = None, deadline: float | None = None)
     own_deadline = time.monotonic() + limit_s
     deadline = own_deadline if deadline is None else min(deadline, own_deadline)
     for _ in range(MAX_REDIRECTS + 1):
-        response = open_url(resolve(url), deadline)
-        try:
-            if response.status in REDIRECTS and response.headers.get("location"):
-                url = urljoin(url, response.headers["location"])
-                continue
-            if response.status != 200:
-                raise FetchProblem(f"answered HTTP {response.status}")
-            return read_capped(response, max_bytes, deadline, limit_s), url
-        finally:
-            response.release_conn()
+        target = resolve(url)
+        with Watchdog(deadline) as watchdog:
+            try:
+                response = open_url(target, deadline, watchdog)
+                try:
+                    if response.status in REDIRECTS and response.headers.get("location"):
+                        url = urljoin(url, response.headers["location"])
+                        continue
+                    if response.status != 200:
+                        raise FetchProblem(f"answered HTTP {response.status}")
+                    return read_capped(response, max_bytes, deadline, limit_s), url
+                finally:
+                    response.release_conn()
+            except FetchProblem:
+                if watchdog.fired:
+                    raise FetchProblem(f"took longer than the {limit_s:g}-second limit (or the request's)") from None
+                raise
     raise FetchProblem(f"redirected more than {MAX_REDIRECTS} times")
+
+
+class Watchdog:
+    """Shuts the connection down at the deadline, whatever it is doing: a server that drips its
+    headers or its TLS handshake a byte at a time gets no more time than one that drips its body."""
+
+    def __init__(self, deadline: float):
+        self.sock: socket.socket | None = None
+        self.fired = False
+        self.timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
+        self.timer.daemon = True
+
+    def _fire(self) -> None:
+        self.fired = True
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+    def watch(self, connection_class: type) -> type:
+        """``connection_class`` whose new sockets this watchdog can shut."""
+        watchdog = self
+
+        class Watched(connection_class):  # type: ignore[misc, valid-type]
+            def _new_conn(self):
+                watchdog.sock = super()._new_conn()
+                return watchdog.sock
+
+        return Watched
+
+    def __enter__(self) -> Watchdog:
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.timer.cancel()
 
 
 def resolve(url: str) -> Target:
@@ -111,12 +157,12 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | Non
         return address.ipv4_mapped
     if address.sixtofour is not None:
         return address.sixtofour
-    if address in NAT64 or int(address) >> 32 == 0:
+    if any(address in carrier for carrier in IPV4_CARRIERS) or int(address) >> 32 == 0:
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return None
 
 
-def open_url(target: Target, deadline: float) -> urllib3.HTTPResponse:
+def open_url(target: Target, deadline: float, watchdog: Watchdog) -> urllib3.HTTPResponse:
     """GET ``target`` on a connection to its checked address; the response is not read yet."""
     per_read = min(settings.URL_TIMEOUT_S.get(), max(0.1, deadline - time.monotonic()))
     options: dict = {"timeout": urllib3.Timeout(connect=per_read, read=per_read), "retries": False, "maxsize": 1}
@@ -125,6 +171,7 @@ def open_url(target: Target, deadline: float) -> urllib3.HTTPResponse:
         pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(target.address, target.port, **options)
     else:
         pool = urllib3.HTTPConnectionPool(target.address, target.port, **options)
+    pool.ConnectionCls = watchdog.watch(pool.ConnectionCls)
     default_port = 443 if target.scheme == "https" else 80
     host_header = target.host if target.port == default_port else f"{target.host}:{target.port}"
     if ":" in target.host:  # an IPv6 literal
@@ -143,7 +190,10 @@ def open_url(target: Target, deadline: float) -> urllib3.HTTPResponse:
 
 
 def read_capped(response: urllib3.HTTPResponse, max_bytes: int, deadline: float, limit_s: float) -> bytes:
-    declared = int(response.headers.get("content-length") or 0)
+    try:
+        declared = int(response.headers.get("content-length") or 0)
+    except ValueError:
+        raise FetchProblem("answered a Content-Length that is not a number") from None
     if declared > max_bytes:
         raise FetchProblem(f"is {declared:,} bytes, over the {max_bytes:,}-byte limit")
     body = bytearray()

@@ -210,7 +210,7 @@ class LoraFolder:
 
     def remove_temporaries(self) -> None:
         """Delete the hidden temporary files a killed writer left (the caller holds the folder's lock)."""
-        for folder in (self.path, self.samples):
+        for folder in (self.path, no_links(self.samples)):
             for path in folder.glob(f".*{TEMP_SUFFIX}") if folder.is_dir() else []:
                 path.unlink(missing_ok=True)
 
@@ -235,7 +235,7 @@ class LoraFolder:
         atomic_write_bytes(self.metadata, json.dumps(record, indent=1).encode())
 
     def sample_path(self, step: int, index: int, fmt: str) -> Path:
-        return self.samples / f"{step:0{STEP_DIGITS}d}_{index}.{fmt}"
+        return no_links(self.samples) / f"{step:0{STEP_DIGITS}d}_{index}.{fmt}"
 
     def samples_by_step(self) -> dict[int, list[Path]]:
         """Sample images grouped by the step that made them (``<step>_<index>.<format>``)."""

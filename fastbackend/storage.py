@@ -19,6 +19,7 @@ or model hold a lock file, because several workers may share one network volume.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -104,6 +105,8 @@ def no_links(path: Path) -> Path:
         if path.is_relative_to(base):
             current = base
             for part in path.relative_to(base).parts:
+                if part in (".", ".."):
+                    raise FastBackendError(f"path {str(path)!r} climbs out with '..'", code=ErrorCode.PATH_OUTSIDE_ROOT)
                 current = current / part
                 if current.is_symlink():
                     raise FastBackendError(
@@ -210,22 +213,53 @@ def locked(folder: Path, timeout_s: float | None = None, reader: str | None = No
     """
     if timeout_s is None:
         timeout_s = settings.LOCK_TIMEOUT_S.get()
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / ".lock").open("a+") as handle:
-        _acquire(handle.fileno(), folder, timeout_s, fcntl.LOCK_SH if reader else fcntl.LOCK_EX)
-        marker = folder / f"{READER_PREFIX}{reader}" if reader else None
+    fd = _lock_file(folder, time.monotonic() + timeout_s, timeout_s, fcntl.LOCK_SH if reader else fcntl.LOCK_EX)
+    marker = folder / f"{READER_PREFIX}{reader}" if reader else None
+    try:
+        if marker is None:  # alone: any reader mark left is a killed run's
+            for stale in folder.glob(f"{READER_PREFIX}*"):
+                stale.unlink(missing_ok=True)
+        else:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+        yield
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+        os.close(fd)  # releases the flock
+
+
+def _lock_file(folder: Path, deadline: float, timeout_s: float, mode: int) -> int:
+    """An open, flocked ``.lock`` of ``folder`` (never through a link), still the folder's own.
+
+    A folder deleted or renamed while we waited leaves us holding the lock of a file no one else
+    will open again: then the lock is taken again on the folder's current ``.lock``.
+    """
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / ".lock"
         try:
-            if marker is not None:
-                marker.touch()
-            yield
-        finally:
-            if marker is not None:
-                marker.unlink(missing_ok=True)
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise FastBackendError(
+                f"{folder.name!r}'s lock file is a symbolic link; the worker follows none",
+                code=ErrorCode.PATH_OUTSIDE_ROOT,
+            ) from None
+        try:
+            _acquire(fd, folder, max(0.0, deadline - time.monotonic()), timeout_s, mode)
+            if os.fstat(fd).st_ino == os.lstat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass  # the folder went away while we waited
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
 
-def _acquire(fd: int, folder: Path, timeout_s: float, mode: int) -> None:
-    deadline = time.monotonic() + timeout_s
+def _acquire(fd: int, folder: Path, remaining_s: float, timeout_s: float, mode: int) -> None:
+    deadline = time.monotonic() + remaining_s
     while True:
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)

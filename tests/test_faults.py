@@ -251,3 +251,31 @@ def test_an_overwrite_killed_midway_never_leaves_a_file_its_manifest_does_not_de
     assert (folder.path / name).read_bytes() == expected
     assert upload(files=file_entries(nine_photos()[2:3]))["status"] == "success"  # the next writer tidies up
     assert not [p.name for p in folder.path.iterdir() if p.name.startswith(".pending-")]
+
+
+def test_a_full_volume_during_a_save_answers_disk_full(tiny_models, data_root, monkeypatch):
+    from fastbackend.training import lora_io
+
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+
+    def no_room(*args, **kwargs):  # what safetensors raises, in its own error type, on a full disk
+        raise RuntimeError('IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(lora_io, "save_file", no_room)
+    answer = train(user_yaml(model_path, steps=1))
+    assert answer["error_code"] == "disk_full", answer
+
+
+def test_a_run_killed_while_reading_leaves_no_stale_name_behind(data_root, monkeypatch):
+    from fastbackend import storage
+
+    upload(files=file_entries(nine_photos()[:1]))
+    folder = data_root / "training_data" / "matt"
+    (folder / ".reader-killed_run").write_bytes(b"")  # a SIGKILLed run's mark
+    assert upload(files=file_entries(nine_photos()[1:2]))["status"] == "success"  # a writer, alone
+    assert not (folder / ".reader-killed_run").exists()
+    monkeypatch.setattr(storage, "BUSY_LOCK_TIMEOUT_S", 0.2)
+    with storage.locked(folder, timeout_s=0.2):
+        refused = call(type="delete_dataset", training_name="matt")
+    assert refused["error"] == "'matt' is in use by another job (waited 0.2s)"

@@ -17,9 +17,18 @@ from tests.test_upload import upload
 
 
 class DripHandler(http.server.BaseHTTPRequestHandler):
-    """/drip sends 100 bytes, one every 0.2 s; /photo a real photo at once."""
+    """/drip sends 100 bytes, one every 0.2 s; /headers drips its headers; /photo a photo at once."""
 
     def do_GET(self):
+        if self.path == "/headers":
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"y" * 100:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.2)
+            return
+        if self.path == "/bad-length":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nx")
+            return
         if self.path == "/share/abc123":  # a share link without a file name, redirecting to the file
             self.send_response(302)
             self.send_header("Location", "/files/IMG_0000.jpg")
@@ -75,7 +84,17 @@ def test_all_urls_of_a_request_share_one_deadline(drip_server, data_root, monkey
 
 @pytest.mark.parametrize(
     "address",
-    ["127.0.0.1", "10.0.0.1", "::1", "::ffff:127.0.0.1", "64:ff9b::7f00:1", "2002:7f00:1::1", "::169.254.169.254"],
+    [
+        "127.0.0.1",
+        "10.0.0.1",
+        "::1",
+        "::ffff:127.0.0.1",
+        "::ffff:0:127.0.0.1",
+        "64:ff9b::7f00:1",
+        "64:ff9b:1::7f00:1",
+        "2002:7f00:1::1",
+        "::169.254.169.254",
+    ],
 )
 def test_private_addresses_are_refused_in_every_spelling(address):
     with pytest.raises(fetch.FetchProblem, match="is a private or local address"):
@@ -136,3 +155,46 @@ def test_a_file_named_for_another_format_is_refused(data_root):
 
     answer = upload(files=[{"filename": "a.png", "content": b64(photo(300, 300))}])  # JPEG bytes
     assert answer["error"] == "input.files[0] ('a.png'): 'a.png' holds JPEG data; name it .jpg or .jpeg"
+
+
+def test_a_server_dripping_its_headers_is_cut_off_too(drip_server, monkeypatch):
+    monkeypatch.setenv("FASTBACKEND_ALLOW_PRIVATE_URLS", "1")
+    monkeypatch.setenv("FASTBACKEND_URL_TIMEOUT_S", "1")
+    monkeypatch.setenv("FASTBACKEND_URL_DEADLINE_S", "1")
+    started = time.monotonic()
+    with pytest.raises(fetch.FetchProblem, match=r"^took longer than the 1-second limit"):
+        fetch.fetch(f"http://127.0.0.1:{drip_server}/headers")
+    assert time.monotonic() - started < 3
+
+
+def test_a_content_length_that_is_not_a_number_is_a_problem(drip_server, monkeypatch):
+    monkeypatch.setenv("FASTBACKEND_ALLOW_PRIVATE_URLS", "1")
+    with pytest.raises(fetch.FetchProblem, match="Content-Length that is not a number"):
+        fetch.fetch(f"http://127.0.0.1:{drip_server}/bad-length")
+
+
+class Redirect:
+    """What a public server answers: go to loopback."""
+
+    status = 302
+
+    def __init__(self, location: str):
+        self.headers = {"location": location}
+
+    def release_conn(self) -> None:
+        pass
+
+
+def test_a_redirect_to_a_private_address_is_refused(drip_server, monkeypatch):
+    real = socket.getaddrinfo
+
+    def resolver(host, port, *args, **kwargs):
+        if host == "public.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    redirect = Redirect(f"http://127.0.0.1:{drip_server}/photo")
+    monkeypatch.setattr(fetch, "open_url", lambda target, deadline, watchdog: redirect)
+    with pytest.raises(fetch.FetchProblem, match="is a private or local address"):
+        fetch.fetch("http://public.example/share")

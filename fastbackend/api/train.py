@@ -137,13 +137,13 @@ def dataset_folder(text: str, field: str) -> Path:
     if name_problem(text) is None:
         return no_links(datasets_dir() / text)
     folder = map_user_path(text, field)
-    if folder.parent != Path(datasets_dir()).resolve():
+    if folder.parent != Path(datasets_dir()).resolve() or name_problem(folder.name) is not None:
         raise FastBackendError(
             f"{field}: {text!r} is not a dataset folder; use <data root>/training_data/<name> "
             "or just the dataset's name",
             code=ErrorCode.PATH_OUTSIDE_ROOT,
         )
-    return folder
+    return no_links(datasets_dir() / folder.name)  # the path as named: a link on the way is refused
 
 
 def resolve_output(config: TrainingConfig) -> LoraFolder:
@@ -155,4 +155,4 @@ def resolve_output(config: TrainingConfig) -> LoraFolder:
             f"{field}: must be the data root's output folder ('output'), got {config.process.training_folder!r}",
             code=ErrorCode.INVALID_CONFIG,
         )
-    return LoraFolder(no_links(folder / config.name))
+    return LoraFolder(no_links(outputs_dir() / config.name))  # as named, not as links resolve it
