@@ -228,8 +228,9 @@ def commit(
     under a name the dataset already holds with other bytes is refused unless ``overwrite``.
     """
     with locked(folder.path):
-        on_disk = set(finish_pending(folder)["images"])
-        manifest = Manifest(images={}) if replace else folder.read_manifest()
+        current = finish_pending(folder)
+        on_disk = set(current["images"])
+        manifest = Manifest(images={}) if replace else current
         images: dict[str, ManifestEntry] = manifest["images"]
         refuse_silent_overwrites(batch, images, overwrite)
         pending: dict[str, str] = {}

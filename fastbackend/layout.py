@@ -240,8 +240,8 @@ class LoraFolder:
     def samples_by_step(self) -> dict[int, list[Path]]:
         """Sample images grouped by the step that made them (``<step>_<index>.<format>``)."""
         by_step: dict[int, list[Path]] = {}
-        no_links(self.samples)
-        for path in sorted(self.samples.glob("*_*.*")) if self.samples.is_dir() else []:
+        samples = no_links(self.samples)
+        for path in sorted(samples.glob("*_*.*")) if samples.is_dir() else []:
             step, _, _ = path.stem.partition("_")
             if step.isdigit() and not path.name.startswith(".") and not path.is_symlink():
                 by_step.setdefault(int(step), []).append(path)

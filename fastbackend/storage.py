@@ -247,7 +247,7 @@ def _lock_file(folder: Path, deadline: float, timeout_s: float, mode: int) -> in
                 code=ErrorCode.PATH_OUTSIDE_ROOT,
             ) from None
         try:
-            _acquire(fd, folder, max(0.0, deadline - time.monotonic()), timeout_s, mode)
+            _acquire(fd, folder, deadline, timeout_s, mode)
             if os.fstat(fd).st_ino == os.lstat(path).st_ino:
                 return fd
         except FileNotFoundError:
@@ -258,8 +258,8 @@ def _lock_file(folder: Path, deadline: float, timeout_s: float, mode: int) -> in
         os.close(fd)
 
 
-def _acquire(fd: int, folder: Path, remaining_s: float, timeout_s: float, mode: int) -> None:
-    deadline = time.monotonic() + remaining_s
+def _acquire(fd: int, folder: Path, deadline: float, timeout_s: float, mode: int) -> None:
+    """flock ``fd`` in ``mode`` by ``deadline``, or answer ``locked`` saying who holds it."""
     while True:
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)

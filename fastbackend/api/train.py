@@ -119,9 +119,10 @@ def resolve_datasets(config: TrainingConfig) -> list[Path]:
         except FastBackendError as exc:
             problems.append(exc.message)
             continue
+        on_volume = DatasetFolder(folder)
         if folder.is_dir():
-            recover_dataset(DatasetFolder(folder))
-        if not folder.is_dir() or not DatasetFolder(folder).image_files():
+            recover_dataset(on_volume)
+        if not on_volume.image_files():
             state = "is empty" if folder.is_dir() else "does not exist"
             problems.append(
                 f"{field}: dataset {folder.name!r} {state}; upload it first (existing datasets: {existing or 'none'})"
