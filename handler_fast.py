@@ -22,7 +22,7 @@ from typing import Any
 
 import runpod
 
-from fastbackend import settings
+from fastbackend import logs, settings
 from fastbackend.errors import ErrorCode, FastBackendError, PayloadTooLarge, error_response
 from fastbackend.schemas import (
     DeleteDatasetRequest,
@@ -169,12 +169,15 @@ def main() -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     # basicConfig does nothing once something configured the root logger (runpod does): set ours.
     logging.getLogger("fastbackend").setLevel(level)
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
     if not settings.runpod_log_level_set():
         # The SDK logs whole job inputs and outputs at DEBUG, its default: base64 photos and
         # LoRA chunks would fill the log. `--rp_log_level DEBUG` still turns them on.
-        from runpod.serverless.modules.rp_logger import RunPodLogger
-
         RunPodLogger().set_level("INFO")
+    # And at INFO `--test_input` prints the whole answer: no base64 in any line, whatever the level.
+    logs.shorten_in_runpod_logger(RunPodLogger())
+    logs.shorten_in_handlers(logging.getLogger())
     runpod.serverless.start({"handler": handler})
 
 

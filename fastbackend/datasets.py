@@ -15,14 +15,18 @@ lock, so two workers appending at once both land completely.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
-import io
+import secrets
+import shutil
 import stat
 import zipfile
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from fastbackend import settings
@@ -41,19 +45,39 @@ from fastbackend.layout import (
     now,
 )
 from fastbackend.schemas import MAX_CAPTION_CHARS
-from fastbackend.storage import TEMP_SUFFIX, atomic_write_bytes, locked, name_problem, no_links
+from fastbackend.storage import (
+    TEMP_SUFFIX,
+    atomic_write_bytes,
+    disk_full,
+    free_bytes,
+    locked,
+    move_into_place,
+    name_problem,
+    no_links,
+    remove_abandoned,
+)
 
 # What a damaged or hostile zip entry raises when read: CRC or size mismatch, bad deflate data,
 # truncation, an unknown compression method, encryption.
 ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError, ValueError)
+CHUNK_BYTES = 1 << 20
+STAGING_PREFIX = ".incoming-"  # training_data/.incoming-<id>/: one upload's files while they are checked
+# The longest caption file that can hold a caption under the limit: 4 bytes per character, and a BOM.
+MAX_CAPTION_FILE_BYTES = MAX_CAPTION_CHARS * 4 + 3
+
+
+class OverLimit(Exception):
+    """The request's files together pass ``MAX_UPLOAD_BYTES``: gathering stops there."""
 
 
 @dataclass
 class RawFile:
-    """A file as it arrived, before any check; ``source`` says where, for error messages."""
+    """A file as it arrived, staged on the volume before any check; ``source`` says where, for errors."""
 
     filename: str
-    data: bytes
+    path: Path
+    size: int
+    sha256: str
     source: str
 
 
@@ -65,6 +89,82 @@ class UploadBatch:
     captions: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+
+
+class StagedFile:
+    """A file streaming into the staging folder: hashed and counted against the request's limit as it is written."""
+
+    def __init__(self, staging: Staging, path: Path):
+        self.staging = staging
+        self.path = path
+        self.size = 0
+        self.digest = hashlib.sha256()
+        self.handle = path.open("wb")
+
+    def write(self, chunk: bytes) -> None:
+        self.staging.take(len(chunk))
+        self.size += len(chunk)
+        self.digest.update(chunk)
+        self.handle.write(chunk)
+
+    def raw(self, filename: str, source: str) -> RawFile:
+        return RawFile(filename, self.path, self.size, self.digest.hexdigest(), source)
+
+
+class Staging:
+    """One upload's files on the volume while they are checked: ``training_data/.incoming-<id>/``.
+
+    Files stream in a chunk at a time, so memory holds a chunk (and, while checking, a decoded
+    image per thread) whatever the request brings; together they may not pass
+    ``MAX_UPLOAD_BYTES``. Committed images are renamed out of the folder (the same volume: no
+    copy). The folder holds its own lock while the upload runs and is removed when it ends; one a
+    killed worker left has a free lock, and the next upload removes it.
+    """
+
+    def __init__(self, parent: Path):
+        self.parent = parent
+        self.folder = parent / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
+        self.limit = settings.MAX_UPLOAD_BYTES.get()
+        self.used = 0
+        self._count = 0
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> Staging:
+        remove_abandoned(self.parent, STAGING_PREFIX)
+        self._stack.enter_context(locked(self.folder, timeout_s=0))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)  # before the lock goes: no one sees it unowned
+        self._stack.close()
+
+    def take(self, size: int) -> None:
+        self.used += size
+        if self.used > self.limit:
+            raise OverLimit(f"the request's files come to over {self.limit:,} bytes, the limit per upload")
+
+    @contextlib.contextmanager
+    def new_file(self, expected_bytes: int | None = None) -> Iterator[StagedFile]:
+        """A new staged file; removed again (and its bytes given back) when the block fails."""
+        if expected_bytes is not None and expected_bytes > free_bytes():
+            raise disk_full(expected_bytes)
+        self._count += 1
+        staged = StagedFile(self, self.folder / f"{self._count:05d}")
+        try:
+            with staged.handle:
+                yield staged
+        except BaseException:
+            self.discard(staged)
+            raise
+
+    def discard(self, staged: StagedFile) -> None:
+        staged.path.unlink(missing_ok=True)
+        self.used -= staged.size
+
+    def add_bytes(self, filename: str, data: bytes, source: str) -> RawFile:
+        with self.new_file(len(data)) as staged:
+            staged.write(data)
+        return staged.raw(filename, source)
 
 
 # ---------------------------------------------------------------- files from base64, zips and URLs
@@ -89,49 +189,75 @@ def shown_url(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}" if host else repr(url[:80])
 
 
-def fetch_url(url: str, source: str, problems: list[str], deadline: float | None = None) -> list[RawFile]:
-    try:
-        data, final_url = fetch(url, deadline=deadline)
-    except FetchProblem as exc:
-        problems.append(f"{source}: {exc}")
-        return []
-    if data[:4] == b"PK\x03\x04":
-        return unpack_zip(data, source, problems)
+def fetch_url(
+    url: str, source: str, problems: list[str], staging: Staging, deadline: float | None = None
+) -> list[RawFile]:
+    with staging.new_file() as staged:
+        try:
+            _, final_url = fetch(url, staged, deadline=deadline)
+        except FetchProblem as exc:
+            problems.append(f"{source}: {exc}")
+            staging.discard(staged)
+            return []
+    with staged.path.open("rb") as handle:
+        is_zip = handle.read(4) == b"PK\x03\x04"
+    if is_zip:  # the zip itself is neither kept nor counted: its entries are
+        with staged.path.open("rb") as handle:
+            staging.discard(staged)  # unlinked: the open handle still reads it
+            return unpack_zip(handle, source, problems, staging)
     filename = PurePosixPath(urlsplit(final_url).path).name  # where redirects led: a share link's file
     problem = name_problem(filename)
     if problem:
         problems.append(f"{source}: the file name in the URL {problem}")
         return []
-    return [RawFile(filename, data, source)]
+    return [staged.raw(filename, source)]
 
 
-def unpack_zip(data: bytes, source: str, problems: list[str]) -> list[RawFile]:
-    """The files of a zip, flattened to their base names; unsafe entries are problems."""
+def unpack_zip(archive_file: BinaryIO, source: str, problems: list[str], staging: Staging) -> list[RawFile]:
+    """The files of a zip, flattened to their base names and staged one at a time; unsafe entries are problems."""
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(archive_file)
     except (zipfile.BadZipFile, ValueError, OSError):  # ValueError, OSError: headers that lie about offsets
         problems.append(f"{source}: not a valid zip file")
         return []
     with archive:
         entries = [info for info in archive.infolist() if not _ignored_entry(info)]
         unpacked = sum(info.file_size for info in entries)
-        limit = settings.MAX_ZIP_UNPACKED_BYTES.get()
-        if unpacked > limit:
-            problems.append(f"{source}: unpacks to {unpacked:,} bytes, over the {limit:,}-byte limit")
+        if staging.used + unpacked > staging.limit:  # refused from the headers, before a byte is unpacked
+            others = f" (with the request's other {staging.used:,})" if staging.used else ""
+            problems.append(
+                f"{source}: unpacks to {unpacked:,} bytes{others}, over the {staging.limit:,}-byte limit per upload"
+            )
             return []
+        if unpacked > free_bytes():
+            raise disk_full(unpacked)
         files = []
         for info in entries:
             problem = _unsafe_entry(info)
             if problem:
                 problems.append(f"{source}: entry {info.filename!r} {problem}")
                 continue
-            try:
-                content = archive.read(info)  # at most the declared size, itself checked against the limit
-            except ZIP_READ_ERRORS as exc:
-                problems.append(f"{source}: entry {info.filename!r} could not be unpacked ({type(exc).__name__})")
-                continue
-            files.append(RawFile(PurePosixPath(info.filename).name, content, f"{source}:{info.filename}"))
+            raw = _unpack_entry(archive, info, source, problems, staging)
+            if raw is not None:
+                files.append(raw)
         return files
+
+
+def _unpack_entry(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, source: str, problems: list[str], staging: Staging
+) -> RawFile | None:
+    """Stream one entry into a staged file; an entry whose data is damaged, or longer than its
+    header said (zipfile stops at the declared size and checks the CRC), is a problem."""
+    with staging.new_file() as staged:
+        try:
+            with archive.open(info) as entry:
+                while chunk := entry.read(CHUNK_BYTES):
+                    staged.write(chunk)
+        except ZIP_READ_ERRORS as exc:
+            problems.append(f"{source}: entry {info.filename!r} could not be unpacked ({type(exc).__name__})")
+            staging.discard(staged)
+            return None
+    return staged.raw(PurePosixPath(info.filename).name, f"{source}:{info.filename}")
 
 
 def _ignored_entry(info: zipfile.ZipInfo) -> bool:
@@ -147,7 +273,7 @@ def _unsafe_entry(info: zipfile.ZipInfo) -> str | None:
     if stat.S_ISLNK(info.external_attr >> 16):
         return "is a symbolic link"
     limit = settings.MAX_IMAGE_BYTES.get()
-    if info.file_size > limit:  # refused before it is unpacked into memory
+    if info.file_size > limit:  # refused before it is unpacked
         return f"unpacks to {info.file_size:,} bytes, over the {limit:,}-byte limit per file"
     return name_problem(path.name)
 
@@ -159,13 +285,13 @@ def check_batch(files: list[RawFile], captions: dict[str, str], problems: list[s
     """Decode every image and caption; collect problems (in request order) and duplicates."""
     batch = UploadBatch(captions=dict(captions), problems=problems)
     images = [raw for raw in files if _suffix(raw) in IMAGE_EXTENSIONS]
-    # Pillow decodes and hashlib hashes without the GIL: a request's photos are checked in parallel.
+    # Pillow decodes without the GIL: a request's photos are checked in parallel, one image per thread in memory.
     with ThreadPoolExecutor(max_workers=min(settings.DECODE_THREADS.get(), max(1, len(images)))) as pool:
         results = dict(zip(map(id, images), pool.map(_check_one, images), strict=True))
     seen: dict[str, str] = {}
     for raw in files:
         if id(raw) in results:
-            _add_image(batch, raw, *results[id(raw)], seen)
+            _add_image(batch, raw, results[id(raw)], seen)
         elif _suffix(raw) == CAPTION_EXTENSION:
             _add_caption_file(batch, raw)
         else:
@@ -183,28 +309,29 @@ def _suffix(raw: RawFile) -> str:
     return PurePosixPath(raw.filename).suffix.lower()
 
 
-def _check_one(raw: RawFile) -> tuple[str, CheckedImage | ImageProblem]:
-    digest = hashlib.sha256(raw.data).hexdigest()
+def _check_one(raw: RawFile) -> CheckedImage | ImageProblem:
     try:
-        return digest, check_image(raw.data)
+        return check_image(raw.path)
     except ImageProblem as exc:
-        return digest, exc
+        return exc
 
 
 def _add_caption_file(batch: UploadBatch, raw: RawFile) -> None:
+    if raw.size > MAX_CAPTION_FILE_BYTES:
+        longest = f"longer than a caption of {MAX_CAPTION_CHARS} characters can be"
+        batch.problems.append(f"{raw.source}: caption file is {raw.size:,} bytes, {longest}")
+        return
     try:
-        batch.captions[PurePosixPath(raw.filename).stem] = raw.data.decode("utf-8-sig").strip()
+        batch.captions[PurePosixPath(raw.filename).stem] = raw.path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError:
         batch.problems.append(f"{raw.source}: caption is not UTF-8 text")
 
 
-def _add_image(
-    batch: UploadBatch, raw: RawFile, digest: str, result: CheckedImage | ImageProblem, seen: dict[str, str]
-) -> None:
+def _add_image(batch: UploadBatch, raw: RawFile, result: CheckedImage | ImageProblem, seen: dict[str, str]) -> None:
     if raw.filename in batch.images:
         batch.problems.append(f"{raw.source}: file name {raw.filename!r} appears twice in this request")
-    elif digest in seen:
-        batch.skipped.append({"filename": raw.filename, "reason": f"duplicate of {seen[digest]!r} (same bytes)"})
+    elif raw.sha256 in seen:
+        batch.skipped.append({"filename": raw.filename, "reason": f"duplicate of {seen[raw.sha256]!r} (same bytes)"})
     elif isinstance(result, ImageProblem):
         batch.problems.append(f"{raw.source}: {result}")
     elif _suffix(raw) not in FORMATS[result.format]:  # stored as named: the name must say what it holds
@@ -212,8 +339,8 @@ def _add_image(
             f"{raw.source}: {raw.filename!r} holds {result.format} data; name it {' or '.join(FORMATS[result.format])}"
         )
     else:
-        seen[digest] = raw.filename
-        batch.images[raw.filename] = {"checked": result, "sha256": digest}
+        seen[raw.sha256] = raw.filename
+        batch.images[raw.filename] = {"checked": result, "sha256": raw.sha256, "staged": raw.path}
 
 
 # ---------------------------------------------------------------- writing
@@ -303,20 +430,20 @@ def _write_image(
     checked: CheckedImage = item["checked"]
     sha256: str = item["sha256"]
     path = folder.path / filename
-    atomic_write_bytes(folder.path / (staged or filename), checked.data)
+    move_into_place(item["staged"], folder.path / (staged or filename))
     previous = images.get(filename)  # an overwrite keeps the caption unless the request brings one
     images[filename] = ManifestEntry(
         sha256=sha256,
         width=checked.width,
         height=checked.height,
-        bytes=len(checked.data),
+        bytes=checked.size,
         caption=previous["caption"] if previous else None,
         added=now(),
     )
     return {
         "filename": filename,
         "path": str(path),
-        "size": len(checked.data),
+        "size": checked.size,
         "width": checked.width,
         "height": checked.height,
         "sha256": sha256,

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
@@ -32,6 +33,12 @@ REDIRECTS = (301, 302, 303, 307, 308)
 # IPv6 prefixes whose last 32 bits are an IPv4 address: NAT64 (well-known and local-use) and
 # IPv4-translated; mapped (::ffff:) and 6to4 have their own properties.
 IPV4_CARRIERS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96"))
+
+
+class Sink(Protocol):
+    """Where a body goes as it arrives: an open file, or anything else with ``write``."""
+
+    def write(self, chunk: bytes, /) -> object: ...
 
 
 class FetchProblem(ValueError):
@@ -49,8 +56,9 @@ class Target:
     path: str  # path and query, as sent
 
 
-def fetch(url: str, max_bytes: int | None = None, deadline: float | None = None) -> tuple[bytes, str]:
-    """The body at ``url`` and the URL it came from after redirects, or FetchProblem naming what went wrong.
+def fetch(url: str, out: Sink, max_bytes: int | None = None, deadline: float | None = None) -> tuple[int, str]:
+    """Write the body at ``url`` to ``out`` as it arrives (memory holds one chunk); return its size
+    and the URL it came from after redirects, or raise FetchProblem naming what went wrong.
 
     ``deadline`` (a ``time.monotonic()`` value) bounds the whole fetch together with the per-URL
     limit; ``max_bytes`` defaults to the setting.
@@ -70,7 +78,7 @@ def fetch(url: str, max_bytes: int | None = None, deadline: float | None = None)
                         continue
                     if response.status != 200:
                         raise FetchProblem(f"answered HTTP {response.status}")
-                    return read_capped(response, max_bytes, deadline, limit_s), url
+                    return read_capped(response, out, max_bytes, deadline, limit_s), url
                 finally:
                     response.release_conn()
             except FetchProblem:
@@ -189,14 +197,14 @@ def open_url(target: Target, deadline: float, watchdog: Watchdog) -> urllib3.HTT
         raise FetchProblem(f"could not be fetched ({_reason(exc)})") from None
 
 
-def read_capped(response: urllib3.HTTPResponse, max_bytes: int, deadline: float, limit_s: float) -> bytes:
+def read_capped(response: urllib3.HTTPResponse, out: Sink, max_bytes: int, deadline: float, limit_s: float) -> int:
     try:
         declared = int(response.headers.get("content-length") or 0)
     except ValueError:
         raise FetchProblem("answered a Content-Length that is not a number") from None
     if declared > max_bytes:
         raise FetchProblem(f"is {declared:,} bytes, over the {max_bytes:,}-byte limit")
-    body = bytearray()
+    size = 0
     while True:
         if time.monotonic() > deadline:
             raise FetchProblem(f"took longer than the {limit_s:g}-second limit (or the request's) to arrive")
@@ -205,10 +213,11 @@ def read_capped(response: urllib3.HTTPResponse, max_bytes: int, deadline: float,
         except urllib3.exceptions.HTTPError as exc:
             raise FetchProblem(f"could not be fetched ({_reason(exc)})") from None
         if not chunk:
-            return bytes(body)
-        body += chunk
-        if len(body) > max_bytes:
+            return size
+        size += len(chunk)
+        if size > max_bytes:
             raise FetchProblem(f"is over the {max_bytes:,}-byte limit")
+        out.write(chunk)
 
 
 def _reason(exc: Exception) -> str:

@@ -5,14 +5,17 @@ its format is one the trainer reads, its pixel count is under ``settings.MAX_IMA
 from the header, before decoding: decompression bombs never allocate) and its shorter side is
 at least ``settings.MIN_IMAGE_SIDE``. EXIF orientation is applied so width and height are what a person
 sees; the stored bytes are the original unless a rotation had to be baked in.
+
+Images are checked from files (an upload stages them on the volume first), so memory holds one
+decoded image per checking thread, whatever the request brings.
 """
 
 from __future__ import annotations
 
-import io
 import struct
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -32,28 +35,33 @@ class ImageProblem(ValueError):
 
 @dataclass(frozen=True)
 class CheckedImage:
-    data: bytes  # what is stored: the original bytes, or re-encoded when EXIF rotation was applied
+    size: int  # bytes of what is stored: the original file, or re-encoded when EXIF rotation was applied
     width: int
     height: int
     format: str
     rotated: bool
 
 
-def check_image(data: bytes) -> CheckedImage:
-    """Fully decode ``data`` and return what to store, or raise ImageProblem."""
+def check_image(path: Path) -> CheckedImage:
+    """Fully decode the image file at ``path``, or raise ImageProblem.
+
+    When EXIF says the photo is rotated, ``path`` is rewritten upright (it is the upload's own
+    staged copy), so every later reader sees what a person sees.
+    """
     max_bytes = settings.MAX_IMAGE_BYTES.get()
-    if len(data) > max_bytes:
-        raise ImageProblem(f"{len(data):,} bytes is over the {max_bytes:,}-byte limit per image")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ImageProblem(f"{size:,} bytes is over the {max_bytes:,}-byte limit per image")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(path)
         except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageProblem(_reason(exc)) from None
         except DECODE_ERRORS as exc:  # a header cut short or lying (PNG text chunks too large, ...)
             raise ImageProblem(f"could not be decoded ({type(exc).__name__}: {str(exc)[:100]})") from None
         with image:
-            return _check_open_image(image, data)
+            return _check_open_image(image, path, size)
 
 
 def _reason(exc: Exception) -> str:
@@ -64,7 +72,7 @@ def _reason(exc: Exception) -> str:
     return f"could not be decoded ({exc})"
 
 
-def _check_open_image(image: Image.Image, data: bytes) -> CheckedImage:
+def _check_open_image(image: Image.Image, path: Path, size: int) -> CheckedImage:
     if image.format not in FORMATS:
         raise ImageProblem(f"format {image.format} is not accepted; use one of {', '.join(FORMATS)}")
     width, height = image.size
@@ -81,13 +89,14 @@ def _check_open_image(image: Image.Image, data: bytes) -> CheckedImage:
     if min(upright.size) < min_side:
         raise ImageProblem(f"{upright.width}x{upright.height} is too small: the shorter side must be >= {min_side} px")
     if upright is image:
-        return CheckedImage(data, width, height, image.format, rotated=False)
-    return CheckedImage(_encode(upright, image.format), upright.width, upright.height, image.format, rotated=True)
+        return CheckedImage(size, width, height, image.format, rotated=False)
+    _save_over(upright, image.format, path)
+    return CheckedImage(path.stat().st_size, upright.width, upright.height, image.format, rotated=True)
 
 
-def _encode(image: Image.Image, fmt: str) -> bytes:
+def _save_over(image: Image.Image, fmt: str, path: Path) -> None:
     """Re-encode a rotated image in its own format (high JPEG quality: this is training data)."""
-    out = io.BytesIO()
     options = {"quality": 95, "subsampling": 0} if fmt in ("JPEG", "WEBP") else {}
-    image.save(out, format=fmt, **options)
-    return out.getvalue()
+    upright = path.with_name(f"{path.name}.upright")
+    image.save(upright, format=fmt, **options)
+    upright.replace(path)

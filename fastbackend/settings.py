@@ -80,8 +80,11 @@ URL_DEADLINE_S = _number("FASTBACKEND_URL_DEADLINE_S", float, 300.0, "most time 
 URLS_DEADLINE_S = _number(
     "FASTBACKEND_URLS_DEADLINE_S", float, 900.0, "most time all the `urls` of one request may take"
 )
-MAX_ZIP_UNPACKED_BYTES = _number(
-    "FASTBACKEND_MAX_ZIP_UNPACKED_BYTES", int, 2_000_000_000, "largest unpacked size of one zip"
+MAX_UPLOAD_BYTES = _number(
+    "FASTBACKEND_MAX_UPLOAD_BYTES",
+    int,
+    2_000_000_000,
+    "largest total of one upload's files, zips unpacked (staged on the volume while checked)",
 )
 DECODE_THREADS = Setting(
     "FASTBACKEND_DECODE_THREADS",
@@ -113,15 +116,22 @@ ALL: tuple[Setting, ...] = (
     URL_TIMEOUT_S,
     URL_DEADLINE_S,
     URLS_DEADLINE_S,
-    MAX_ZIP_UNPACKED_BYTES,
+    MAX_UPLOAD_BYTES,
     DECODE_THREADS,
     LOG_LEVEL,
     HF_TOKEN,
 )
 
 
+# Variables an older worker read, and what replaced them: setting one must not be silently ignored.
+RETIRED = {"FASTBACKEND_MAX_ZIP_UNPACKED_BYTES": "FASTBACKEND_MAX_UPLOAD_BYTES (a cap per upload, not per zip)"}
+
+
 def check_all() -> None:
     """Read every setting once; raises ValueError naming the first variable that does not parse."""
+    for old, new in RETIRED.items():
+        if os.environ.get(old, "").strip():
+            raise ValueError(f"environment variable {old} is no longer read; use {new}")
     for setting in ALL:
         setting.get()
 

@@ -189,12 +189,18 @@ def temporary_path(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        with tmp.open("rb+") as handle:
-            os.fsync(handle.fileno())  # the rename must not land before the data
-        tmp.replace(path)
+        move_into_place(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def move_into_place(source: Path, target: Path) -> None:
+    """Rename a finished file over ``target`` on the same volume, its data flushed to disk first
+    (otherwise the rename can land before the data, and a crash leaves an empty file)."""
+    with source.open("rb+") as handle:
+        os.fsync(handle.fileno())
+    source.replace(target)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -284,6 +290,33 @@ def remove_tree(folder: Path) -> None:
         trash = folder.with_name(f".deleted-{folder.name}-{os.getpid()}-{time.time_ns()}")
         folder.rename(trash)
     shutil.rmtree(trash)
+
+
+def remove_abandoned(parent: Path, prefix: str, setup_grace_s: float = 3600.0) -> None:
+    """Remove the ``<parent>/<prefix>*`` work folders whose owner died.
+
+    An owner holds its folder's ``.lock`` for as long as it works, and the OS releases an flock
+    when its process dies: a lock taken here without waiting means no one owns the folder. A
+    folder without a lock file is still being set up, unless it is older than ``setup_grace_s``.
+    """
+    for folder in parent.glob(f"{prefix}*"):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            fd = os.open(folder / ".lock", os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            if time.time() - folder.lstat().st_mtime > setup_grace_s:
+                shutil.rmtree(folder, ignore_errors=True)
+            continue
+        except OSError:
+            continue  # a planted link as the lock: not ours to judge
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(folder, ignore_errors=True)  # rmtree removes links, never what they point to
+        except BlockingIOError:
+            pass  # its owner is alive
+        finally:
+            os.close(fd)
 
 
 def free_bytes() -> int:

@@ -12,7 +12,7 @@ import torch
 
 from handler_fast import handler
 from tests.photos import b64, nine_photos, photo
-from tests.test_upload import file_entries, make_zip, snapshot, upload
+from tests.test_upload import file_entries, make_zip, nothing_stored, snapshot, upload
 from tests.training_helpers import install_model, train, upload_photos, user_yaml
 
 
@@ -53,7 +53,7 @@ def test_damaged_files_are_named_not_internal_errors(filename, content, reason, 
         answer = upload(files=[{"filename": filename, "content": b64(content or png_with_huge_text())}])
     assert answer["error_code"] == "invalid_upload", answer
     assert reason in answer["error"]
-    assert snapshot(data_root) == {}
+    assert nothing_stored(data_root)
 
 
 def test_input_that_is_not_json_is_an_invalid_request():
@@ -167,11 +167,11 @@ def test_a_full_volume_answers_disk_full_and_keeps_what_was_there(data_root, mon
     assert answer["error"].startswith(f"the volume is full: {needed:,} bytes are needed, 1,000 bytes are free")
     assert snapshot(data_root) == before
 
-    def no_room(path, data):
+    def no_room(self, chunk):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
-    monkeypatch.setattr(datasets, "atomic_write_bytes", no_room)
+    monkeypatch.setattr(datasets.StagedFile, "write", no_room)
     assert upload(files=file_entries(nine_photos()[2:3]))["error_code"] == "disk_full"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import io
 import ipaddress
 import socket
 import threading
@@ -67,7 +68,7 @@ def test_a_server_sending_a_byte_at_a_time_is_cut_off_at_the_url_deadline(drip_s
     monkeypatch.setenv("FASTBACKEND_URL_DEADLINE_S", "1")
     started = time.monotonic()
     with pytest.raises(fetch.FetchProblem, match=r"^took longer than the 1-second limit"):
-        fetch.fetch(f"http://127.0.0.1:{drip_server}/drip")
+        fetch.fetch(f"http://127.0.0.1:{drip_server}/drip", io.BytesIO())
     assert time.monotonic() - started < 3
 
 
@@ -119,7 +120,9 @@ def test_the_connection_goes_to_the_address_that_was_checked(drip_server, monkey
         return real(host, port, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
-    assert fetch.fetch(f"http://photos.example:{drip_server}/photo")[0] == nine_photos()[0][1]
+    body = io.BytesIO()
+    fetch.fetch(f"http://photos.example:{drip_server}/photo", body)
+    assert body.getvalue() == nine_photos()[0][1]
     assert next(answers) == "10.255.255.1"  # the second answer was never asked for
 
 
@@ -130,7 +133,7 @@ def test_malformed_urls_are_problems_not_crashes():
         ("http:///x", "has no host"),
     ):
         with pytest.raises(fetch.FetchProblem, match=reason):
-            fetch.fetch(url)
+            fetch.fetch(url, io.BytesIO())
 
 
 def test_credentials_in_urls_are_never_shown():
@@ -163,14 +166,14 @@ def test_a_server_dripping_its_headers_is_cut_off_too(drip_server, monkeypatch):
     monkeypatch.setenv("FASTBACKEND_URL_DEADLINE_S", "1")
     started = time.monotonic()
     with pytest.raises(fetch.FetchProblem, match=r"^took longer than the 1-second limit"):
-        fetch.fetch(f"http://127.0.0.1:{drip_server}/headers")
+        fetch.fetch(f"http://127.0.0.1:{drip_server}/headers", io.BytesIO())
     assert time.monotonic() - started < 3
 
 
 def test_a_content_length_that_is_not_a_number_is_a_problem(drip_server, monkeypatch):
     monkeypatch.setenv("FASTBACKEND_ALLOW_PRIVATE_URLS", "1")
     with pytest.raises(fetch.FetchProblem, match="Content-Length that is not a number"):
-        fetch.fetch(f"http://127.0.0.1:{drip_server}/bad-length")
+        fetch.fetch(f"http://127.0.0.1:{drip_server}/bad-length", io.BytesIO())
 
 
 class Redirect:
@@ -197,4 +200,4 @@ def test_a_redirect_to_a_private_address_is_refused(drip_server, monkeypatch):
     redirect = Redirect(f"http://127.0.0.1:{drip_server}/photo")
     monkeypatch.setattr(fetch, "open_url", lambda target, deadline, watchdog: redirect)
     with pytest.raises(fetch.FetchProblem, match="is a private or local address"):
-        fetch.fetch("http://public.example/share")
+        fetch.fetch("http://public.example/share", io.BytesIO())

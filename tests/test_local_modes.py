@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -32,6 +33,31 @@ def test_job_bodies_are_not_logged():
     assert result.returncode == 1
     assert secret not in result.stdout + result.stderr
     assert "<string of 160 characters>" in result.stdout
+
+
+def test_no_base64_reaches_the_log_when_test_input_prints_the_answer(data_root):
+    """runpod's --test_input prints "Job result: {...}" at INFO: a LoRA chunk must not be in it."""
+    lora = data_root / "output" / "matt" / "matt.safetensors"
+    lora.parent.mkdir(parents=True)
+    lora.write_bytes(os.urandom(3000))
+    job = json.dumps({"input": {"type": "download_model", "model": "matt"}})
+    result = run_worker("handler_fast.py", "--test_input", job)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Job result:" in result.stdout and "<4000 base64 characters>" in result.stdout
+    assert not re.search(r"[A-Za-z0-9+/]{120,}", result.stdout + result.stderr)
+
+
+def test_long_base64_is_shortened_in_the_workers_own_log_lines():
+    import logging
+
+    from fastbackend import logs
+
+    record = logging.LogRecord("fastbackend.x", logging.INFO, __file__, 1, "answer %s", ("QUJD" * 50,), None)
+    assert logs.ShortenBase64().filter(record) and record.getMessage() == "answer <200 base64 characters>"
+    sha = "ab" * 32
+    assert logs.shorten_base64(f"sha256 {sha} /runpod-volume/training_data/matt") == (
+        f"sha256 {sha} /runpod-volume/training_data/matt"
+    )
 
 
 def test_test_input_unknown_type_exits_one_and_lists_types():

@@ -145,9 +145,12 @@ def test_the_manifest_is_written_last_and_atomically(data_root, monkeypatch):
     from fastbackend import datasets
 
     written = []
-    real = datasets.atomic_write_bytes
+    real_write, real_move = datasets.atomic_write_bytes, datasets.move_into_place
     monkeypatch.setattr(
-        datasets, "atomic_write_bytes", lambda path, data: (written.append(path.name), real(path, data))
+        datasets, "atomic_write_bytes", lambda path, data: (written.append(path.name), real_write(path, data))
+    )
+    monkeypatch.setattr(
+        datasets, "move_into_place", lambda source, path: (written.append(path.name), real_move(source, path))
     )
     from fastbackend.layout import DatasetFolder
 

@@ -7,22 +7,22 @@ checked, every problem is reported together, and nothing is written unless all p
 from __future__ import annotations
 
 import binascii
+import io
 import time
 from pathlib import PurePosixPath
 
 from fastbackend import datasets, settings
 from fastbackend.api import Progress
-from fastbackend.datasets import RawFile
+from fastbackend.datasets import RawFile, Staging
 from fastbackend.errors import ErrorCode, ValidationFailed
 from fastbackend.layout import DatasetFolder
 from fastbackend.schemas import DeleteDatasetRequest, ListDatasetsRequest, UploadTrainingDataRequest
 from fastbackend.storage import (
     dataset_dir,
     datasets_dir,
-    disk_full,
     existing_dataset_dir,
-    free_bytes,
     list_names,
+    no_links,
     remove_tree,
 )
 
@@ -31,18 +31,16 @@ MAX_FILES_PER_REQUEST = 2000
 
 def upload_training_data(request: UploadTrainingDataRequest, progress: Progress | None = None) -> dict:
     folder = DatasetFolder(dataset_dir(request.training_name))
-    files, captions, problems = gather(request)
-    batch = datasets.check_batch(files, captions, problems)
-    existing = set() if request.mode == "replace" else set(folder.images())
-    datasets.check_orphan_captions(batch, existing)
-    if batch.problems:  # refused before the lock: a refused upload does not even create the folder
-        raise ValidationFailed.from_problems(batch.problems, code=ErrorCode.INVALID_UPLOAD)
-    needed = sum(len(item["checked"].data) for item in batch.images.values())
-    if needed > free_bytes():  # refused whole, before a byte is written
-        raise disk_full(needed)
-    uploaded, skipped, replaced, manifest = datasets.commit(
-        folder, batch, replace=request.mode == "replace", overwrite=request.overwrite
-    )
+    with datasets.Staging(no_links(datasets_dir())) as staging:
+        files, captions, problems = gather(request, staging)
+        batch = datasets.check_batch(files, captions, problems)
+        existing = set() if request.mode == "replace" else set(folder.images())
+        datasets.check_orphan_captions(batch, existing)
+        if batch.problems:  # refused before the lock: a refused upload does not even create the folder
+            raise ValidationFailed.from_problems(batch.problems, code=ErrorCode.INVALID_UPLOAD)
+        uploaded, skipped, replaced, manifest = datasets.commit(
+            folder, batch, replace=request.mode == "replace", overwrite=request.overwrite
+        )
     images = manifest["images"]
     uncaptioned = sorted(name for name, entry in images.items() if not entry["caption"])
     warnings = [f"{len(uncaptioned)} image(s) have no caption: {', '.join(uncaptioned[:10])}"] if uncaptioned else []
@@ -59,30 +57,49 @@ def upload_training_data(request: UploadTrainingDataRequest, progress: Progress 
     }
 
 
-def gather(request: UploadTrainingDataRequest) -> tuple[list[RawFile], dict[str, str], list[str]]:
-    """Every file the request brings (inline, in a zip, behind URLs), inline captions, problems."""
+def gather(request: UploadTrainingDataRequest, staging: Staging) -> tuple[list[RawFile], dict[str, str], list[str]]:
+    """Every file the request brings (inline, in a zip, behind URLs) staged, inline captions, problems.
+
+    Past the request's byte limit gathering stops: what came so far is enough to refuse it.
+    """
     files: list[RawFile] = []
     captions: dict[str, str] = {}
     problems: list[str] = []
+    try:
+        _gather_inline(request, staging, files, captions, problems)
+        deadline = time.monotonic() + settings.URLS_DEADLINE_S.get()  # for all of the request's URLs together
+        for index, url in enumerate(request.urls):
+            source = f"input.urls[{index}] ({datasets.shown_url(url)})"
+            files += datasets.fetch_url(url, source, problems, staging, deadline)
+    except datasets.OverLimit as exc:
+        problems.append(f"input: {exc}")
+    if len(files) > MAX_FILES_PER_REQUEST:
+        problems.append(f"input: {len(files)} files in one request is over the limit of {MAX_FILES_PER_REQUEST}")
+    return files, captions, problems
+
+
+def _gather_inline(
+    request: UploadTrainingDataRequest,
+    staging: Staging,
+    files: list[RawFile],
+    captions: dict[str, str],
+    problems: list[str],
+) -> None:
     for index, item in enumerate(request.files):
         source = f"input.files[{index}] ({item.filename!r})"
         try:
-            files.append(RawFile(item.filename, datasets.decode_base64(item.content), source))
+            files.append(staging.add_bytes(item.filename, datasets.decode_base64(item.content), source))
         except (binascii.Error, ValueError):
             problems.append(f"{source}: content is not valid base64")
         if item.caption is not None:
             captions[PurePosixPath(item.filename).stem] = item.caption
     if request.zip is not None:
         try:
-            files += datasets.unpack_zip(datasets.decode_base64(request.zip), "input.zip", problems)
+            archive = io.BytesIO(datasets.decode_base64(request.zip))  # within the payload limit
         except (binascii.Error, ValueError):
             problems.append("input.zip: not valid base64")
-    deadline = time.monotonic() + settings.URLS_DEADLINE_S.get()  # for all of the request's URLs together
-    for index, url in enumerate(request.urls):
-        files += datasets.fetch_url(url, f"input.urls[{index}] ({datasets.shown_url(url)})", problems, deadline)
-    if len(files) > MAX_FILES_PER_REQUEST:
-        problems.append(f"input: {len(files)} files in one request is over the limit of {MAX_FILES_PER_REQUEST}")
-    return files, captions, problems
+            return
+        files += datasets.unpack_zip(archive, "input.zip", problems, staging)
 
 
 def list_datasets(request: ListDatasetsRequest, progress: Progress | None = None) -> dict:
