@@ -12,17 +12,20 @@ local server with ``--rp_serve_api``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import importlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import runpod
 
-from fastbackend import logs, settings
+from fastbackend import logs, settings, stopping
 from fastbackend.errors import ErrorCode, FastBackendError, PayloadTooLarge, error_response
 from fastbackend.schemas import (
     DeleteDatasetRequest,
@@ -151,6 +154,33 @@ def handler(job: Any) -> dict:
         return error_response(FastBackendError(message, code=ErrorCode.INTERNAL_ERROR))
 
 
+async def async_handler(job: Any) -> dict:
+    """What ``runpod.serverless.start`` runs: ``handler`` in a thread, the event loop left free.
+
+    RunPod stops a job (``/cancel``, the execution timeout) by cancelling this coroutine, which
+    only an event loop that is not busy training can do. Then the job's stop event is set, the
+    thread is waited for (training saves its resumable state after the step it is in; an upload
+    drops its staging folder) and the cancellation goes on to runpod, which takes the next job.
+    """
+    stop = threading.Event()
+    work = asyncio.ensure_future(asyncio.to_thread(_handle_watching, job, stop))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        stop.set()
+        log.warning("job %s: stop signal received; stopping at the next safe point", _job_id(job))
+        while not work.done():  # a second signal for the same job changes nothing: keep waiting
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(work)
+        log.warning("job %s stopped: %s", _job_id(job), work.result().get("error", "it had finished"))
+        raise
+
+
+def _handle_watching(job: Any, stop: threading.Event) -> dict:
+    with stopping.watching(stop):
+        return handler(job)
+
+
 def out_of_space(exc: BaseException) -> bool:
     """A full volume or quota: as an OSError, or as torch's and safetensors' own wrappers of one."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -178,7 +208,7 @@ def main() -> None:
     # And at INFO `--test_input` prints the whole answer: no base64 in any line, whatever the level.
     logs.shorten_in_runpod_logger(RunPodLogger())
     logs.shorten_in_handlers(logging.getLogger())
-    runpod.serverless.start({"handler": handler})
+    runpod.serverless.start({"handler": async_handler})
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-from fastbackend import settings
+from fastbackend import settings, stopping
 from fastbackend.errors import ErrorCode, ValidationFailed
 from fastbackend.fetch import FetchProblem, fetch
 from fastbackend.images import CheckedImage, ImageProblem, check_image
@@ -102,6 +102,7 @@ class StagedFile:
         self.handle = path.open("wb")
 
     def write(self, chunk: bytes) -> None:
+        stopping.stop_if_requested("the upload was")  # its staging folder goes; nothing was committed
         self.staging.take(len(chunk))
         self.size += len(chunk)
         self.digest.update(chunk)

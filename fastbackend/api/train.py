@@ -11,7 +11,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from fastbackend import storage
+from fastbackend import stopping, storage
 from fastbackend.api import Progress
 from fastbackend.config import PREFIX, TrainingConfig, parse_training_config
 from fastbackend.datasets import recover as recover_dataset
@@ -79,7 +79,7 @@ def run_training(
         atomic_write_bytes(output.config, request.yaml_config.encode())
     job = TrainJob(config, base_model, datasets, output, resume=request.resume, warnings=warnings)
     try:
-        result = train(job, Hooks(on_step=progress or (lambda info: None)))
+        result = train(job, Hooks(on_step=progress or (lambda info: None), should_stop=stopping.requested))
     except torch.cuda.OutOfMemoryError:
         raise FastBackendError(
             "training ran out of GPU memory; try model.quantize: true, train.gradient_checkpointing: true, "

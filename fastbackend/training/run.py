@@ -43,6 +43,7 @@ class Hooks:
     """How the loop reports to the platform; the core never imports runpod."""
 
     on_step: Callable[[dict], None] = lambda info: None
+    should_stop: Callable[[], bool] = lambda: False  # a cancel or timeout: stop after this step, resumable
 
 
 @dataclass
@@ -61,6 +62,10 @@ class TrainResult:
 
 class NonFiniteLoss(FastBackendError):
     code = ErrorCode.NON_FINITE_LOSS
+
+
+class TrainingStopped(FastBackendError):
+    code = ErrorCode.STOPPED
 
 
 @dataclass(kw_only=True)

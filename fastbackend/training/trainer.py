@@ -26,7 +26,7 @@ import torch
 from fastbackend.training import data
 from fastbackend.training.checkpoint import restore_state, save_checkpoint
 from fastbackend.training.families import TrainingBatch
-from fastbackend.training.run import Hooks, NonFiniteLoss, Run, TrainJob, TrainResult
+from fastbackend.training.run import Hooks, NonFiniteLoss, Run, TrainingStopped, TrainJob, TrainResult
 from fastbackend.training.sampling import sample, should_sample
 from fastbackend.training.setup import log_run_shape, set_up
 
@@ -45,6 +45,7 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
     total = run.process.train.steps
     bar = terminal_bar(total, resumed_from)
     while run.step < total:
+        stop_if_asked(run, hooks, resumed_from)
         step_started = time.monotonic()
         loss = train_step(run)
         run.step += 1
@@ -71,6 +72,18 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
         resumed_from=resumed_from,
         warnings=job.warnings,
     )
+
+
+def stop_if_asked(run: Run, hooks: Hooks, resumed_from: int) -> None:
+    """On a stop request, save what this run trained (a step save and its state) and stop: the
+    same request sent again resumes from there."""
+    if not hooks.should_stop():
+        return
+    saved_now = run.saves and run.saves[-1] == run.folder.step_save(run.step)
+    if run.step > resumed_from and not saved_now:
+        save_checkpoint(run, final=False)
+    kept = f"step {run.step} is saved; send the same request again to resume from it" if run.step else "nothing saved"
+    raise TrainingStopped(f"training stopped by a cancel or the execution timeout at step {run.step}: {kept}")
 
 
 # ---------------------------------------------------------------- one step

@@ -1,0 +1,159 @@
+"""RunPod's cancel and execution timeout: a stop signal through runpod's own ``JobScaler``.
+
+The scaler is runpod's real one (its job loop, its stop-signal loop, its ``handle_job``); only
+the two network fetchers are replaced, as its config allows outside RunPod, and the result
+sender is captured instead of posted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from tests.photos import b64, nine_photos
+from tests.training_helpers import install_model, train, upload_photos, user_yaml
+
+MODEL = "nowy_dataset_1.3"  # the name in the user's YAML
+
+
+def run_scaler(jobs: list[dict], stop_when, monkeypatch) -> list[tuple[str, dict]]:
+    """Feed ``jobs`` one at a time to a JobScaler running ``async_handler``; send each job id
+    ``stop_when(job_id)`` says to stop (once). Returns what runpod would have posted back."""
+    from runpod.serverless.modules import rp_job, rp_scale
+
+    import handler_fast
+
+    posted: list[tuple[str, dict]] = []
+
+    async def capture(session, job_data, job, is_stream=False):
+        posted.append((job["id"], job_data))
+
+    monkeypatch.setattr(rp_job, "send_result", capture)
+    pending = list(jobs)
+    stopped: set[str] = set()
+
+    async def jobs_fetcher(session, count):
+        await asyncio.sleep(0.05)
+        if pending:
+            return [pending.pop(0)]
+        if len(posted) + len(stopped) == len(jobs):
+            scaler.kill_worker()
+        return []
+
+    async def stop_signals_fetcher(session):
+        await asyncio.sleep(0.05)
+        for job in jobs:
+            if job["id"] not in stopped and stop_when(job["id"]):
+                stopped.add(job["id"])
+                return ["no-such-job", job["id"]]  # an id the worker does not run is ignored
+        return []
+
+    scaler = rp_scale.JobScaler(
+        {
+            "handler": handler_fast.async_handler,
+            "jobs_fetcher": jobs_fetcher,
+            "stop_signals_fetcher": stop_signals_fetcher,
+            "jobs_fetcher_timeout": 5,
+            "stop_signals_fetcher_timeout": 5,
+        }
+    )
+    asyncio.run(asyncio.wait_for(scaler.run(), timeout=240))
+    return posted
+
+
+@pytest.mark.slow
+def test_a_stop_signal_ends_training_within_a_step_saves_it_and_frees_the_worker(tiny_models, data_root, monkeypatch):
+    from fastbackend.layout import LoraFolder
+    from fastbackend.training import trainer
+
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    steps_done: list[int] = []
+    real_report = trainer.report_step
+
+    def report(run, hooks, loss, seconds, bar):
+        steps_done.append(run.step)
+        time.sleep(0.05)  # a step of a real size: the signal arrives while one is running
+        real_report(run, hooks, loss, seconds, bar)
+
+    monkeypatch.setattr(trainer, "report_step", report)
+    signalled_at: list[int] = []
+
+    def stop_when(job_id: str) -> bool:
+        if job_id == "train-1" and len(steps_done) >= 3:
+            signalled_at.append(steps_done[-1])
+            return True
+        return False
+
+    long_run = user_yaml(model_path, steps=200)  # long enough to stop; short enough to fail, not hang, if it never does
+    jobs = [
+        {"id": "train-1", "input": {"type": "train_with_yaml", "yaml_config": long_run}},
+        {"id": "health-1", "input": {"type": "health"}},
+    ]
+    posted = run_scaler(jobs, stop_when, monkeypatch)
+
+    assert [job_id for job_id, _ in posted] == ["health-1"]  # the stopped job posts nothing; the next one ran
+    assert posted[0][1]["output"]["status"] == "healthy"
+    last = steps_done[-1]
+    assert last - signalled_at[0] <= 1  # the step in flight when the signal came, no more
+    folder = LoraFolder(data_root / "output" / MODEL)
+    assert [step for step in range(1, last + 1) if folder.step_save(step).is_file()] == [last]
+    assert folder.state.is_file() and not folder.final_lora.exists()
+
+    again = train(user_yaml(model_path, steps=last + 2))
+    assert again["status"] == "success", again
+    assert (again["resumed_from_step"], again["steps"]) == (last, last + 2)
+
+
+def test_a_stopped_upload_leaves_nothing_and_the_worker_answers_the_next_job(data_root, monkeypatch):
+    from fastbackend import datasets
+
+    writing = threading.Event()
+    real_write = datasets.StagedFile.write
+
+    def slow_write(self, chunk):
+        writing.set()
+        time.sleep(0.2)
+        real_write(self, chunk)
+
+    monkeypatch.setattr(datasets.StagedFile, "write", slow_write)
+    files = [{"filename": name, "content": b64(data)} for name, data, _ in nine_photos()]
+    jobs = [
+        {"id": "upload-1", "input": {"type": "upload_training_data", "training_name": "matt", "files": files}},
+        {"id": "health-1", "input": {"type": "health"}},
+    ]
+    posted = run_scaler(jobs, lambda job_id: job_id == "upload-1" and writing.is_set(), monkeypatch)
+    assert [job_id for job_id, _ in posted] == ["health-1"]
+    training_data = data_root / "training_data"
+    assert not training_data.exists() or list(training_data.iterdir()) == []
+
+
+def test_the_stop_check_itself_refuses_to_continue_once_asked(data_root):
+    """The flag the handler sets is the one the work sees, in the work's own thread."""
+    from fastbackend import stopping
+
+    event = threading.Event()
+    seen = []
+
+    def work():
+        with stopping.watching(event):
+            seen.append(stopping.requested())
+            event.set()
+            with pytest.raises(stopping.JobStopped, match="the upload was stopped by a cancel"):
+                stopping.stop_if_requested("the upload was")
+            seen.append(stopping.requested())
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen == [False, True] and not stopping.requested()  # outside the block, nothing is asked
+
+
+def test_local_modes_still_answer_through_the_async_handler():
+    import handler_fast
+
+    answer = asyncio.run(handler_fast.async_handler({"id": "x", "input": {"type": "health"}}))
+    assert answer["status"] == "healthy"
