@@ -15,21 +15,17 @@ lock, so two workers appending at once both land completely.
 from __future__ import annotations
 
 import base64
-import contextlib
-import hashlib
-import secrets
-import shutil
 import stat
 import zipfile
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-from fastbackend import settings, stopping
+from fastbackend import settings
 from fastbackend.errors import ErrorCode, ValidationFailed
 from fastbackend.fetch import FetchProblem, fetch
 from fastbackend.images import CheckedImage, ImageProblem, check_image
@@ -45,6 +41,7 @@ from fastbackend.layout import (
     now,
 )
 from fastbackend.schemas import MAX_CAPTION_CHARS
+from fastbackend.staging import RawFile, Staging
 from fastbackend.storage import (
     TEMP_SUFFIX,
     atomic_write_bytes,
@@ -54,31 +51,14 @@ from fastbackend.storage import (
     move_into_place,
     name_problem,
     no_links,
-    remove_abandoned,
 )
 
 # What a damaged or hostile zip entry raises when read: CRC or size mismatch, bad deflate data,
 # truncation, an unknown compression method, encryption.
 ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError, ValueError)
 CHUNK_BYTES = 1 << 20
-STAGING_PREFIX = ".incoming-"  # training_data/.incoming-<id>/: one upload's files while they are checked
 # The longest caption file that can hold a caption under the limit: 4 bytes per character, and a BOM.
 MAX_CAPTION_FILE_BYTES = MAX_CAPTION_CHARS * 4 + 3
-
-
-class OverLimit(Exception):
-    """The request's files together pass ``MAX_UPLOAD_BYTES``: gathering stops there."""
-
-
-@dataclass
-class RawFile:
-    """A file as it arrived, staged on the volume before any check; ``source`` says where, for errors."""
-
-    filename: str
-    path: Path
-    size: int
-    sha256: str
-    source: str
 
 
 @dataclass
@@ -89,83 +69,6 @@ class UploadBatch:
     captions: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
-
-
-class StagedFile:
-    """A file streaming into the staging folder: hashed and counted against the request's limit as it is written."""
-
-    def __init__(self, staging: Staging, path: Path):
-        self.staging = staging
-        self.path = path
-        self.size = 0
-        self.digest = hashlib.sha256()
-        self.handle = path.open("wb")
-
-    def write(self, chunk: bytes) -> None:
-        stopping.stop_if_requested("the upload was")  # its staging folder goes; nothing was committed
-        self.staging.take(len(chunk))
-        self.size += len(chunk)
-        self.digest.update(chunk)
-        self.handle.write(chunk)
-
-    def raw(self, filename: str, source: str) -> RawFile:
-        return RawFile(filename, self.path, self.size, self.digest.hexdigest(), source)
-
-
-class Staging:
-    """One upload's files on the volume while they are checked: ``training_data/.incoming-<id>/``.
-
-    Files stream in a chunk at a time, so memory holds a chunk (and, while checking, a decoded
-    image per thread) whatever the request brings; together they may not pass
-    ``MAX_UPLOAD_BYTES``. Committed images are renamed out of the folder (the same volume: no
-    copy). The folder holds its own lock while the upload runs and is removed when it ends; one a
-    killed worker left has a free lock, and the next upload removes it.
-    """
-
-    def __init__(self, parent: Path):
-        self.parent = parent
-        self.folder = parent / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
-        self.limit = settings.MAX_UPLOAD_BYTES.get()
-        self.used = 0
-        self._count = 0
-        self._stack = contextlib.ExitStack()
-
-    def __enter__(self) -> Staging:
-        remove_abandoned(self.parent, STAGING_PREFIX)
-        self._stack.enter_context(locked(self.folder, timeout_s=0))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)  # before the lock goes: no one sees it unowned
-        self._stack.close()
-
-    def take(self, size: int) -> None:
-        self.used += size
-        if self.used > self.limit:
-            raise OverLimit(f"the request's files come to over {self.limit:,} bytes, the limit per upload")
-
-    @contextlib.contextmanager
-    def new_file(self, expected_bytes: int | None = None) -> Iterator[StagedFile]:
-        """A new staged file; removed again (and its bytes given back) when the block fails."""
-        if expected_bytes is not None and expected_bytes > free_bytes():
-            raise disk_full(expected_bytes)
-        self._count += 1
-        staged = StagedFile(self, self.folder / f"{self._count:05d}")
-        try:
-            with staged.handle:
-                yield staged
-        except BaseException:
-            self.discard(staged)
-            raise
-
-    def discard(self, staged: StagedFile) -> None:
-        staged.path.unlink(missing_ok=True)
-        self.used -= staged.size
-
-    def add_bytes(self, filename: str, data: bytes, source: str) -> RawFile:
-        with self.new_file(len(data)) as staged:
-            staged.write(data)
-        return staged.raw(filename, source)
 
 
 # ---------------------------------------------------------------- files from base64, zips and URLs
@@ -193,16 +96,14 @@ def shown_url(url: str) -> str:
 def fetch_url(
     url: str, source: str, problems: list[str], staging: Staging, deadline: float | None = None
 ) -> list[RawFile]:
-    with staging.new_file() as staged:
+    with staging.new_file(source, may_be_zip=True) as staged:
         try:
             _, final_url = fetch(url, staged, deadline=deadline)
         except FetchProblem as exc:
             problems.append(f"{source}: {exc}")
             staging.discard(staged)
             return []
-    with staged.path.open("rb") as handle:
-        is_zip = handle.read(4) == b"PK\x03\x04"
-    if is_zip:  # the zip itself is neither kept nor counted: its entries are
+    if not staged.counted:  # a zip: it is not kept, its entries are
         with staged.path.open("rb") as handle:
             staging.discard(staged)  # unlinked: the open handle still reads it
             return unpack_zip(handle, source, problems, staging)
@@ -223,6 +124,7 @@ def unpack_zip(archive_file: BinaryIO, source: str, problems: list[str], staging
         return []
     with archive:
         entries = [info for info in archive.infolist() if not _ignored_entry(info)]
+        staging.expect_files(len(entries), source)  # from the headers, before a byte is unpacked
         unpacked = sum(info.file_size for info in entries)
         if staging.used + unpacked > staging.limit:  # refused from the headers, before a byte is unpacked
             others = f" (with the request's other {staging.used:,})" if staging.used else ""
@@ -249,16 +151,26 @@ def _unpack_entry(
 ) -> RawFile | None:
     """Stream one entry into a staged file; an entry whose data is damaged, or longer than its
     header said (zipfile stops at the declared size and checks the CRC), is a problem."""
-    with staging.new_file() as staged:
-        try:
-            with archive.open(info) as entry:
-                while chunk := entry.read(CHUNK_BYTES):
-                    staged.write(chunk)
-        except ZIP_READ_ERRORS as exc:
-            problems.append(f"{source}: entry {info.filename!r} could not be unpacked ({type(exc).__name__})")
-            staging.discard(staged)
-            return None
-    return staged.raw(PurePosixPath(info.filename).name, f"{source}:{info.filename}")
+    entry_source = f"{source}:{info.filename}"
+    chunks = _entry_chunks(archive, info)
+    with staging.new_file(entry_source) as staged:
+        while True:
+            try:  # reading only: a full volume while writing is disk_full, not a damaged entry
+                chunk = next(chunks, b"")
+            except ZIP_READ_ERRORS as exc:
+                problems.append(f"{source}: entry {info.filename!r} could not be unpacked ({type(exc).__name__})")
+                staging.discard(staged)
+                return None
+            if not chunk:
+                break
+            staged.write(chunk)
+    return staged.raw(PurePosixPath(info.filename).name, entry_source)
+
+
+def _entry_chunks(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[bytes]:
+    with archive.open(info) as entry:
+        while chunk := entry.read(CHUNK_BYTES):
+            yield chunk
 
 
 def _ignored_entry(info: zipfile.ZipInfo) -> bool:
@@ -282,7 +194,7 @@ def _unsafe_entry(info: zipfile.ZipInfo) -> str | None:
 # ---------------------------------------------------------------- checking
 
 
-def check_batch(files: list[RawFile], captions: dict[str, str], problems: list[str]) -> UploadBatch:
+def check_batch(files: list[RawFile], captions: dict[str, str], problems: list[str], staging: Staging) -> UploadBatch:
     """Decode every image and caption; collect problems (in request order) and duplicates."""
     batch = UploadBatch(captions=dict(captions), problems=problems)
     images = [raw for raw in files if _suffix(raw) in IMAGE_EXTENSIONS]
@@ -292,7 +204,10 @@ def check_batch(files: list[RawFile], captions: dict[str, str], problems: list[s
     seen: dict[str, str] = {}
     for raw in files:
         if id(raw) in results:
-            _add_image(batch, raw, results[id(raw)], seen)
+            result = results[id(raw)]
+            if isinstance(result, CheckedImage) and result.rotated:  # rewritten upright: its size counts
+                staging.take(result.size - raw.size, raw.source)
+            _add_image(batch, raw, result, seen)
         elif _suffix(raw) == CAPTION_EXTENSION:
             _add_caption_file(batch, raw)
         else:

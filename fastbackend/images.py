@@ -12,6 +12,7 @@ decoded image per checking thread, whatever the request brings.
 
 from __future__ import annotations
 
+import os
 import struct
 import warnings
 from dataclasses import dataclass
@@ -98,5 +99,6 @@ def _save_over(image: Image.Image, fmt: str, path: Path) -> None:
     """Re-encode a rotated image in its own format (high JPEG quality: this is training data)."""
     options = {"quality": 95, "subsampling": 0} if fmt in ("JPEG", "WEBP") else {}
     upright = path.with_name(f"{path.name}.upright")
-    image.save(upright, format=fmt, **options)
+    with os.fdopen(os.open(upright, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as out:
+        image.save(out, format=fmt, **options)
     upright.replace(path)

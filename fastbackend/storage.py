@@ -25,6 +25,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -198,8 +199,19 @@ def temporary_path(path: Path) -> Iterator[Path]:
 def move_into_place(source: Path, target: Path) -> None:
     """Rename a finished file over ``target`` on the same volume, its data flushed to disk first
     (otherwise the rename can land before the data, and a crash leaves an empty file)."""
-    with source.open("rb+") as handle:
-        os.fsync(handle.fileno())
+    try:
+        fd = os.open(source, os.O_RDWR | os.O_NOFOLLOW)  # a link swapped in for a finished file is refused
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise FastBackendError(
+            f"{source.name!r} became a symbolic link before it was moved into place; the worker follows none",
+            code=ErrorCode.PATH_OUTSIDE_ROOT,
+        ) from None
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     source.replace(target)
 
 
@@ -292,30 +304,36 @@ def remove_tree(folder: Path) -> None:
     shutil.rmtree(trash)
 
 
-def remove_abandoned(parent: Path, prefix: str, setup_grace_s: float = 3600.0) -> None:
+def remove_abandoned(parent: Path, prefix: str, quiet_s: float) -> None:
     """Remove the ``<parent>/<prefix>*`` work folders whose owner died.
 
-    An owner holds its folder's ``.lock`` for as long as it works, and the OS releases an flock
-    when its process dies: a lock taken here without waiting means no one owns the folder. A
-    folder without a lock file is still being set up, unless it is older than ``setup_grace_s``.
+    An owner holds its folder's ``.lock`` while it works (the OS releases an flock when its
+    process dies) and touches the folder at least every ``quiet_s / 10``. A folder is abandoned
+    when its lock is free (or missing) and it has not changed for ``quiet_s``: the quiet time
+    covers the instant between creating a folder and locking it, a killed cleanup that removed
+    the lock first, and volumes whose locks do not reach across hosts.
     """
     for folder in parent.glob(f"{prefix}*"):
-        if folder.is_symlink() or not folder.is_dir():
-            continue
         try:
-            fd = os.open(folder / ".lock", os.O_RDWR | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            if time.time() - folder.lstat().st_mtime > setup_grace_s:
-                shutil.rmtree(folder, ignore_errors=True)
-            continue
+            _remove_if_abandoned(folder, quiet_s)
         except OSError:
-            continue  # a planted link as the lock: not ours to judge
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(folder, ignore_errors=True)  # rmtree removes links, never what they point to
-        except BlockingIOError:
-            pass  # its owner is alive
-        finally:
+            continue  # gone meanwhile (its owner finished), or a lock that is no lock file: not ours to judge
+
+
+def _remove_if_abandoned(folder: Path, quiet_s: float) -> None:
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or time.time() - info.st_mtime < quiet_s:
+        return
+    try:
+        fd: int | None = os.open(folder / ".lock", os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        fd = None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: its owner is alive
+        shutil.rmtree(folder, ignore_errors=True)  # rmtree removes links, never what they point to
+    finally:
+        if fd is not None:
             os.close(fd)
 
 

@@ -155,7 +155,7 @@ def test_training_holds_its_datasets_while_it_runs(tiny_models, data_root, monke
 def test_a_full_volume_answers_disk_full_and_keeps_what_was_there(data_root, monkeypatch):
     import shutil
 
-    from fastbackend import datasets
+    from fastbackend import staging
 
     assert upload(files=file_entries(nine_photos()[:1]))["status"] == "success"
     before = snapshot(data_root)
@@ -171,7 +171,7 @@ def test_a_full_volume_answers_disk_full_and_keeps_what_was_there(data_root, mon
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
-    monkeypatch.setattr(datasets.StagedFile, "write", no_room)
+    monkeypatch.setattr(staging.StagedFile, "write", no_room)
     assert upload(files=file_entries(nine_photos()[2:3]))["error_code"] == "disk_full"
 
 

@@ -1,5 +1,6 @@
 """End to end through runpod's own local modes: ``--test_input`` and ``--rp_serve_api``."""
 
+import base64
 import json
 import os
 import re
@@ -52,12 +53,18 @@ def test_long_base64_is_shortened_in_the_workers_own_log_lines():
 
     from fastbackend import logs
 
-    record = logging.LogRecord("fastbackend.x", logging.INFO, __file__, 1, "answer %s", ("QUJD" * 50,), None)
+    chunk = base64.b64encode(os.urandom(150)).decode()
+    record = logging.LogRecord("fastbackend.x", logging.INFO, __file__, 1, "answer %s", (chunk,), None)
     assert logs.ShortenBase64().filter(record) and record.getMessage() == "answer <200 base64 characters>"
-    sha = "ab" * 32
-    assert logs.shorten_base64(f"sha256 {sha} /runpod-volume/training_data/matt") == (
-        f"sha256 {sha} /runpod-volume/training_data/matt"
-    )
+    kept = f"sha256 {'ab' * 32} /runpod-volume/training_data/matt entry {'photos/' * 30}a.jpg"
+    assert logs.shorten_base64(kept) == kept  # hashes, paths and long names made of words stay
+    wrapped = base64.encodebytes(os.urandom(300)).decode()  # 76 columns, as the base64 tool writes
+    shown = len(repr(wrapped)) - 2  # the line breaks as a logged dict escapes them
+    assert logs.shorten_base64(repr({"content": wrapped})) == f"{{'content': '<{shown} base64 characters>'}}"
+    url_safe = base64.urlsafe_b64encode(os.urandom(300)).decode()
+    assert logs.shorten_base64(url_safe) == "<400 base64 characters>"
+    bad_args = logging.LogRecord("fastbackend.x", logging.INFO, __file__, 1, "%d", ("not a number",), None)
+    assert logs.ShortenBase64().filter(bad_args)  # logging reports the bad call itself, as without the filter
 
 
 def test_test_input_unknown_type_exits_one_and_lists_types():

@@ -109,17 +109,17 @@ def test_a_stop_signal_ends_training_within_a_step_saves_it_and_frees_the_worker
 
 
 def test_a_stopped_upload_leaves_nothing_and_the_worker_answers_the_next_job(data_root, monkeypatch):
-    from fastbackend import datasets
+    from fastbackend import staging
 
     writing = threading.Event()
-    real_write = datasets.StagedFile.write
+    real_write = staging.StagedFile.write
 
     def slow_write(self, chunk):
         writing.set()
         time.sleep(0.2)
         real_write(self, chunk)
 
-    monkeypatch.setattr(datasets.StagedFile, "write", slow_write)
+    monkeypatch.setattr(staging.StagedFile, "write", slow_write)
     files = [{"filename": name, "content": b64(data)} for name, data, _ in nine_photos()]
     jobs = [
         {"id": "upload-1", "input": {"type": "upload_training_data", "training_name": "matt", "files": files}},

@@ -75,7 +75,10 @@ def test_a_body_that_passes_the_request_limit_stops_gathering(http_root, data_ro
     monkeypatch.setenv("FASTBACKEND_MAX_UPLOAD_BYTES", str(limit))
     monkeypatch.setenv("FASTBACKEND_ALLOW_PRIVATE_URLS", "1")
     answer = upload(urls=[f"{base}/{name}" for name, _, _ in photos[:3]])
-    assert answer["details"] == [f"input: the request's files come to over {limit:,} bytes, the limit per upload"]
+    assert answer["details"] == [
+        f"input.urls[1] ({base}/{photos[1][0]}): the request's files come to over {limit:,} bytes, "
+        "the limit per upload (FASTBACKEND_MAX_UPLOAD_BYTES); send them in several requests"
+    ]
     assert nothing_stored(data_root)
 
 
@@ -94,22 +97,116 @@ def test_a_killed_uploads_staging_folder_is_removed_by_the_next_upload_and_a_liv
     dead.mkdir(parents=True)
     (dead / ".lock").touch()  # its owner died: nobody holds the flock
     (dead / "00001").write_bytes(b"half an upload")
+    os.utime(dead, (0, 0))
     live = data_root / "training_data" / ".incoming-live"
-    with locked(live):  # another worker's upload, still running
+    with locked(live):  # another worker's upload, still running (and quiet for a while)
         (live / "00001").write_bytes(b"in progress")
+        os.utime(live, (0, 0))
         assert upload(files=file_entries(nine_photos()[:1]))["status"] == "success"
         assert not dead.exists()
         assert (live / "00001").read_bytes() == b"in progress"
 
 
-def test_a_staging_folder_without_a_lock_is_left_alone_while_it_may_be_setting_up(data_root):
+def test_a_staging_folder_that_changed_recently_is_left_alone_lock_or_not(data_root):
+    """An owner between creating its folder and locking it, or on a volume whose locks do not
+    reach across hosts, is still alive: only a free lock and ten quiet minutes make a folder dead."""
     young = data_root / "training_data" / ".incoming-young"
     young.mkdir(parents=True)
-    old = data_root / "training_data" / ".incoming-old"
+    young_unlocked = data_root / "training_data" / ".incoming-young-unlocked"
+    young_unlocked.mkdir()
+    (young_unlocked / ".lock").touch()
+    old = data_root / "training_data" / ".incoming-old"  # a cleanup killed after removing the lock
     old.mkdir()
+    (old / "00001").write_bytes(b"left")
     os.utime(old, (0, 0))
     assert upload(files=file_entries(nine_photos()[:1]))["status"] == "success"
-    assert young.exists() and not old.exists()
+    assert young.exists() and young_unlocked.exists() and not old.exists()
+
+
+def test_a_staging_folder_that_vanishes_during_the_cleanup_is_no_error(data_root, monkeypatch):
+    """Another worker's upload finishing between the listing and the look is the common case."""
+    from pathlib import Path
+
+    from fastbackend import storage
+
+    parent = data_root / "training_data"
+    parent.mkdir(parents=True)
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter([self / ".incoming-gone"]))
+    storage.remove_abandoned(parent, ".incoming-", 600)
+
+
+def test_a_link_planted_in_the_staging_folder_is_refused_and_nothing_is_written_through_it(
+    data_root, tmp_path, monkeypatch
+):
+    from fastbackend import staging
+
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"precious")
+    real_enter = staging.Staging.__enter__
+
+    def plant(self):
+        entered = real_enter(self)
+        (self.folder / "00001").symlink_to(outside)
+        return entered
+
+    monkeypatch.setattr(staging.Staging, "__enter__", plant)
+    answer = upload(files=file_entries(nine_photos()[:1]))
+    assert answer["error_code"] == "path_outside_root", answer
+    assert outside.read_bytes() == b"precious"
+    assert nothing_stored(data_root)
+
+
+def test_a_full_volume_while_unpacking_is_disk_full_not_a_damaged_entry(data_root, monkeypatch):
+    import errno
+
+    from fastbackend import staging
+
+    def no_room(self, chunk):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(staging.StagedFile, "write", no_room)
+    answer = upload(zip=b64(make_zip({name: data for name, data, _ in nine_photos()[:3]})))
+    assert answer["error_code"] == "disk_full", answer
+    assert nothing_stored(data_root)
+
+
+def test_the_file_count_is_checked_from_the_zip_headers_before_unpacking(data_root, monkeypatch):
+    from fastbackend import staging
+
+    created = []
+    real_init = staging.StagedFile.__init__
+    monkeypatch.setattr(staging.StagedFile, "__init__", lambda self, *a: (created.append(1), real_init(self, *a)))
+    archive = make_zip({f"IMG_{i:05d}.jpg": b"" for i in range(staging.MAX_FILES_PER_REQUEST + 1)})
+    answer = upload(zip=b64(archive))
+    assert answer["details"] == [
+        "input.zip: 2,001 files in one request is over the limit of 2,000; send them in several requests"
+    ]
+    assert created == [] and nothing_stored(data_root)
+
+
+def test_a_photo_rewritten_upright_counts_its_new_size(data_root, monkeypatch):
+    from PIL import Image
+
+    from tests.photos import photo
+
+    with Image.open(io.BytesIO(photo(600, 400, orientation=6))) as image:
+        out = io.BytesIO()  # a small file: the upright copy, at the worker's quality, is larger
+        image.save(out, "JPEG", quality=20, exif=image.info["exif"])
+    rotated = out.getvalue()
+    monkeypatch.setenv("FASTBACKEND_MAX_UPLOAD_BYTES", str(len(rotated)))
+    answer = upload(files=[{"filename": "IMG_0001.jpg", "content": b64(rotated)}])
+    assert answer["error_code"] == "invalid_upload"
+    assert "the limit per upload" in answer["error"]
+
+
+def test_a_zip_counts_the_same_inline_and_behind_a_url(http_root, data_root, monkeypatch):
+    served, base = http_root
+    entries = {name: data for name, data, _ in nine_photos()[:2]}
+    (served / "two.zip").write_bytes(make_zip(entries))
+    monkeypatch.setenv("FASTBACKEND_MAX_UPLOAD_BYTES", str(sum(len(d) for d in entries.values())))
+    monkeypatch.setenv("FASTBACKEND_ALLOW_PRIVATE_URLS", "1")
+    assert upload(name="inline", zip=b64(make_zip(entries)))["status"] == "success"
+    assert upload(name="by_url", urls=[f"{base}/two.zip"])["status"] == "success"
 
 
 def test_a_caption_file_longer_than_any_caption_is_refused_unread(data_root):

@@ -13,10 +13,10 @@ from pathlib import PurePosixPath
 
 from fastbackend import datasets, settings
 from fastbackend.api import Progress
-from fastbackend.datasets import RawFile, Staging
 from fastbackend.errors import ErrorCode, ValidationFailed
 from fastbackend.layout import DatasetFolder
 from fastbackend.schemas import DeleteDatasetRequest, ListDatasetsRequest, UploadTrainingDataRequest
+from fastbackend.staging import RawFile, Staging
 from fastbackend.storage import (
     dataset_dir,
     datasets_dir,
@@ -26,14 +26,12 @@ from fastbackend.storage import (
     remove_tree,
 )
 
-MAX_FILES_PER_REQUEST = 2000
-
 
 def upload_training_data(request: UploadTrainingDataRequest, progress: Progress | None = None) -> dict:
     folder = DatasetFolder(dataset_dir(request.training_name))
-    with datasets.Staging(no_links(datasets_dir())) as staging:
+    with Staging(no_links(datasets_dir())) as staging:
         files, captions, problems = gather(request, staging)
-        batch = datasets.check_batch(files, captions, problems)
+        batch = datasets.check_batch(files, captions, problems, staging)
         existing = set() if request.mode == "replace" else set(folder.images())
         datasets.check_orphan_captions(batch, existing)
         if batch.problems:  # refused before the lock: a refused upload does not even create the folder
@@ -60,21 +58,16 @@ def upload_training_data(request: UploadTrainingDataRequest, progress: Progress 
 def gather(request: UploadTrainingDataRequest, staging: Staging) -> tuple[list[RawFile], dict[str, str], list[str]]:
     """Every file the request brings (inline, in a zip, behind URLs) staged, inline captions, problems.
 
-    Past the request's byte limit gathering stops: what came so far is enough to refuse it.
+    Past a limit for the whole request (``staging.OverLimit``) the upload is refused at once.
     """
     files: list[RawFile] = []
     captions: dict[str, str] = {}
     problems: list[str] = []
-    try:
-        _gather_inline(request, staging, files, captions, problems)
-        deadline = time.monotonic() + settings.URLS_DEADLINE_S.get()  # for all of the request's URLs together
-        for index, url in enumerate(request.urls):
-            source = f"input.urls[{index}] ({datasets.shown_url(url)})"
-            files += datasets.fetch_url(url, source, problems, staging, deadline)
-    except datasets.OverLimit as exc:
-        problems.append(f"input: {exc}")
-    if len(files) > MAX_FILES_PER_REQUEST:
-        problems.append(f"input: {len(files)} files in one request is over the limit of {MAX_FILES_PER_REQUEST}")
+    _gather_inline(request, staging, files, captions, problems)
+    deadline = time.monotonic() + settings.URLS_DEADLINE_S.get()  # for all of the request's URLs together
+    for index, url in enumerate(request.urls):
+        source = f"input.urls[{index}] ({datasets.shown_url(url)})"
+        files += datasets.fetch_url(url, source, problems, staging, deadline)
     return files, captions, problems
 
 
