@@ -37,10 +37,12 @@ STEP_DIGITS = 9
 
 
 class ManifestEntry(TypedDict):
+    # Of the bytes as uploaded, the key that finds a photo sent again as a duplicate. A photo
+    # with EXIF rotation is stored rewritten upright, so its file hashes differently.
     sha256: str
     width: int  # as seen: EXIF rotation applied
     height: int
-    bytes: int
+    bytes: int  # of the stored file
     caption: str | None
     added: str  # ISO time
 
