@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # FastBackend: the RunPod serverless LoRA trainer.
 # torch's CUDA wheels carry their own CUDA runtime, so a slim Python base is enough; the GPU
 # driver comes from the RunPod host.
@@ -16,8 +17,22 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install -r requirements.txt
 
-# The worker itself. Base models are downloaded at run time into the network volume
-# (<volume>/huggingface-cache); HF_TOKEN for gated models is set on the endpoint, never here.
+# Optionally bake one hub model into the image, for the fastest cold start (README: Deploy):
+#   docker build --build-arg BAKED_MODEL=black-forest-labs/FLUX.1-dev --secret id=hf_token,env=HF_TOKEN .
+# The token is a build secret: mounted for this step only, it is in no layer, argument or variable.
+# The single-file checkpoints beside the diffusers folders are not needed and not fetched.
+ARG BAKED_MODEL=""
+RUN --mount=type=secret,id=hf_token \
+    if [ -n "$BAKED_MODEL" ]; then \
+      HF_TOKEN="$(cat /run/secrets/hf_token 2>/dev/null || true)" \
+        hf download "$BAKED_MODEL" --local-dir "/models/$BAKED_MODEL" \
+        --exclude "flux1-*.safetensors" --exclude "ae.safetensors" --exclude "*.gguf"; \
+    fi
+ENV FASTBACKEND_MODEL_DIRS=/models
+
+# The worker itself. Models not baked in are downloaded at run time into the volume's hub cache
+# (<volume>/huggingface-cache/hub, where RunPod's model caching puts them too); HF_TOKEN for
+# gated models is set on the endpoint, never here.
 COPY fastbackend/ fastbackend/
 COPY handler.py handler_fast.py test_input.json ./
 

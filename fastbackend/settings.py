@@ -49,7 +49,7 @@ DATA_DIR: Setting[Path | None] = Setting(
     lambda raw: Path(raw).absolute(),
     lambda: None,  # storage.data_root() decides: the RunPod volume when mounted, else ./data
     "`/runpod-volume` when it exists, else `./data`",
-    "the data root: `training_data/`, `output/`, `huggingface-cache/`",
+    "the data root: `training_data/`, `output/`, `huggingface-cache/hub/`",
 )
 RUN_LIMIT_BYTES = _number("FASTBACKEND_RUN_LIMIT_BYTES", int, 10_000_000, "payload limit for `/run` jobs")
 RUNSYNC_LIMIT_BYTES = _number(
@@ -86,6 +86,23 @@ MAX_UPLOAD_BYTES = _number(
     2_000_000_000,
     "largest total of one upload's files, zips unpacked (staged on the volume while checked)",
 )
+
+
+def _folders(raw: str) -> tuple[Path, ...]:
+    folders = tuple(Path(part) for part in raw.split(":") if part)
+    if not all(folder.is_absolute() for folder in folders):
+        raise ValueError("each folder must be an absolute path")
+    return folders
+
+
+MODEL_DIRS: Setting[tuple[Path, ...]] = Setting(
+    "FASTBACKEND_MODEL_DIRS",
+    _folders,
+    lambda: (),
+    "unset (the image sets `/models`)",
+    "colon-separated read-only folders of models baked into the image; "
+    "`name_or_path` may name a diffusers folder in them by absolute path",
+)
 DECODE_THREADS = Setting(
     "FASTBACKEND_DECODE_THREADS",
     int,
@@ -117,6 +134,7 @@ ALL: tuple[Setting, ...] = (
     URL_DEADLINE_S,
     URLS_DEADLINE_S,
     MAX_UPLOAD_BYTES,
+    MODEL_DIRS,
     DECODE_THREADS,
     LOG_LEVEL,
     HF_TOKEN,

@@ -5,7 +5,7 @@ else ``./data``)::
 
     training_data/<dataset>/   a dataset: images, captions, manifest, latent cache
     output/<name>/             a trained LoRA: its files, state, record and samples
-    huggingface-cache/         where base models from the hub are cached
+    huggingface-cache/hub/     the hub cache: base models by hub id (RunPod's model caching too)
 
 (what is inside the two folders is ``layout``'s to say). Base models are named by a hub id or a
 diffusers folder under the root (``resolve_base_model``).
@@ -22,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -66,7 +67,66 @@ def outputs_dir() -> Path:
 
 
 def hf_cache_dir() -> Path:
+    """The hub cache: ``<root>/huggingface-cache/hub``, where RunPod's model caching puts models too."""
+    return no_links(data_root() / "huggingface-cache" / "hub")
+
+
+def legacy_hf_cache_dir() -> Path:
+    """Where this worker downloaded models before it used ``hub/`` (still read, never written)."""
     return no_links(data_root() / "huggingface-cache")
+
+
+def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The folder of a complete copy of hub model ``repo_id`` already on the volume, or None.
+
+    Looks in the hub cache (RunPod's model cache, this worker's downloads) without any network
+    call: a model found here loads offline, however ``HF_HUB_OFFLINE`` is set. Incomplete copies
+    (a download cut short) and copies whose files link out of their own cache folder are not used.
+    """
+    from huggingface_hub import snapshot_download
+
+    for cache in (hf_cache_dir(), legacy_hf_cache_dir()):
+        try:
+            folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+        except Exception:  # not there, or incomplete by huggingface_hub's own record
+            continue
+        if _inside_its_cache(folder) and pipeline_complete(folder):
+            return folder
+    return None
+
+
+def _inside_its_cache(snapshot: Path) -> bool:
+    """Hub snapshots are links into the repository's ``blobs/``: none may lead anywhere else."""
+    repository = Path(os.path.realpath(snapshot.parent.parent))
+    return all(Path(os.path.realpath(path)).is_relative_to(repository) for path in snapshot.rglob("*"))
+
+
+def pipeline_complete(folder: Path) -> bool:
+    """Whether a diffusers folder has every component its ``model_index.json`` lists, weights included."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    for name, spec in index.items():
+        if not (isinstance(spec, list) and spec and spec[0] is not None):
+            continue  # metadata (_class_name, ...) and components the pipeline leaves out
+        component = folder / name
+        if not component.is_dir() or not any(component.iterdir()):
+            return False
+        if (component / "config.json").is_file() and not _weights_complete(component):
+            return False
+    return True
+
+
+def _weights_complete(component: Path) -> bool:
+    """A model component has its weights: every shard its index names, or one weights file."""
+    for index_file in component.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index_file.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return False
+        return all((component / shard).is_file() for shard in shards)
+    return any(component.glob("*.safetensors")) or any(component.glob("*.bin"))
 
 
 def name_problem(name: object) -> str | None:
@@ -162,7 +222,8 @@ def map_user_path(text: str, field: str) -> Path:
 
 
 def resolve_base_model(name_or_path: str, field: str) -> str:
-    """A hub id as it is, or a local diffusers folder under the data root (never elsewhere)."""
+    """A hub id as it is, or a local diffusers folder: under the data root, or baked into the
+    image in one of ``settings.MODEL_DIRS`` (never elsewhere)."""
     looks_local = name_or_path.startswith(("/", ".", "~")) or (data_root() / name_or_path).exists()
     if not looks_local:
         if HUB_ID.fullmatch(name_or_path) is None:
@@ -171,10 +232,35 @@ def resolve_base_model(name_or_path: str, field: str) -> str:
                 code=ErrorCode.INVALID_CONFIG,
             )
         return name_or_path
-    folder = map_user_path(name_or_path, field)
+    folder = baked_model_folder(name_or_path)
+    if folder is None:
+        try:
+            folder = map_user_path(name_or_path, field)
+        except FastBackendError as exc:
+            dirs = ":".join(map(str, settings.MODEL_DIRS.get())) or "unset"
+            raise FastBackendError(
+                f"{exc.message}; models baked into the image must lie in FASTBACKEND_MODEL_DIRS ({dirs})",
+                code=exc.code,
+            ) from None
     if not (folder / "model_index.json").is_file():
         raise NotFound(f"{field}: {name_or_path!r} is not a diffusers model folder (no model_index.json)")
     return str(folder)
+
+
+def baked_model_folder(text: str) -> Path | None:
+    """``text`` as a folder inside one of ``settings.MODEL_DIRS``, or None.
+
+    Named by absolute path, and inside the model folder once links are resolved too: a link
+    there that leads elsewhere is as outside as any other path (``map_user_path`` refuses it).
+    """
+    path = Path(text)
+    if not path.is_absolute() or "\x00" in text:
+        return None
+    resolved = Path(os.path.realpath(path))
+    for root in settings.MODEL_DIRS.get():
+        if path.is_relative_to(root) and resolved.is_relative_to(os.path.realpath(root)):
+            return resolved
+    return None
 
 
 @contextlib.contextmanager

@@ -131,7 +131,8 @@ def test_refusals_write_nothing(tiny_models, data_root):
     assert escape["error_code"] == "invalid_dataset" and "outside the data root" in escape["error"]
     model_outside = refused(data_root, user_yaml("/etc/models/flux"))
     assert model_outside["error"] == (
-        f"config.process[0].model.name_or_path: path '/etc/models/flux' is outside the data root '{data_root}'"
+        f"config.process[0].model.name_or_path: path '/etc/models/flux' is outside the data root '{data_root}'; "
+        "models baked into the image must lie in FASTBACKEND_MODEL_DIRS (unset)"
     )
     not_model = refused(data_root, user_yaml("/workspace/training_data"))
     assert not_model["error"] == (
@@ -242,5 +243,5 @@ def test_model_revision_and_token_reach_the_hub_loader(data_root, monkeypatch):
         "abc123",
         "hf_secret_token",
     )
-    assert seen["cache_dir"] == str(data_root / "huggingface-cache")
+    assert seen["cache_dir"] == str(data_root / "huggingface-cache" / "hub")  # where RunPod caches models
     assert "hf_secret_token" not in str(answer)

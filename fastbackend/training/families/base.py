@@ -17,6 +17,7 @@ import torch
 
 from fastbackend import settings
 from fastbackend.errors import ErrorCode, FastBackendError
+from fastbackend.storage import HUB_ID, cached_snapshot
 
 
 @dataclass
@@ -120,6 +121,9 @@ class Family(ABC):
         import diffusers
 
         pipeline_class = getattr(diffusers, self.pipeline_class_name)
+        cached = cached_snapshot(name_or_path, revision) if HUB_ID.fullmatch(name_or_path) else None
+        if cached is not None:  # on the volume already (RunPod's model cache, an earlier run): no network at all
+            name_or_path, revision = str(cached), None
         # HF_TOKEN (gated models) is passed, never logged or returned.
         options = {"dtype": dtype, "cache_dir": cache_dir, "revision": revision, "token": settings.HF_TOKEN.get()}
         try:

@@ -1,0 +1,119 @@
+"""Base models by hub id, found where RunPod's model caching puts them: ``<root>/huggingface-cache/hub``.
+
+The tiny model is laid out exactly as the hub cache lays a model out (``refs/main``, blobs named
+by their hash, a snapshot folder of relative links into them), then trained and used by its hub
+id with every network connection refused and without ``HF_HUB_OFFLINE``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.test_generate import generate
+from tests.training_helpers import train, upload_photos, user_yaml
+
+REPO_ID = "tiny-org/tiny-flux"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def install_in_hub_cache(model: Path, cache: Path, repo_id: str = REPO_ID) -> Path:
+    """``model`` as the hub cache stores it; returns the snapshot folder."""
+    repository = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repository / "snapshots" / COMMIT
+    (repository / "blobs").mkdir(parents=True)
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(COMMIT)
+    for source in sorted(p for p in model.rglob("*") if p.is_file()):
+        data = source.read_bytes()
+        blob = repository / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / source.relative_to(model)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every name lookup and outgoing connection fails and is counted; the hub's offline switch is off."""
+    import huggingface_hub.constants
+
+    attempts: list[object] = []
+
+    def refuse(self, address, *args):
+        attempts.append(address)
+        raise OSError("network is off in this test")
+
+    def refuse_lookup(host, *args, **kwargs):
+        attempts.append(host)
+        raise socket.gaierror("network is off in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse_lookup)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return attempts
+
+
+@pytest.mark.slow
+def test_a_model_in_runpods_cache_trains_and_generates_by_hub_id_without_the_network(
+    tiny_models, data_root, no_network
+):
+    install_in_hub_cache(tiny_models / "flux", data_root / "huggingface-cache" / "hub")
+    upload_photos()
+    answer = train(user_yaml(REPO_ID, steps=2))
+    assert answer["status"] == "success", answer
+    images = generate()
+    assert images["status"] == "success", images
+    assert images["base_model"] == REPO_ID
+    assert no_network == []
+
+
+def test_an_incomplete_copy_is_not_used(tiny_models, data_root):
+    from fastbackend.storage import cached_snapshot
+
+    snapshot = install_in_hub_cache(tiny_models / "flux", data_root / "huggingface-cache" / "hub")
+    assert cached_snapshot(REPO_ID, None) == snapshot
+    weights = next((snapshot / "transformer").glob("*.safetensors"))
+    weights.unlink()  # a download cut short
+    assert cached_snapshot(REPO_ID, None) is None
+
+
+def test_a_copy_whose_files_link_out_of_its_cache_folder_is_not_used(tiny_models, data_root, tmp_path):
+    from fastbackend.storage import cached_snapshot
+
+    snapshot = install_in_hub_cache(tiny_models / "flux", data_root / "huggingface-cache" / "hub")
+    outside = tmp_path / "outside.json"
+    shutil.copy(snapshot / "model_index.json", outside)
+    (snapshot / "model_index.json").unlink()
+    (snapshot / "model_index.json").symlink_to(outside)
+    assert cached_snapshot(REPO_ID, None) is None
+
+
+def test_models_this_worker_cached_before_hub_are_still_found(tiny_models, data_root):
+    from fastbackend.storage import cached_snapshot
+
+    snapshot = install_in_hub_cache(tiny_models / "flux", data_root / "huggingface-cache")
+    assert cached_snapshot(REPO_ID, None) == snapshot
+
+
+def test_a_model_not_in_the_cache_is_downloaded_into_hub(data_root, monkeypatch):
+    import diffusers
+
+    seen = {}
+
+    def fake_from_pretrained(name, **options):
+        seen.update(name=name, cache_dir=options["cache_dir"])
+        raise OSError("offline")
+
+    monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", fake_from_pretrained)
+    upload_photos()
+    assert train(user_yaml(REPO_ID))["error_code"] == "model_load_failed"
+    assert seen == {"name": REPO_ID, "cache_dir": str(data_root / "huggingface-cache" / "hub")}
