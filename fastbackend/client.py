@@ -7,6 +7,7 @@ through ``/run`` + ``/status`` on RunPod, and checks downloads against their sha
     python -m fastbackend.client --url https://api.runpod.ai/v2/<endpoint id> --api-key $RUNPOD_API_KEY \\
         train examples/training.yaml
     python -m fastbackend.client --url ... list
+    python -m fastbackend.client --url ... --route run --webhook https://example.com/hook train config.yaml
     python -m fastbackend.client --url ... download nowy_dataset_1.3 ./loras/
 
 Locally (``--rp_serve_api``) use the default ``--route runsync``: the local server only runs
@@ -37,8 +38,15 @@ class WorkerError(RuntimeError):
 
 
 class Client:
-    def __init__(self, url: str, api_key: str | None = None, route: str = "runsync", timeout_s: float = 3600):
-        self.url, self.route, self.timeout_s = url.rstrip("/"), route, timeout_s
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        route: str = "runsync",
+        timeout_s: float = 3600,
+        webhook: str | None = None,
+    ):
+        self.url, self.route, self.timeout_s, self.webhook = url.rstrip("/"), route, timeout_s, webhook
         self.session = requests.Session()
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
@@ -48,15 +56,19 @@ class Client:
         if self.route == "run":
             answer = self._run_and_wait(payload)
         else:
-            response = self.session.post(f"{self.url}/runsync", json={"input": payload}, timeout=self.timeout_s)
+            response = self.session.post(f"{self.url}/runsync", json=self.body(payload), timeout=self.timeout_s)
             response.raise_for_status()
             answer = response.json()
         if answer.get("status") != "COMPLETED":
             raise WorkerError(answer.get("error") or f"job ended {answer.get('status')}")
         return answer["output"]
 
+    def body(self, payload: dict) -> dict:
+        """The request body: the input, and the webhook RunPod posts the result to when it is done."""
+        return {"input": payload, "webhook": self.webhook} if self.webhook else {"input": payload}
+
     def _run_and_wait(self, payload: dict) -> dict:
-        response = self.session.post(f"{self.url}/run", json={"input": payload}, timeout=60)
+        response = self.session.post(f"{self.url}/run", json=self.body(payload), timeout=60)
         response.raise_for_status()
         job_id = response.json()["id"]
         deadline = time.monotonic() + self.timeout_s
@@ -141,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", required=True, help="http://localhost:8000, or your RunPod endpoint's URL")
     parser.add_argument("--api-key", help="RunPod API key (for a RunPod endpoint)")
     parser.add_argument("--route", choices=["runsync", "run"], default="runsync")
+    parser.add_argument("--webhook", help="a URL RunPod posts each job's result to when it is done")
     commands = parser.add_subparsers(dest="command", required=True)
     upload = commands.add_parser("upload", help="upload a folder of photos (+ .txt captions)")
     upload.add_argument("name")
@@ -153,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     download.add_argument("destination", type=Path)
     args = parser.parse_args(argv)
 
-    client = Client(args.url, args.api_key, args.route)
+    client = Client(args.url, args.api_key, args.route, webhook=args.webhook)
     try:
         if args.command == "upload":
             result = client.upload_folder(args.name, args.folder, "replace" if args.replace else "append")

@@ -166,6 +166,36 @@ def test_server_runsync_health_completes(local_server):
     assert answer["output"]["status"] == "healthy"
 
 
+def test_the_clients_webhook_receives_the_result_through_the_local_server(local_server):
+    import http.server
+    import threading
+
+    from fastbackend.client import Client
+
+    received: list[dict] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        client = Client(local_server, webhook=f"http://127.0.0.1:{hook.server_address[1]}/done")
+        assert client.call({"type": "health"})["status"] == "healthy"
+        deadline = time.monotonic() + 30
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        hook.shutdown()
+    assert received and received[0]["output"]["status"] == "healthy"
+
+
 def test_server_runsync_bad_request_fails_with_the_error_string(local_server):
     answer = requests.post(f"{local_server}/runsync", json={"input": {"type": "health", "x": 1}}, timeout=60).json()
     assert answer["status"] == "FAILED"
