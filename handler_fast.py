@@ -100,18 +100,19 @@ def progress_sender(job: dict, clock: Callable[[], float] = time.monotonic) -> C
     """A callback that forwards progress to RunPod at most every ``settings.PROGRESS_INTERVAL_S``.
 
     Outside RunPod (``--test_input``, the local server) there is no endpoint to post to, so
-    progress is logged instead. A progress dict with ``final`` is always sent.
+    progress is logged instead. A progress dict with ``final``, or of a new ``stage``, is always sent.
     """
-    last_sent = 0.0
+    last_sent, last_stage = 0.0, None
     on_runpod = settings.on_runpod()
     interval = settings.PROGRESS_INTERVAL_S.get()
 
     def send(progress: dict) -> None:
-        nonlocal last_sent
+        nonlocal last_sent, last_stage
         now = clock()
-        if now - last_sent < interval and not progress.get("final"):
+        new_stage = progress.get("stage") != last_stage  # a short stage (saving) is never skipped
+        if now - last_sent < interval and not progress.get("final") and not new_stage:
             return
-        last_sent = now
+        last_sent, last_stage = now, progress.get("stage")
         if on_runpod:
             runpod.serverless.progress_update(job, progress)
         else:

@@ -156,6 +156,17 @@ def test_progress_goes_to_runpod_at_most_every_interval(monkeypatch):
     assert [info["step"] for info in sent] == [1, 4, 6]
 
 
+def test_a_new_stage_is_sent_at_once_however_soon(monkeypatch):
+    sent = []
+    monkeypatch.setenv("RUNPOD_WEBHOOK_POST_OUTPUT", "https://example.invalid/job-done")
+    monkeypatch.setattr(handler_fast.runpod.serverless, "progress_update", lambda job, info: sent.append(info))
+    times = iter([100.0, 100.1, 100.2, 100.3, 100.4])
+    send = handler_fast.progress_sender({"id": "j"}, clock=lambda: next(times))
+    for stage in ("training", "training", "saving", "sampling", "training"):
+        send({"stage": stage})
+    assert [info["stage"] for info in sent] == ["training", "saving", "sampling", "training"]
+
+
 def test_progress_interval_follows_the_environment(monkeypatch):
     sent = []
     monkeypatch.setenv("RUNPOD_WEBHOOK_POST_OUTPUT", "https://example.invalid/job-done")

@@ -117,3 +117,36 @@ def test_a_model_not_in_the_cache_is_downloaded_into_hub(data_root, monkeypatch)
     upload_photos()
     assert train(user_yaml(REPO_ID))["error_code"] == "model_load_failed"
     assert seen == {"name": REPO_ID, "cache_dir": str(data_root / "huggingface-cache" / "hub")}
+
+
+def test_a_download_reports_its_bytes_while_it_runs(data_root, monkeypatch):
+    """The first job on a fresh endpoint spends minutes downloading: /status shows the bytes so far."""
+    import time
+
+    import diffusers
+
+    from fastbackend.api.train import train_with_yaml
+    from fastbackend.schemas import TrainWithYamlRequest
+    from fastbackend.training import setup
+
+    monkeypatch.setattr(setup, "DOWNLOAD_REPORT_S", 0.05)
+    blobs = data_root / "huggingface-cache" / "hub" / f"models--{REPO_ID.replace('/', '--')}" / "blobs"
+
+    def slow_download(name, **options):
+        blobs.mkdir(parents=True, exist_ok=True)
+        for part in range(3):
+            (blobs / f"part{part}.incomplete").write_bytes(bytes(1000))
+            time.sleep(0.3)
+        raise OSError("the download broke off")
+
+    monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", slow_download)
+    upload_photos()
+    seen: list[dict] = []
+    request = TrainWithYamlRequest(type="train_with_yaml", yaml_config=user_yaml(REPO_ID))
+    with pytest.raises(Exception, match="the download broke off"):
+        train_with_yaml(request, progress=seen.append)
+    downloads = [info for info in seen if "downloaded_bytes" in info]
+    assert {info["stage"] for info in downloads} == {"loading_model"}
+    sizes = [info["downloaded_bytes"] for info in downloads]
+    assert sizes == sorted(sizes) and sizes[0] >= 1000 and sizes[-1] == 3000
+    assert all(info["total_bytes"] is None for info in downloads)  # offline here: the hub could not say

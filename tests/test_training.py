@@ -259,18 +259,33 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_save(tiny_models
     assert (data_root / "output" / "nowy_dataset_1.3" / "nowy_dataset_1.3_000000002.safetensors").exists()
 
 
-def test_progress_reports_every_step(tiny_models, data_root):
+def test_progress_reports_every_stage_and_every_step(tiny_models, data_root):
     from fastbackend.api.train import train_with_yaml
     from fastbackend.schemas import TrainWithYamlRequest
 
     model_path = install_model(tiny_models, data_root, "flux")
     upload_photos()
     seen = []
-    request = TrainWithYamlRequest(type="train_with_yaml", yaml_config=user_yaml(model_path, steps=3))
+    every_2 = {"save_every: 2000": "save_every: 2", "sample_every: 100": "sample_every: 2"}
+    request = TrainWithYamlRequest(
+        type="train_with_yaml", yaml_config=user_yaml(model_path, steps=3, replacements=every_2)
+    )
     train_with_yaml(request, progress=seen.append)
-    assert [info["step"] for info in seen] == [1, 2, 3]
-    assert set(seen[0]) == {"step", "total_steps", "loss", "lr", "s_per_step", "eta_s"}
-    assert seen[-1]["eta_s"] == 0
+    stages = [(info["stage"], info.get("step")) for info in seen]
+    assert stages == [
+        ("loading_model", None),
+        ("caching", None),
+        ("training", 1),
+        ("training", 2),
+        ("saving", 2),
+        ("sampling", 2),
+        ("training", 3),
+        ("saving", 3),
+        ("sampling", 3),
+    ]
+    steps = [info for info in seen if info["stage"] == "training"]
+    assert set(steps[0]) == {"stage", "step", "total_steps", "loss", "lr", "s_per_step", "eta_s"}
+    assert steps[-1]["eta_s"] == 0
 
 
 @pytest.mark.parametrize(

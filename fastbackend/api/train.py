@@ -79,7 +79,8 @@ def run_training(
         atomic_write_bytes(output.config, request.yaml_config.encode())
     job = TrainJob(config, base_model, datasets, output, resume=request.resume, warnings=warnings)
     try:
-        result = train(job, Hooks(on_step=progress or (lambda info: None), should_stop=stopping.requested))
+        report = progress or (lambda info: None)
+        result = train(job, Hooks(on_step=report, on_stage=report, should_stop=stopping.requested))
     except torch.cuda.OutOfMemoryError:
         raise FastBackendError(
             "training ran out of GPU memory; try model.quantize: true, train.gradient_checkpointing: true, "

@@ -42,7 +42,9 @@ class TrainJob:
 class Hooks:
     """How the loop reports to the platform; the core never imports runpod."""
 
-    on_step: Callable[[dict], None] = lambda info: None
+    on_step: Callable[[dict], None] = lambda info: None  # {"stage": "training", "step", "loss", "eta_s", ...}
+    # {"stage": "loading_model" | "caching" | "sampling" | "saving", ...}: what the run is doing between steps
+    on_stage: Callable[[dict], None] = lambda info: None
     should_stop: Callable[[], bool] = lambda: False  # a cancel or timeout: stop after this step, resumable
 
 

@@ -1,24 +1,29 @@
 """Everything before the first step: device, precision, the base model, data, LoRA layers, optimizer.
 
-``set_up(job)`` returns a ``Run``; the config was checked by ``config`` before anything here runs,
-so what can still go wrong is the hardware (falls back to the CPU with a warning) and the
+``set_up(job, hooks)`` returns a ``Run``, saying through ``hooks.on_stage`` when it loads the
+model (with download progress) and caches; the config was checked by ``config`` before anything
+here runs, so what can still go wrong is the hardware (falls back to the CPU with a warning) and the
 model (``model_load_failed``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from fastbackend import settings
 from fastbackend.config import PREFIX, ModelConfig, ProcessConfig, TrainConfig
-from fastbackend.storage import hf_cache_dir
+from fastbackend.storage import HUB_ID, cached_snapshot, hf_cache_dir
 from fastbackend.training import lora_io
 from fastbackend.training.caching import prepare_data
 from fastbackend.training.families import Family, LossOptions, family_for
-from fastbackend.training.run import Run, TrainJob
+from fastbackend.training.run import Hooks, Run, TrainJob
 
 log = logging.getLogger("fastbackend.trainer")
 MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
@@ -27,9 +32,11 @@ MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32:
 ADAM_EPS = 1e-6
 # ai-toolkit's warm-up for constant_with_warmup when none is given (toolkit/scheduler.py).
 DEFAULT_WARMUP_STEPS = 1000
+DOWNLOAD_REPORT_S = 5.0
 
 
-def set_up(job: TrainJob) -> Run:
+def set_up(job: TrainJob, hooks: Hooks | None = None) -> Run:
+    hooks = hooks or Hooks()
     process = job.config.process
     train_cfg = process.train
     device, weight_dtype = choose_device(process.device, train_cfg.dtype, job.warnings)
@@ -39,8 +46,11 @@ def set_up(job: TrainJob) -> Run:
         seed = random.SystemRandom().randrange(2**31)
     torch.manual_seed(seed)
     family = family_for(process.model.resolved_arch, process.model.is_v_pred)
-    pipe = load_pipeline(family, process.model, job, device, weight_dtype)
+    hooks.on_stage({"stage": "loading_model", "model": process.model.name_or_path})
+    with reporting_download(job.base_model, process.model.revision, hooks.on_stage):
+        pipe = load_pipeline(family, process.model, job, device, weight_dtype)
     text_encoders = family.trainable_text_encoders(pipe) if train_cfg.train_text_encoder else {}
+    hooks.on_stage({"stage": "caching", "datasets": len(job.dataset_folders)})
     texts, sampler, digest = prepare_data(
         family, pipe, process, job.dataset_folders, job.base_model, device, random.Random(seed), bool(text_encoders)
     )
@@ -77,6 +87,46 @@ def set_up(job: TrainJob) -> Run:
         weight_dtype=weight_dtype,
         trains_text_encoder=bool(text_encoders),
     )
+
+
+@contextlib.contextmanager
+def reporting_download(base_model: str, revision: str | None, report: Callable[[dict], None]) -> Iterator[None]:
+    """While a hub model downloads into the volume's cache, report the bytes there so far every
+    ``DOWNLOAD_REPORT_S`` (and the total, when the hub answers): a first run spends minutes here."""
+    if HUB_ID.fullmatch(base_model) is None or cached_snapshot(base_model, revision) is not None:
+        yield
+        return
+    repository = hf_cache_dir() / f"models--{base_model.replace('/', '--')}"
+    total = hub_download_bytes(base_model, revision)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(DOWNLOAD_REPORT_S):
+            downloaded = sum(p.stat().st_size for p in repository.glob("blobs/*") if p.is_file())
+            report(
+                {"stage": "loading_model", "model": base_model, "downloaded_bytes": downloaded, "total_bytes": total}
+            )
+
+    watcher = threading.Thread(target=watch, name="download-progress", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
+def hub_download_bytes(repo_id: str, revision: str | None) -> int | None:
+    """What a diffusers download of ``repo_id`` comes to: its component folders' files (the
+    single-file checkpoints beside them are not fetched). None when the hub does not answer."""
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, token=settings.HF_TOKEN.get())
+    except Exception:  # offline, gated without a token, unknown: the download itself will say
+        return None
+    files = [f for f in info.siblings or [] if "/" in f.rfilename or f.rfilename == "model_index.json"]
+    return sum(f.size or 0 for f in files) or None
 
 
 def lora_group(name: str, module: torch.nn.Module, family: Family, process: ProcessConfig) -> dict:

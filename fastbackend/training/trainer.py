@@ -39,7 +39,7 @@ def train(job: TrainJob, hooks: Hooks | None = None) -> TrainResult:
 
 def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
     started = time.monotonic()
-    run = set_up(job)
+    run = set_up(job, hooks)
     resumed_from = restore_state(run) if job.resume else 0
     log_run_shape(run)
     total = run.process.train.steps
@@ -52,13 +52,17 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
         run.history.append((run.step, loss))
         report_step(run, hooks, loss, time.monotonic() - step_started, bar)
         if run.step % run.process.save.save_every == 0 and run.step < total:
+            hooks.on_stage({"stage": "saving", "step": run.step})
             save_checkpoint(run, final=False)
         if should_sample(run):
+            hooks.on_stage({"stage": "sampling", "step": run.step})
             sample(run)
     if bar is not None:
         bar.close()
+    hooks.on_stage({"stage": "saving", "step": run.step})
     final = save_checkpoint(run, final=True)
     if should_sample(run, final=True):
+        hooks.on_stage({"stage": "sampling", "step": run.step})
         sample(run)
     return TrainResult(
         lora_path=final,
@@ -168,6 +172,7 @@ def caption_options(run: Run, example: data.Example) -> data.CaptionOptions:
 def report_step(run: Run, hooks: Hooks, loss: float, seconds: float, bar) -> None:
     total = run.process.train.steps
     info = {
+        "stage": "training",
         "step": run.step,
         "total_steps": total,
         "loss": round(loss, 6),
