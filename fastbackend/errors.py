@@ -34,6 +34,7 @@ class ErrorCode(StrEnum):
     RESULT_TOO_LARGE = "result_too_large"
     OUT_OF_MEMORY = "out_of_memory"
     DISK_FULL = "disk_full"
+    UPLOAD_FAILED = "upload_failed"  # the bucket refused or could not be reached; the file stays on the volume
     STOPPED = "stopped"  # a cancel or the execution timeout; the job's resumable state is kept
     INTERNAL_ERROR = "internal_error"
 

@@ -62,6 +62,7 @@ class DownloadModelRequest(Request):
     filename: SafeName | None = Field(None, description="A file in the model folder; default <model>.safetensors.")
     offset: int = Field(0, ge=0)
     length: int = Field(MAX_DOWNLOAD_CHUNK_BYTES, gt=0, le=MAX_DOWNLOAD_CHUNK_BYTES)
+    url: bool = Field(False, description="Answer a presigned bucket URL instead of base64 chunks.")
 
 
 class GetSamplesRequest(Request):

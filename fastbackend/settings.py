@@ -118,6 +118,33 @@ HF_TOKEN: Setting[str | None] = Setting(
     "unset",
     "hub token for gated base models (FLUX.1-dev); never logged or returned",
 )
+BUCKET: Setting[str | None] = Setting(
+    "FASTBACKEND_BUCKET",
+    str,
+    lambda: None,
+    "unset",
+    "the bucket finished LoRAs go to, with runpod's `BUCKET_*` variables; unset: no bucket",
+)
+BUCKET_ENDPOINT_URL: Setting[str | None] = Setting(
+    "BUCKET_ENDPOINT_URL", str, lambda: None, "unset", "runpod's variable: the S3-compatible endpoint"
+)
+BUCKET_ACCESS_KEY_ID: Setting[str | None] = Setting(
+    "BUCKET_ACCESS_KEY_ID", str, lambda: None, "unset", "runpod's variable: the bucket's access key"
+)
+BUCKET_SECRET_ACCESS_KEY: Setting[str | None] = Setting(
+    "BUCKET_SECRET_ACCESS_KEY",
+    str,
+    lambda: None,
+    "unset",
+    "runpod's variable: the bucket's secret key; never logged or returned",
+)
+BUCKET_URL_EXPIRY_S = _number(
+    "FASTBACKEND_BUCKET_URL_EXPIRY_S", int, 604_800, "how long a `download_url` works (S3 allows 7 days at most)"
+)
+BUCKET_TIMEOUT_S = _number(
+    "FASTBACKEND_BUCKET_TIMEOUT_S", float, 30.0, "connect/read timeout for the bucket (2 tries in all)"
+)
+BUCKET_SETTINGS = (BUCKET, BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY)
 
 ALL: tuple[Setting, ...] = (
     DATA_DIR,
@@ -138,6 +165,12 @@ ALL: tuple[Setting, ...] = (
     DECODE_THREADS,
     LOG_LEVEL,
     HF_TOKEN,
+    BUCKET,
+    BUCKET_ENDPOINT_URL,
+    BUCKET_ACCESS_KEY_ID,
+    BUCKET_SECRET_ACCESS_KEY,
+    BUCKET_URL_EXPIRY_S,
+    BUCKET_TIMEOUT_S,
 )
 
 
@@ -152,6 +185,18 @@ def check_all() -> None:
             raise ValueError(f"environment variable {old} is no longer read; use {new}")
     for setting in ALL:
         setting.get()
+    given = [setting.env for setting in BUCKET_SETTINGS if setting.get()]
+    if given and len(given) < len(BUCKET_SETTINGS):
+        missing = [setting.env for setting in BUCKET_SETTINGS if setting.env not in given]
+        raise ValueError(
+            f"a bucket needs all of {', '.join(s.env for s in BUCKET_SETTINGS)}; missing: {', '.join(missing)}"
+        )
+    if not 1 <= BUCKET_URL_EXPIRY_S.get() <= 604_800:
+        raise ValueError(f"environment variable {BUCKET_URL_EXPIRY_S.env} must be 1 to 604800 seconds (S3's limit)")
+
+
+def bucket_configured() -> bool:
+    return all(setting.get() for setting in BUCKET_SETTINGS)
 
 
 # RunPod's own variables, which this worker reads but does not define.

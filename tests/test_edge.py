@@ -73,7 +73,7 @@ def test_every_problem_is_reported():
     assert answer["details"] == [
         "input.model: must be 1-64 characters from A-Z a-z 0-9 . _ -, not starting with a dot, got '../x'",
         "input.offset: must be >= 0, got -1",
-        "input.extra: unknown key; valid keys: type, model, filename, offset, length",
+        "input.extra: unknown key; valid keys: type, model, filename, offset, length, url",
     ]
 
 

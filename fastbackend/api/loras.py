@@ -10,6 +10,7 @@ import base64
 from datetime import UTC, datetime
 from pathlib import Path
 
+from fastbackend import bucket, settings
 from fastbackend.api import Progress, check_result_size
 from fastbackend.errors import ErrorCode, FastBackendError, NotFound
 from fastbackend.layout import LORA_SUFFIX, HeaderKey, LoraFolder, read_header
@@ -60,6 +61,12 @@ def download_model(request: DownloadModelRequest, progress: Progress | None = No
         available = [p.name for p in folder.lora_files()]
         raise NotFound(f"input.filename: {filename!r} not found in model {request.model!r}; files: {available}")
     total = path.stat().st_size
+    sha256 = folder.recorded_sha256().get(filename) or sha256_file(path)
+    if request.url:  # the whole file behind a link, for files too large to pass as chunks comfortably
+        if not settings.bucket_configured():
+            raise FastBackendError(f"input.url: {bucket.NOT_CONFIGURED}", code=ErrorCode.INVALID_REQUEST)
+        answer = {"status": "success", "model": request.model, "filename": filename, "size": total, "sha256": sha256}
+        return answer | bucket.publish(folder, path, sha256)
     if request.offset > total:
         raise FastBackendError(
             f"input.offset: {request.offset} is past the end of the file ({total} bytes)",
@@ -77,7 +84,7 @@ def download_model(request: DownloadModelRequest, progress: Progress | None = No
         "length": len(chunk),
         "total_size": total,
         "next_offset": end if end < total else None,
-        "sha256": folder.recorded_sha256().get(filename) or sha256_file(path),
+        "sha256": sha256,
         "content": base64.b64encode(chunk).decode("ascii"),
     }
 

@@ -11,7 +11,7 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from fastbackend import stopping, storage
+from fastbackend import bucket, settings, stopping, storage
 from fastbackend.api import Progress
 from fastbackend.config import PREFIX, TrainingConfig, parse_training_config
 from fastbackend.datasets import recover as recover_dataset
@@ -78,8 +78,8 @@ def run_training(
     if request.yaml_config is not None:
         atomic_write_bytes(output.config, request.yaml_config.encode())
     job = TrainJob(config, base_model, datasets, output, resume=request.resume, warnings=warnings)
+    report = progress or (lambda info: None)
     try:
-        report = progress or (lambda info: None)
         result = train(job, Hooks(on_step=report, on_stage=report, should_stop=stopping.requested))
     except torch.cuda.OutOfMemoryError:
         raise FastBackendError(
@@ -90,7 +90,7 @@ def run_training(
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the run's model is gone; give its cached blocks back for the next job
-    return {
+    answer = {
         "status": "success",
         "model": config.name,
         "lora_path": str(result.lora_path),
@@ -107,6 +107,10 @@ def run_training(
         "samples": [str(p) for p in result.samples],
         "warnings": result.warnings,
     }
+    if settings.bucket_configured():  # the LoRA goes to the bucket too; a failure keeps it on the volume
+        report({"stage": "uploading", "step": result.steps})
+        answer |= bucket.publish(output, result.lora_path, result.sha256)
+    return answer
 
 
 def resolve_datasets(config: TrainingConfig) -> list[Path]:

@@ -1,0 +1,119 @@
+"""Finished LoRAs to an S3-compatible bucket: a real S3 API server (moto's) on loopback, links
+fetched with plain HTTP, failures bounded in time and kept on the volume."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+
+import pytest
+import requests
+
+from handler_fast import handler
+from tests.training_helpers import install_model, train, upload_photos, user_yaml
+
+BUCKET = "loras"
+MODEL = "nowy_dataset_1.3"
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("FASTBACKEND_BUCKET", BUCKET)
+    monkeypatch.setenv("BUCKET_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("BUCKET_ACCESS_KEY_ID", "test-access-key")
+    monkeypatch.setenv("BUCKET_SECRET_ACCESS_KEY", "test-secret-key")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        aws_access_key_id="test-access-key",
+        aws_secret_access_key="test-secret-key",
+        region_name="us-east-1",
+    )
+    s3.create_bucket(Bucket=BUCKET)
+    yield s3
+    for item in s3.list_objects_v2(Bucket=BUCKET).get("Contents", []):
+        s3.delete_object(Bucket=BUCKET, Key=item["Key"])
+    s3.delete_bucket(Bucket=BUCKET)
+
+
+def a_lora_on_the_volume(data_root) -> bytes:
+    data = bytes(range(256)) * 40
+    folder = data_root / "output" / MODEL
+    folder.mkdir(parents=True)
+    (folder / f"{MODEL}.safetensors").write_bytes(data)
+    return data
+
+
+@pytest.mark.slow
+def test_a_finished_training_goes_to_the_bucket_and_its_link_downloads_it(tiny_models, data_root, bucket):
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    answer = train(user_yaml(model_path, steps=2))
+    assert answer["status"] == "success", answer
+    fetched = requests.get(answer["download_url"], timeout=30)  # no credentials: the link carries them
+    assert fetched.status_code == 200
+    assert hashlib.sha256(fetched.content).hexdigest() == answer["sha256"]
+    keys = {item["Key"] for item in bucket.list_objects_v2(Bucket=BUCKET)["Contents"]}
+    assert keys == {f"{MODEL}/{MODEL}.safetensors", f"{MODEL}/config.yaml", f"{MODEL}/metadata.json"}
+    assert answer["bucket_key"] == f"{MODEL}/{MODEL}.safetensors" and answer["download_expires_at"]
+    assert "test-secret-key" not in str(answer)
+
+
+def test_download_model_with_url_answers_a_link_not_base64(data_root, bucket):
+    data = a_lora_on_the_volume(data_root)
+    answer = handler({"id": "d", "input": {"type": "download_model", "model": MODEL, "url": True}})
+    assert answer["status"] == "success", answer
+    assert "content" not in answer and answer["size"] == len(data)
+    assert requests.get(answer["download_url"], timeout=30).content == data
+    assert answer["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_url_without_bucket_settings_is_a_clear_invalid_request(data_root):
+    a_lora_on_the_volume(data_root)
+    answer = handler({"id": "d", "input": {"type": "download_model", "model": MODEL, "url": True}})
+    assert answer["error_code"] == "invalid_request"
+    assert answer["error"].startswith("input.url: a bucket is not configured on this worker: set FASTBACKEND_BUCKET")
+
+
+def test_an_unreachable_bucket_fails_in_bounded_time_and_keeps_the_file(data_root, monkeypatch):
+    with socket.socket() as probe:  # a port nothing listens on: connections are refused at once
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    monkeypatch.setenv("FASTBACKEND_BUCKET", BUCKET)
+    monkeypatch.setenv("BUCKET_ENDPOINT_URL", f"http://127.0.0.1:{dead}")
+    monkeypatch.setenv("BUCKET_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("BUCKET_SECRET_ACCESS_KEY", "very-secret")
+    monkeypatch.setenv("FASTBACKEND_BUCKET_TIMEOUT_S", "2")
+    data = a_lora_on_the_volume(data_root)
+    started = time.monotonic()
+    answer = handler({"id": "d", "input": {"type": "download_model", "model": MODEL, "url": True}})
+    assert time.monotonic() - started < 20
+    assert answer["error_code"] == "upload_failed", answer
+    assert answer["error"].startswith(f"bucket '{BUCKET}': {MODEL}.safetensors could not be uploaded")
+    assert "very-secret" not in str(answer)
+    assert (data_root / "output" / MODEL / f"{MODEL}.safetensors").read_bytes() == data
+
+
+def test_a_partial_bucket_configuration_stops_the_worker_naming_what_is_missing(monkeypatch):
+    from fastbackend import settings
+
+    monkeypatch.setenv("FASTBACKEND_BUCKET", BUCKET)
+    monkeypatch.setenv("BUCKET_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(ValueError, match="missing: BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY"):
+        settings.check_all()
