@@ -114,7 +114,7 @@ def test_training_without_any_caching_and_with_shuffled_captions(tiny_models, da
     ("name", "params", "expected"),
     [
         ("adamw", {"weight_decay": 0.01}, "AdamW"),
-        ("adamw8bit", {}, "AdamW"),  # no CUDA here: falls back, with a warning
+        ("adamw8bit", {}, "AdamW8bit"),  # bitsandbytes', on the CPU too
         ("sgd", {"momentum": 0.9}, "SGD"),
         ("prodigy", {}, "Prodigy"),
     ],
@@ -129,11 +129,44 @@ def test_optimizers(name, params, expected):
     config = TrainConfig(optimizer=name, optimizer_params=params, lr=1.0 if name == "prodigy" else 1e-4)
     optimizer = make_optimizer(config, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"), warnings)
     assert type(optimizer).__name__ == expected
-    assert warnings == (
-        ["config.process[0].train.optimizer: adamw8bit needs CUDA and bitsandbytes; using AdamW"]
-        if name == "adamw8bit"
-        else []
+    assert warnings == []
+
+
+def test_adamw8bit_keeps_8bit_state_on_the_cpu_and_learns():
+    """bitsandbytes keeps 8-bit moments for tensors of 4096 values and more (ai-toolkit's setting too)."""
+    import torch
+
+    from fastbackend.config import TrainConfig
+    from fastbackend.training.setup import make_optimizer
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(64, 128))
+    target = torch.randn(64, 128)
+    optimizer = make_optimizer(TrainConfig(optimizer="adamw8bit", lr=1e-2), [weight], torch.device("cpu"), [])
+    losses = []
+    for _ in range(20):
+        loss = (weight - target).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert optimizer.state[weight]["state1"].dtype == torch.uint8
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_without_bitsandbytes_adamw8bit_falls_back_with_a_warning(monkeypatch):
+    import torch
+
+    from fastbackend.config import TrainConfig
+    from fastbackend.training import setup
+
+    monkeypatch.setattr(setup, "bitsandbytes_available", lambda: False)
+    warnings: list[str] = []
+    optimizer = setup.make_optimizer(
+        TrainConfig(optimizer="adamw8bit"), [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"), warnings
     )
+    assert type(optimizer).__name__ == "AdamW"
+    assert warnings == ["config.process[0].train.optimizer: adamw8bit needs bitsandbytes; using AdamW"]
 
 
 def test_optimizer_params_that_do_not_fit_are_refused_with_the_config():

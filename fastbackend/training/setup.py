@@ -167,12 +167,12 @@ def make_accelerator(device: torch.device, weight_dtype: torch.dtype):
 
 
 def load_pipeline(family: Family, model_cfg: ModelConfig, job: TrainJob, device: torch.device, dtype: torch.dtype):
-    """The base pipeline, frozen, on ``device`` (8-bit denoiser weights when ``quantize`` can be honoured)."""
-    quantize = model_cfg.quantize and device.type == "cuda" and bitsandbytes_available()
+    """The base pipeline, frozen, on ``device``; with ``quantize``, the denoiser's LoRA-target
+    layers hold 8-bit weights (bitsandbytes LLM.int8, on CUDA and on the CPU alike)."""
+    quantize = model_cfg.quantize and bitsandbytes_available()
     if model_cfg.quantize and not quantize:
         job.warnings.append(
-            f"{PREFIX}.model.quantize: 8-bit base weights need CUDA and bitsandbytes; "
-            "the base model is kept in full precision"
+            f"{PREFIX}.model.quantize: 8-bit base weights need bitsandbytes; the base model is kept in full precision"
         )
     elif quantize:
         job.warnings.append(
@@ -184,19 +184,37 @@ def load_pipeline(family: Family, model_cfg: ModelConfig, job: TrainJob, device:
         job.base_model,
         dtype,
         str(hf_cache_dir()),
-        quantize,
         model_cfg.revision,
         field=f"{PREFIX}.model.name_or_path",
         shown=model_cfg.name_or_path,
     )
     for module in [family.denoiser(pipe), *family.encoders(pipe)]:
         module.requires_grad_(False)  # only LoRA layers train
-    if not quantize:
-        pipe.to(device)
-    else:
-        for module in family.encoders(pipe):
-            module.to(device)
+    if quantize:
+        quantize_8bit(family.denoiser(pipe), family.lora_targets(family.denoiser(pipe)))
+    pipe.to(device)  # bitsandbytes quantizes the swapped layers' weights as they move
     return pipe
+
+
+def quantize_8bit(module: torch.nn.Module, targets: list[str]) -> None:
+    """Swap the ``targets`` linear layers of ``module`` for bitsandbytes 8-bit ones (LLM.int8
+    with its outlier threshold 6.0, diffusers' default): the base weights the LoRA adapts take a
+    byte per parameter. peft puts its LoRA layers on them as on diffusers' own 8-bit loading."""
+    import bitsandbytes as bnb
+
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        linear = getattr(parent, child)
+        if not isinstance(linear, torch.nn.Linear):
+            continue
+        quantized = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False, threshold=6.0
+        )
+        quantized.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+        if linear.bias is not None:
+            quantized.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+        setattr(parent, child, quantized)
 
 
 def bitsandbytes_available() -> bool:
@@ -218,13 +236,13 @@ def make_optimizer(train_cfg: TrainConfig, params: list, device: torch.device, w
         options["betas"] = tuple(options["betas"])
     lr = train_cfg.lr
     if name in ("adamw8bit", "adam8bit"):
-        if device.type == "cuda" and bitsandbytes_available():
+        if bitsandbytes_available():  # on CUDA and on the CPU: 8-bit state for tensors of 4096+ values
             import bitsandbytes as bnb
 
             return (bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.Adam8bit)(params, lr=lr, **options)
         fallback = "adamw" if name == "adamw8bit" else "adam"
         shown = "AdamW" if fallback == "adamw" else "Adam"
-        warnings.append(f"{PREFIX}.train.optimizer: {name} needs CUDA and bitsandbytes; using {shown}")
+        warnings.append(f"{PREFIX}.train.optimizer: {name} needs bitsandbytes; using {shown}")
         name = fallback
     if name == "prodigy":
         from prodigyopt import Prodigy

@@ -111,7 +111,6 @@ class Family(ABC):
         name_or_path: str,
         dtype: torch.dtype,
         cache_dir: str,
-        quantize: bool = False,
         revision: str | None = None,
         field: str = "model",
         shown: str | None = None,
@@ -127,8 +126,6 @@ class Family(ABC):
         # HF_TOKEN (gated models) is passed, never logged or returned.
         options = {"dtype": dtype, "cache_dir": cache_dir, "revision": revision, "token": settings.HF_TOKEN.get()}
         try:
-            if quantize:
-                options[self.denoiser_name] = self._load_quantized(name_or_path, options)
             pipe = pipeline_class.from_pretrained(name_or_path, **options)
         except (OSError, ValueError) as exc:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
@@ -136,16 +133,6 @@ class Family(ABC):
             raise FastBackendError(message, code=ErrorCode.MODEL_LOAD_FAILED) from None
         pipe.set_progress_bar_config(disable=True)
         return pipe
-
-    def _load_quantized(self, name_or_path: str, options: dict):
-        """The denoiser with 8-bit base weights (bitsandbytes); LoRA layers stay in full precision."""
-        import diffusers
-
-        model_class = getattr(diffusers, self.denoiser_class_name)
-        quantization = diffusers.BitsAndBytesConfig(load_in_8bit=True)
-        return model_class.from_pretrained(
-            name_or_path, subfolder=self.denoiser_name, quantization_config=quantization, **options
-        )
 
     def denoiser(self, pipe) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_name)
