@@ -202,6 +202,9 @@ def quantize_8bit(module: torch.nn.Module, targets: list[str]) -> None:
     byte per parameter. peft puts its LoRA layers on them as on diffusers' own 8-bit loading."""
     import bitsandbytes as bnb
 
+    # LLM.int8 quantizes activations from fp16; bitsandbytes says so on every matmul of a bf16 or
+    # fp32 model (thousands of lines a step). Said once, in the run's warnings, is enough.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
