@@ -1,8 +1,9 @@
 """The CUDA check, for a session that has a GPU: one script, a few minutes.
 
 1. The tiny FLUX / SDXL / SD 1.5 pipelines trained on the GPU through ``train_with_yaml`` with
-   the user's settings that only CUDA honours: bf16, adamw8bit, ``quantize``, gradient
-   checkpointing (the run's warnings must not mention any of them).
+   the user's settings: bf16 (CUDA only), and adamw8bit, ``quantize`` and gradient checkpointing
+   on their CUDA kernels (the CPU suite runs their CPU ones); the run's warnings must not say
+   any of them fell back.
 2. A full-size FLUX.1-dev transformer (its published config, random bf16 weights, no download)
    with a rank-16 LoRA through the trainer's own loss: seconds per step and peak memory at
    1024 px, with and without gradient checkpointing (random latents and text embeddings of the
