@@ -356,6 +356,9 @@ class TrainConfig(Section):
     train_unet: bool = True
     train_text_encoder: bool = False
     gradient_checkpointing: bool = True
+    preset: Literal["auto", "fast", "low_memory"] | None = Field(
+        None, description="Settings for the GPU where the YAML leaves them open (this worker's key; presets.py)."
+    )
     noise_scheduler: Literal["flowmatch", "ddpm", "ddim", "euler", "euler_a", "lms", "dpmsolver"] = "ddpm"
     optimizer: Literal["adamw", "adamw8bit", "adam", "adam8bit", "sgd", "prodigy"] = "adamw"
     optimizer_params: dict[str, float | list[float]] = Field(default_factory=dict)

@@ -97,6 +97,9 @@ class TrainWithYamlRequest(Request):
     yaml_config: str | None = Field(None, description="An ai-toolkit YAML config, as text.")
     config: dict[str, Any] | None = Field(None, description="The same config, already parsed.")
     resume: bool = Field(True, description="Continue from the newest saved state of this model, if any.")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, le=4096, description="Plan for a GPU of this size instead of the visible one (train.preset: auto)."
+    )
 
     @property
     def source(self) -> str | dict[str, Any]:

@@ -17,6 +17,7 @@ from fastbackend.config import PREFIX, TrainingConfig, parse_training_config
 from fastbackend.datasets import recover as recover_dataset
 from fastbackend.errors import ErrorCode, FastBackendError, ValidationFailed
 from fastbackend.layout import DatasetFolder, LoraFolder
+from fastbackend.presets import apply_preset
 from fastbackend.schemas import TrainWithYamlRequest
 from fastbackend.storage import (
     atomic_write_bytes,
@@ -77,6 +78,7 @@ def run_training(
         output.state.unlink(missing_ok=True)
     if request.yaml_config is not None:
         atomic_write_bytes(output.config, request.yaml_config.encode())
+    apply_preset(config.process, request.gpu_memory_gb or visible_gpu_gb(config.process.device), warnings)
     job = TrainJob(config, base_model, datasets, output, resume=request.resume, warnings=warnings)
     report = progress or (lambda info: None)
     try:
@@ -111,6 +113,18 @@ def run_training(
         report({"stage": "uploading", "step": result.steps})
         answer |= bucket.publish(output, result.lora_path, result.sha256)
     return answer
+
+
+def visible_gpu_gb(device: str) -> float | None:
+    """Memory of the GPU the config names, when there is one here."""
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    try:
+        return round(torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30, 1)
+    except (RuntimeError, AssertionError):  # a device index this machine lacks: training falls back too
+        return None
 
 
 def resolve_datasets(config: TrainingConfig) -> list[Path]:
