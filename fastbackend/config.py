@@ -503,7 +503,9 @@ class ModelConfig(Section):
     is_lumina2: bool = False
     is_v_pred: bool = False
     quantize: bool = False
-    revision: str | None = None
+    revision: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="A hub branch, tag or commit hash."
+    )
 
     @field_validator("arch")
     @classmethod

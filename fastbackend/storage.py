@@ -76,29 +76,61 @@ def legacy_hf_cache_dir() -> Path:
     return no_links(data_root() / "huggingface-cache")
 
 
+# What diffusers fetches of a repository: the index and the component folders (not the
+# single-file checkpoints beside them, which huggingface_hub's record of the repository lists).
+DIFFUSERS_FILES = ["model_index.json", "*/*"]
+REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a branch, tag or commit: no '/', no '..'
+
+
 def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     """The folder of a complete copy of hub model ``repo_id`` already on the volume, or None.
 
     Looks in the hub cache (RunPod's model cache, this worker's downloads) without any network
     call: a model found here loads offline, however ``HF_HUB_OFFLINE`` is set. Incomplete copies
-    (a download cut short) and copies whose files link out of their own cache folder are not used.
+    (a download cut short) and copies with any link leading out of their own repository folder
+    are not used.
     """
     from huggingface_hub import snapshot_download
 
+    if revision is not None and (REVISION.fullmatch(revision) is None or ".." in revision):
+        return None  # refs/<revision> must not climb anywhere (config refuses such revisions too)
     for cache in (hf_cache_dir(), legacy_hf_cache_dir()):
         try:
-            folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+            folder = Path(
+                snapshot_download(
+                    repo_id, revision=revision, cache_dir=cache, local_files_only=True, allow_patterns=DIFFUSERS_FILES
+                )
+            )
         except Exception:  # not there, or incomplete by huggingface_hub's own record
             continue
-        if _inside_its_cache(folder) and pipeline_complete(folder):
+        if _inside_its_cache(cache, repo_id, folder) and pipeline_complete(folder):
             return folder
     return None
 
 
-def _inside_its_cache(snapshot: Path) -> bool:
-    """Hub snapshots are links into the repository's ``blobs/``: none may lead anywhere else."""
-    repository = Path(os.path.realpath(snapshot.parent.parent))
-    return all(Path(os.path.realpath(path)).is_relative_to(repository) for path in snapshot.rglob("*"))
+def _inside_its_cache(cache: Path, repo_id: str, snapshot: Path) -> bool:
+    """Hub snapshots are links into the repository's ``blobs/``: the repository folder must be a
+    real folder of ``cache`` and every path under the snapshot, linked folders followed, must
+    stay inside it."""
+    repository = cache / f"models--{repo_id.replace('/', '--')}"
+    real_repository = Path(os.path.realpath(repository))
+    if repository.is_symlink() or real_repository != Path(os.path.realpath(cache)) / repository.name:
+        return False
+    seen: set[Path] = set()
+    folders = [snapshot]
+    while folders:  # a walk that follows linked folders, each real folder once (links may loop)
+        real = Path(os.path.realpath(folders.pop()))
+        if not real.is_relative_to(real_repository):
+            return False
+        if real in seen:
+            continue
+        seen.add(real)
+        for entry in os.scandir(real):
+            if not Path(os.path.realpath(entry.path)).is_relative_to(real_repository):
+                return False
+            if entry.is_dir():
+                folders.append(Path(entry.path))
+    return True
 
 
 def pipeline_complete(folder: Path) -> bool:

@@ -150,3 +150,63 @@ def test_a_download_reports_its_bytes_while_it_runs(data_root, monkeypatch):
     sizes = [info["downloaded_bytes"] for info in downloads]
     assert sizes == sorted(sizes) and sizes[0] >= 1000 and sizes[-1] == 3000
     assert all(info["total_bytes"] is None for info in downloads)  # offline here: the hub could not say
+
+
+def test_a_copy_this_worker_downloaded_is_found_despite_the_hubs_full_file_list(tiny_models, data_root):
+    """huggingface_hub records every file of the repository; diffusers never fetches the
+    single-file checkpoints beside the component folders, so those must not count as missing."""
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
+    from fastbackend.storage import cached_snapshot
+
+    snapshot = install_in_hub_cache(tiny_models / "flux", data_root / "huggingface-cache" / "hub")
+    files = {
+        str(p.relative_to(snapshot)): TreeCacheEntry(size=p.stat().st_size, blob_id="0" * 40)
+        for p in snapshot.rglob("*")
+        if p.is_file()
+    }
+    files["flux1-dev.safetensors"] = TreeCacheEntry(size=23_802_932_552, blob_id="1" * 40)
+    write_tree_cache(str(snapshot.parent.parent), COMMIT, files)
+    assert cached_snapshot(REPO_ID, None) == snapshot
+
+
+def test_a_repository_folder_that_is_a_link_out_is_not_used(tiny_models, data_root, tmp_path):
+    from fastbackend.storage import cached_snapshot
+
+    snapshot = install_in_hub_cache(tiny_models / "flux", tmp_path / "outside-cache")
+    hub = data_root / "huggingface-cache" / "hub"
+    hub.mkdir(parents=True)
+    (hub / f"models--{REPO_ID.replace('/', '--')}").symlink_to(snapshot.parent.parent)
+    assert cached_snapshot(REPO_ID, None) is None
+
+
+def test_a_linked_folder_inside_the_repository_is_followed_and_checked(tiny_models, data_root, tmp_path):
+    from fastbackend.storage import cached_snapshot
+
+    snapshot = install_in_hub_cache(tiny_models / "flux", data_root / "huggingface-cache" / "hub")
+    outside = tmp_path / "outside-vae"
+    shutil.copytree(tiny_models / "flux" / "vae", outside)
+    other = snapshot.parent / ("f" * 40) / "vae"  # another snapshot of the same repository...
+    other.mkdir(parents=True)
+    for file in outside.iterdir():
+        (other / file.name).symlink_to(file)  # ...whose files lead out of it
+    shutil.rmtree(snapshot / "vae")
+    (snapshot / "vae").symlink_to(os.path.relpath(other, snapshot))
+    assert cached_snapshot(REPO_ID, None) is None
+
+
+def test_a_folder_linking_to_itself_ends_the_walk_not_the_worker(tiny_models, data_root):
+    from fastbackend.storage import cached_snapshot
+
+    snapshot = install_in_hub_cache(tiny_models / "flux", data_root / "huggingface-cache" / "hub")
+    (snapshot / "transformer" / "loop").symlink_to(".")
+    assert cached_snapshot(REPO_ID, None) == snapshot
+
+
+def test_a_revision_that_is_a_path_is_refused(data_root):
+    from fastbackend.storage import cached_snapshot
+
+    assert cached_snapshot(REPO_ID, "../../../../training_data/x") is None
+    answer = train(user_yaml(REPO_ID).replace("      quantize: true", "      quantize: true\n      revision: ../../x"))
+    assert answer["error_code"] == "invalid_config"
+    assert answer["error"].startswith("config.process[0].model.revision: string should match pattern")
