@@ -3,13 +3,15 @@
 On when ``FASTBACKEND_BUCKET`` and runpod's ``BUCKET_ENDPOINT_URL``, ``BUCKET_ACCESS_KEY_ID`` and
 ``BUCKET_SECRET_ACCESS_KEY`` are all set (``settings.check_all`` refuses a partial set at start).
 Objects are ``<model>/<file>``: the LoRA, its config and its record. A link is a presigned GET
-that works for ``FASTBACKEND_BUCKET_URL_EXPIRY_S`` without any credentials. Every call is bounded
-in time (``FASTBACKEND_BUCKET_TIMEOUT_S``, two tries); a failure is ``upload_failed``, naming the
-bucket, never a key, and the files stay on the volume.
+that works for ``FASTBACKEND_BUCKET_URL_EXPIRY_S`` without any credentials. Every connection
+attempt and every read waits at most ``FASTBACKEND_BUCKET_TIMEOUT_S``, with two tries per
+request; a failure is ``upload_failed``, naming the bucket, never a key, and the files stay on
+the volume.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,17 +29,24 @@ class UploadFailed(FastBackendError):
     code = ErrorCode.UPLOAD_FAILED
 
 
+# The region inside an AWS endpoint (s3.eu-central-1.amazonaws.com); other S3-compatible
+# stores ignore the region, but a presigned link is signed for one.
+AWS_REGION = re.compile(r"s3[.-]([a-z0-9-]+)\.amazonaws\.com")
+
+
 def _client():
     import boto3
     from botocore.config import Config
 
     timeout = settings.BUCKET_TIMEOUT_S.get()
+    endpoint = settings.BUCKET_ENDPOINT_URL.get() or ""
+    region = AWS_REGION.search(endpoint)
     return boto3.client(
         "s3",
-        endpoint_url=settings.BUCKET_ENDPOINT_URL.get(),
+        endpoint_url=endpoint,
         aws_access_key_id=settings.BUCKET_ACCESS_KEY_ID.get(),
         aws_secret_access_key=settings.BUCKET_SECRET_ACCESS_KEY.get(),
-        region_name="us-east-1",  # S3-compatible stores ignore it; signing needs one
+        region_name=region.group(1) if region else "us-east-1",
         config=Config(
             connect_timeout=timeout,
             read_timeout=timeout,
@@ -52,12 +61,13 @@ def publish(folder: LoraFolder, path: Path, sha256: str) -> dict:
 
     Returns ``download_url``, ``download_expires_at`` and ``bucket_key``.
     """
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket = settings.BUCKET.get()
-    client = _client()
     key = f"{folder.name}/{path.name}"
     try:
+        client = _client()
         client.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {"sha256": sha256}})
         for extra in (folder.config, folder.metadata):
             if extra.is_file():
@@ -65,7 +75,7 @@ def publish(folder: LoraFolder, path: Path, sha256: str) -> dict:
         url = client.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=settings.BUCKET_URL_EXPIRY_S.get()
         )
-    except (BotoCoreError, ClientError, OSError) as exc:
+    except (Boto3Error, BotoCoreError, ClientError, OSError, ValueError) as exc:  # boto3 wraps refusals
         raise UploadFailed(
             f"bucket {bucket!r}: {path.name} could not be uploaded ({type(exc).__name__}); "
             f"it is kept on the volume at {path} (download_model still serves it)"

@@ -185,6 +185,11 @@ def check_all() -> None:
             raise ValueError(f"environment variable {old} is no longer read; use {new}")
     for setting in ALL:
         setting.get()
+    endpoint = BUCKET_ENDPOINT_URL.get()
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise ValueError(f"environment variable {BUCKET_ENDPOINT_URL.env}={endpoint!r} must start with https://")
+    if BUCKET_TIMEOUT_S.get() <= 0:
+        raise ValueError(f"environment variable {BUCKET_TIMEOUT_S.env} must be above 0 seconds")
     given = [setting.env for setting in BUCKET_SETTINGS if setting.get()]
     if given and len(given) < len(BUCKET_SETTINGS):
         missing = [setting.env for setting in BUCKET_SETTINGS if setting.env not in given]

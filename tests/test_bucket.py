@@ -117,3 +117,37 @@ def test_a_partial_bucket_configuration_stops_the_worker_naming_what_is_missing(
     monkeypatch.setenv("BUCKET_ENDPOINT_URL", "http://127.0.0.1:9")
     with pytest.raises(ValueError, match="missing: BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY"):
         settings.check_all()
+
+
+def test_a_missing_bucket_is_upload_failed_not_an_internal_error(data_root, bucket, monkeypatch):
+    monkeypatch.setenv("FASTBACKEND_BUCKET", "no-such-bucket")
+    a_lora_on_the_volume(data_root)
+    answer = handler({"id": "d", "input": {"type": "download_model", "model": MODEL, "url": True}})
+    assert answer["error_code"] == "upload_failed", answer
+    assert answer["error"].startswith(f"bucket 'no-such-bucket': {MODEL}.safetensors could not be uploaded")
+
+
+def test_links_to_an_aws_bucket_are_signed_for_its_region(monkeypatch):
+    from fastbackend import bucket as bucket_module
+
+    monkeypatch.setenv("BUCKET_ENDPOINT_URL", "https://s3.eu-central-1.amazonaws.com")
+    monkeypatch.setenv("BUCKET_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("BUCKET_SECRET_ACCESS_KEY", "s")
+    url = bucket_module._client().generate_presigned_url("get_object", Params={"Bucket": "b", "Key": "k"})
+    assert "%2Feu-central-1%2Fs3%2F" in url
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("BUCKET_ENDPOINT_URL", "s3.example.com", "must start with https://"),
+        ("FASTBACKEND_BUCKET_TIMEOUT_S", "0", "must be above 0 seconds"),
+        ("FASTBACKEND_BUCKET_URL_EXPIRY_S", "700000", "must be 1 to 604800 seconds"),
+    ],
+)
+def test_bucket_settings_that_cannot_work_stop_the_worker(variable, value, says, monkeypatch):
+    from fastbackend import settings
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=says):
+        settings.check_all()
