@@ -18,6 +18,7 @@ import errno
 import importlib
 import json
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -163,6 +164,7 @@ async def async_handler(job: Any) -> dict:
     thread is waited for (training saves its resumable state after the step it is in; an upload
     drops its staging folder) and the cancellation goes on to runpod, which takes the next job.
     """
+    _stop_running_jobs_on_sigterm()
     stop = threading.Event()
     work = asyncio.ensure_future(asyncio.to_thread(_handle_watching, job, stop))
     try:
@@ -177,9 +179,41 @@ async def async_handler(job: Any) -> dict:
         raise
 
 
+# One job at a time, whatever runs them: runpod's local server (and its realtime mode) would
+# otherwise start a second job's model beside the first one's on the same GPU.
+_one_job_at_a_time = threading.Lock()
+_running: set[threading.Event] = set()  # the stop events of the jobs running now
+
+
 def _handle_watching(job: Any, stop: threading.Event) -> dict:
-    with stopping.watching(stop):
-        return handler(job)
+    with _one_job_at_a_time:
+        if stop.is_set():  # stopped while it waited for its turn: nothing was started
+            return error_response(FastBackendError("stopped before it started", code=ErrorCode.STOPPED))
+        _running.add(stop)
+        try:
+            with stopping.watching(stop):
+                return handler(job)
+        finally:
+            _running.discard(stop)
+
+
+def _stop_running_jobs_on_sigterm() -> None:
+    """Chain onto runpod's SIGTERM handler (installed before the first job): a worker being shut
+    down asks its running job to stop and save too, instead of training on until it is killed."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if getattr(previous, "stops_jobs", False) or threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop_then_previous(signum: int, frame: Any) -> None:
+        for event in list(_running):
+            event.set()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            raise SystemExit(128 + signum)
+
+    stop_then_previous.stops_jobs = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, stop_then_previous)
 
 
 def out_of_space(exc: BaseException) -> bool:

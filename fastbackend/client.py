@@ -51,24 +51,22 @@ class Client:
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
 
-    def call(self, payload: dict) -> dict:
-        """Run one request and return its output; raise WorkerError when it failed."""
+    def call(self, payload: dict, notify: bool = False) -> dict:
+        """Run one request and return its output; raise WorkerError when it failed. With ``notify``
+        the request carries the webhook (training does; upload batches and download chunks do not)."""
+        body = {"input": payload, "webhook": self.webhook} if notify and self.webhook else {"input": payload}
         if self.route == "run":
-            answer = self._run_and_wait(payload)
+            answer = self._run_and_wait(body)
         else:
-            response = self.session.post(f"{self.url}/runsync", json=self.body(payload), timeout=self.timeout_s)
+            response = self.session.post(f"{self.url}/runsync", json=body, timeout=self.timeout_s)
             response.raise_for_status()
             answer = response.json()
         if answer.get("status") != "COMPLETED":
             raise WorkerError(answer.get("error") or f"job ended {answer.get('status')}")
         return answer["output"]
 
-    def body(self, payload: dict) -> dict:
-        """The request body: the input, and the webhook RunPod posts the result to when it is done."""
-        return {"input": payload, "webhook": self.webhook} if self.webhook else {"input": payload}
-
-    def _run_and_wait(self, payload: dict) -> dict:
-        response = self.session.post(f"{self.url}/run", json=self.body(payload), timeout=60)
+    def _run_and_wait(self, body: dict) -> dict:
+        response = self.session.post(f"{self.url}/run", json=body, timeout=60)
         response.raise_for_status()
         job_id = response.json()["id"]
         deadline = time.monotonic() + self.timeout_s
@@ -153,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", required=True, help="http://localhost:8000, or your RunPod endpoint's URL")
     parser.add_argument("--api-key", help="RunPod API key (for a RunPod endpoint)")
     parser.add_argument("--route", choices=["runsync", "run"], default="runsync")
-    parser.add_argument("--webhook", help="a URL RunPod posts each job's result to when it is done")
+    parser.add_argument("--webhook", help="a URL RunPod posts a training's result to when it is done")
     commands = parser.add_subparsers(dest="command", required=True)
     upload = commands.add_parser("upload", help="upload a folder of photos (+ .txt captions)")
     upload.add_argument("name")
@@ -171,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "upload":
             result = client.upload_folder(args.name, args.folder, "replace" if args.replace else "append")
         elif args.command == "train":
-            result = client.call({"type": "train_with_yaml", "yaml_config": args.config.read_text()})
+            result = client.call({"type": "train_with_yaml", "yaml_config": args.config.read_text()}, notify=True)
         elif args.command == "list":
             result = client.call({"type": "list_models"})
         else:

@@ -210,3 +210,32 @@ def test_a_revision_that_is_a_path_is_refused(data_root):
     answer = train(user_yaml(REPO_ID).replace("      quantize: true", "      quantize: true\n      revision: ../../x"))
     assert answer["error_code"] == "invalid_config"
     assert answer["error"].startswith("config.process[0].model.revision: string should match pattern")
+
+
+def test_download_reporting_survives_files_renamed_under_it_and_a_slow_hub(data_root, monkeypatch):
+    """huggingface_hub renames blobs/*.incomplete as each finishes; the hub's size answer may never come."""
+    import threading
+    import time
+
+    from fastbackend.training import setup
+
+    blobs = data_root / "huggingface-cache" / "hub" / f"models--{REPO_ID.replace('/', '--')}" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / "a.incomplete").write_bytes(bytes(10))
+    real_stat = Path.stat
+
+    def vanishing(self, *args, **kwargs):
+        if self.name == "a.incomplete":
+            raise FileNotFoundError(self)
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", vanishing)
+    monkeypatch.setattr(setup, "DOWNLOAD_REPORT_S", 0.02)
+    hub_answered = threading.Event()
+    monkeypatch.setattr(setup, "hub_download_bytes", lambda repo, revision: hub_answered.wait(0.1) or None)
+    seen: list[dict] = []
+    started = time.monotonic()
+    with setup.reporting_download(REPO_ID, None, seen.append):
+        assert time.monotonic() - started < 0.05  # the load does not wait for the hub's answer
+        time.sleep(0.4)
+    assert seen and all(info["downloaded_bytes"] == 0 for info in seen)

@@ -187,13 +187,15 @@ def test_the_clients_webhook_receives_the_result_through_the_local_server(local_
     threading.Thread(target=hook.serve_forever, daemon=True).start()
     try:
         client = Client(local_server, webhook=f"http://127.0.0.1:{hook.server_address[1]}/done")
-        assert client.call({"type": "health"})["status"] == "healthy"
+        assert client.call({"type": "health"})["status"] == "healthy"  # no webhook: not asked to notify
+        assert client.call({"type": "health"}, notify=True)["status"] == "healthy"
         deadline = time.monotonic() + 30
         while not received and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
         hook.shutdown()
-    assert received and received[0]["output"]["status"] == "healthy"
+    time.sleep(0.5)
+    assert len(received) == 1 and received[0]["output"]["status"] == "healthy"
 
 
 def test_server_runsync_bad_request_fails_with_the_error_string(local_server):

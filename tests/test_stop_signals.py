@@ -157,3 +157,76 @@ def test_local_modes_still_answer_through_the_async_handler():
 
     answer = asyncio.run(handler_fast.async_handler({"id": "x", "input": {"type": "health"}}))
     assert answer["status"] == "healthy"
+
+
+def test_jobs_run_one_at_a_time_whoever_starts_them(monkeypatch):
+    """runpod's local server runs jobs concurrently: two models must not train side by side."""
+    import handler_fast
+
+    spans = []
+
+    def slow(job):
+        started = time.monotonic()
+        time.sleep(0.2)
+        spans.append((started, time.monotonic()))
+        return {"status": "success"}
+
+    monkeypatch.setattr(handler_fast, "handler", slow)
+
+    async def two_at_once():
+        jobs = [handler_fast.async_handler({"id": name, "input": {}}) for name in ("a", "b")]
+        return await asyncio.gather(*jobs)
+
+    assert [answer["status"] for answer in asyncio.run(two_at_once())] == ["success", "success"]
+    (_, first_end), (second_start, _) = sorted(spans)
+    assert second_start >= first_end
+
+
+def test_sigterm_asks_the_running_job_to_stop_then_runs_runpods_own_handler(monkeypatch):
+    import signal
+
+    import handler_fast
+
+    runpods = []
+    installed = {}
+    monkeypatch.setattr(signal, "getsignal", lambda signum: lambda number, frame: runpods.append(number))
+    monkeypatch.setattr(signal, "signal", lambda signum, function: installed.setdefault(signum, function))
+    handler_fast._stop_running_jobs_on_sigterm()
+    running = threading.Event()
+    handler_fast._running.add(running)
+    try:
+        installed[signal.SIGTERM](signal.SIGTERM, None)
+    finally:
+        handler_fast._running.discard(running)
+    assert running.is_set() and runpods == [signal.SIGTERM]
+
+
+@pytest.mark.slow
+def test_a_stop_during_sampling_ends_the_round_and_saves_the_step(tiny_models, data_root, monkeypatch):
+    from fastbackend.api.train import train_with_yaml
+    from fastbackend.errors import FastBackendError
+    from fastbackend.layout import LoraFolder
+    from fastbackend.schemas import TrainWithYamlRequest
+    from fastbackend.stopping import watching
+    from fastbackend.training import sampling
+
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    event = threading.Event()
+    real_save = sampling.save_image
+
+    def stop_after_first_image(image, path):
+        event.set()  # the signal arrives while the first sample is being made
+        return real_save(image, path)
+
+    monkeypatch.setattr(sampling, "save_image", stop_after_first_image)
+    yaml_text = user_yaml(model_path, steps=50, replacements={"sample_every: 100": "sample_every: 1"})
+    request = TrainWithYamlRequest(type="train_with_yaml", yaml_config=yaml_text)
+    with (
+        watching(event),
+        pytest.raises(FastBackendError, match="stopped by a cancel or the execution timeout at step 1"),
+    ):
+        train_with_yaml(request)
+    folder = LoraFolder(data_root / "output" / MODEL)
+    assert len(list(folder.samples.glob("*"))) == 1  # the round ended after its first image
+    assert folder.step_save(1).is_file() and folder.state.is_file()

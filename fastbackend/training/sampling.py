@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,8 +27,10 @@ def should_sample(run: Run, final: bool = False) -> bool:
 
 
 @torch.no_grad()
-def sample(run: Run) -> list[Path]:
-    """The config's prompts through the pipeline with the LoRA (EMA weights when on), saved under samples/."""
+def sample(run: Run, should_stop: Callable[[], bool] = lambda: False) -> list[Path]:
+    """The config's prompts through the pipeline with the LoRA (EMA weights when on), saved under
+    samples/; a stop request ends the round between two images (the step is saved by then, or
+    the trainer saves it as it stops)."""
     sample_cfg = run.process.sample
     if sample_cfg is None:
         return []
@@ -41,6 +44,8 @@ def sample(run: Run) -> list[Path]:
     try:
         with run.ema_weights():
             for index, prompt in enumerate(sample_cfg.all_prompts):
+                if should_stop():
+                    break
                 seed = sample_cfg.seed + index if sample_cfg.walk_seed else sample_cfg.seed
                 image = run.pipe(
                     data.apply_trigger(prompt, run.process.trigger_word, add_if_missing=False),

@@ -13,6 +13,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ ADAM_EPS = 1e-6
 # ai-toolkit's warm-up for constant_with_warmup when none is given (toolkit/scheduler.py).
 DEFAULT_WARMUP_STEPS = 1000
 DOWNLOAD_REPORT_S = 5.0
+HUB_TIMEOUT_S = 10.0  # the hub's answer to how large a download is: nice to have, never worth a wait
 
 
 def set_up(job: TrainJob, hooks: Hooks | None = None) -> Run:
@@ -97,17 +99,15 @@ def reporting_download(base_model: str, revision: str | None, report: Callable[[
         yield
         return
     repository = hf_cache_dir() / f"models--{base_model.replace('/', '--')}"
-    total = hub_download_bytes(base_model, revision)
     done = threading.Event()
 
     def watch() -> None:
+        total = hub_download_bytes(base_model, revision)  # here, not before the load: it may be slow
         while not done.wait(DOWNLOAD_REPORT_S):
-            downloaded = sum(p.stat().st_size for p in repository.glob("blobs/*") if p.is_file())
-            report(
-                {"stage": "loading_model", "model": base_model, "downloaded_bytes": downloaded, "total_bytes": total}
-            )
+            info = {"stage": "loading_model", "model": base_model, "downloaded_bytes": _bytes_in(repository / "blobs")}
+            report(info | {"total_bytes": total})
 
-    watcher = threading.Thread(target=watch, name="download-progress", daemon=True)
+    watcher = threading.Thread(target=_logged(watch), name="download-progress", daemon=True)
     watcher.start()
     try:
         yield
@@ -116,13 +116,36 @@ def reporting_download(base_model: str, revision: str | None, report: Callable[[
         watcher.join()
 
 
+def _bytes_in(folder: Path) -> int:
+    """The bytes of the files in ``folder`` now (files renamed or removed meanwhile count as none)."""
+    total = 0
+    for path in folder.glob("*"):
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size
+    return total
+
+
+def _logged(function: Callable[[], None]) -> Callable[[], None]:
+    """``function`` for a reporting thread: a failure there is logged, never the run's."""
+
+    def run() -> None:
+        try:
+            function()
+        except Exception:
+            log.exception("download progress reporting stopped")
+
+    return run
+
+
 def hub_download_bytes(repo_id: str, revision: str | None) -> int | None:
     """What a diffusers download of ``repo_id`` comes to: its component folders' files (the
     single-file checkpoints beside them are not fetched). None when the hub does not answer."""
     from huggingface_hub import HfApi
 
     try:
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, token=settings.HF_TOKEN.get())
+        info = HfApi().model_info(
+            repo_id, revision=revision, files_metadata=True, token=settings.HF_TOKEN.get(), timeout=HUB_TIMEOUT_S
+        )
     except Exception:  # offline, gated without a token, unknown: the download itself will say
         return None
     files = [f for f in info.siblings or [] if "/" in f.rfilename or f.rfilename == "model_index.json"]

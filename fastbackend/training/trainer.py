@@ -56,7 +56,7 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
             save_checkpoint(run, final=False)
         if should_sample(run):
             hooks.on_stage({"stage": "sampling", "step": run.step})
-            sample(run)
+            sample(run, hooks.should_stop)
     if bar is not None:
         bar.close()
     hooks.on_stage({"stage": "saving", "step": run.step})
