@@ -253,6 +253,29 @@ def test_an_overwrite_killed_midway_never_leaves_a_file_its_manifest_does_not_de
     assert not [p.name for p in folder.path.iterdir() if p.name.startswith(".pending-")]
 
 
+def test_an_overwrite_killed_again_before_the_reader_lock_is_refused_not_read(tiny_models, data_root, monkeypatch):
+    """A run finishes a half-committed overwrite before it reads; if another writer was killed
+    mid-commit in between, the run refuses (it would read old bytes under new hashes)."""
+    from fastbackend.api import train as train_module
+    from fastbackend.layout import DatasetFolder
+
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    folder = DatasetFolder(data_root / "training_data" / "matt_training_test")
+    manifest = folder.read_manifest()
+    name = next(iter(manifest["images"]))
+    manifest["pending"] = {name: f".pending-{name}"}
+    folder.write_manifest(manifest)
+    monkeypatch.setattr(train_module, "recover_dataset", lambda dataset: None)  # killed in the window
+    answer = train(user_yaml(model_path, steps=1))
+    assert answer["error_code"] == "locked"
+    assert answer["error"] == (
+        "dataset 'matt_training_test': an upload was cut short while committing; "
+        "send the job again (it finishes that upload first)"
+    )
+    assert not (data_root / "output" / "nowy_dataset_1.3").exists()
+
+
 def test_a_full_volume_during_a_save_answers_disk_full(tiny_models, data_root, monkeypatch):
     from fastbackend.training import lora_io
 

@@ -39,13 +39,27 @@ def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = N
     output = resolve_output(config)
     with contextlib.ExitStack() as held:
         held.enter_context(locked(output.path, timeout_s=storage.BUSY_LOCK_TIMEOUT_S))  # one job per model
-        for folder in datasets:  # read, not written: a delete waits (and says who reads) instead of pulling them away
-            held.enter_context(locked(folder, reader=config.name))
         try:
+            for (
+                folder
+            ) in datasets:  # read, not written: a delete waits (and says who reads) instead of pulling them away
+                held.enter_context(locked(folder, reader=config.name))
+                refuse_unfinished_commit(DatasetFolder(folder))
             return run_training(config, request, datasets, base_model, output, warnings, progress)
         except BaseException:
             remove_if_nothing_saved(output)
             raise
+
+
+def refuse_unfinished_commit(folder: DatasetFolder) -> None:
+    """``resolve_datasets`` finished any overwrite a killed upload left half-done; one killed again
+    before this run's reader lock was taken would have the run read old bytes under new hashes."""
+    if folder.read_manifest().get("pending"):
+        raise FastBackendError(
+            f"dataset {folder.name!r}: an upload was cut short while committing; send the job again "
+            "(it finishes that upload first)",
+            code=ErrorCode.LOCKED,
+        )
 
 
 def remove_if_nothing_saved(output: LoraFolder) -> None:
