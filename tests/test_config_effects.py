@@ -180,3 +180,26 @@ def test_default_caption_fills_in_for_images_without_one(tiny_models, data_root)
     for caption in folder.glob("*.txt"):
         caption.unlink()
     assert [item.caption for item in data.read_items(folder, "a photo of Matt")] == ["a photo of Matt"]
+
+
+def test_swapping_in_8bit_layers_draws_nothing_from_the_runs_random_numbers():
+    """The same seed gives the same LoRA initialisation with quantize on or off."""
+    from fastbackend.training.setup import quantize_8bit
+
+    module = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    torch.manual_seed(0)
+    quantize_8bit(module, ["0", "1"])
+    after_swap = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after_swap, torch.rand(3))
+
+
+def test_a_cuda_index_this_machine_lacks_falls_back_to_the_cpu(monkeypatch):
+    from fastbackend.training.setup import choose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    warnings: list[str] = []
+    device, _ = choose_device("cuda:3", "fp32", warnings)
+    assert device.type == "cpu"
+    assert warnings == ["config.process[0].device: 'cuda:3' is not available here; training on the CPU"]

@@ -247,6 +247,7 @@ def test_the_resumable_state_holds_everything_a_resume_needs(tiny_models, data_r
         "fingerprint",
         "lora",
         "optimizer",
+        "optimizer_class",
         "lr_scheduler",
         "ema",
         "grads",

@@ -414,3 +414,19 @@ def test_a_killed_run_resumes_to_the_same_lora_as_an_uninterrupted_one(tiny_mode
     assert weights.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(weights[key], value), key
+
+
+def test_a_retry_with_another_optimizer_resumes_with_fresh_moments(tiny_models, data_root):
+    """train.preset: auto can pick another optimizer for a retry on a larger GPU; the state resumes."""
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    every_2 = {"save_every: 2000": "save_every: 2"}
+    assert train(user_yaml(model_path, steps=2, replacements=every_2))["status"] == "success"  # adamw8bit
+    other = every_2 | {"optimizer: adamw8bit": "optimizer: adamw"}
+    again = train(user_yaml(model_path, steps=4, replacements=other))
+    assert again["status"] == "success", again
+    assert again["resumed_from_step"] == 2 and again["steps"] == 4
+    assert (
+        "the saved state's optimizer is AdamW8bit, this run's is AdamW: the LoRA weights, schedule and step "
+        "continue, the optimizer starts with fresh moments"
+    ) in again["warnings"]

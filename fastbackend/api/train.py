@@ -136,7 +136,8 @@ def visible_gpu_gb(device: str) -> float | None:
     if not device.startswith("cuda") or not torch.cuda.is_available():
         return None
     try:
-        return round(torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30, 1)
+        # Decimal GB, as cards are named: an "80GB" H100 reports 81,082 MiB, 85.0 GB, 79.2 GiB.
+        return round(torch.cuda.get_device_properties(torch.device(device)).total_memory / 1e9, 1)
     except (RuntimeError, AssertionError):  # a device index this machine lacks: training falls back too
         return None
 

@@ -79,6 +79,7 @@ def save_state(run: Run) -> None:
         "fingerprint": fingerprint(run),
         "lora": lora_io.lora_state(run.lora_modules),
         "optimizer": run.optimizer.state_dict(),
+        "optimizer_class": optimizer_class(run),
         "lr_scheduler": run.lr_scheduler.state_dict(),
         "ema": run.ema.state_dict() if run.ema is not None else None,
         # Gradients of an accumulation window the save fell inside (gradient_accumulation_steps).
@@ -113,6 +114,27 @@ def fingerprint(run: Run) -> dict:
     }
 
 
+def optimizer_class(run: Run) -> str:
+    return type(getattr(run.optimizer, "optimizer", run.optimizer)).__name__  # inside accelerate's wrapper
+
+
+def restore_optimizer(run: Run, state: dict) -> None:
+    """The optimizer's moments, when the saved ones are this optimizer's: a retry may run with
+    another (a preset choosing for a larger GPU, an edited YAML), whose state cannot take them."""
+    saved = state.get("optimizer_class")
+    now = optimizer_class(run)
+    if saved is None or saved == now:
+        try:
+            run.optimizer.load_state_dict(state["optimizer"])
+            return
+        except (KeyError, ValueError, RuntimeError):  # an older state of another optimizer
+            pass
+    run.job.warnings.append(
+        f"the saved state's optimizer is {saved or 'another one'}, this run's is {now}: the LoRA weights, "
+        "schedule and step continue, the optimizer starts with fresh moments"
+    )
+
+
 def restore_state(run: Run) -> int:
     """Continue from the saved state when it belongs to this config; returns the step resumed at."""
     path = run.folder.state
@@ -126,7 +148,7 @@ def restore_state(run: Run) -> int:
         )
         return 0
     lora_io.load_lora_state(run.lora_modules, state["lora"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    restore_optimizer(run, state)
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if run.ema is not None and state["ema"] is not None:
         run.ema.load_state_dict(state["ema"])

@@ -165,7 +165,7 @@ def lora_group(name: str, module: torch.nn.Module, family: Family, process: Proc
 
 def choose_device(requested: str, dtype_name: str, warnings: list[str]) -> tuple[torch.device, torch.dtype]:
     """The config's device when it exists here, else the CPU; half precision only on CUDA."""
-    if requested.startswith("cuda") and torch.cuda.is_available():
+    if requested.startswith("cuda") and torch.cuda.is_available() and cuda_index(requested) < torch.cuda.device_count():
         device = torch.device(requested)
     else:
         if requested != "cpu":
@@ -176,6 +176,10 @@ def choose_device(requested: str, dtype_name: str, warnings: list[str]) -> tuple
         warnings.append(f"{PREFIX}.train.dtype: {dtype_name} needs CUDA; training in fp32 on the CPU")
         dtype = torch.float32
     return device, dtype
+
+
+def cuda_index(requested: str) -> int:
+    return torch.device(requested).index or 0
 
 
 def make_accelerator(device: torch.device, weight_dtype: torch.dtype):
@@ -234,8 +238,13 @@ def quantize_8bit(module: torch.nn.Module, targets: list[str]) -> None:
         linear = getattr(parent, child)
         if not isinstance(linear, torch.nn.Linear):
             continue
-        quantized = bnb.nn.Linear8bitLt(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False, threshold=6.0
+        quantized = bnb.nn.Linear8bitLt(  # on the meta device: no throw-away init, no draw from the run's RNG
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            has_fp16_weights=False,
+            threshold=6.0,
+            device="meta",
         )
         quantized.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
         if linear.bias is not None:
