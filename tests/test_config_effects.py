@@ -203,3 +203,39 @@ def test_a_cuda_index_this_machine_lacks_falls_back_to_the_cpu(monkeypatch):
     device, _ = choose_device("cuda:3", "fp32", warnings)
     assert device.type == "cpu"
     assert warnings == ["config.process[0].device: 'cuda:3' is not available here; training on the CPU"]
+
+
+def test_8bit_layers_keep_nothing_checkpointing_should_drop_and_give_bitsandbytes_gradients():
+    """bitsandbytes' own 8-bit layer keeps its input for the backward pass, out of checkpointing's reach."""
+    import gc
+    import weakref
+
+    import bitsandbytes as bnb
+    from torch.utils.checkpoint import checkpoint
+
+    from fastbackend.training.setup import quantize_8bit
+
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(256, 256))
+    theirs = bnb.nn.Linear8bitLt(256, 256, has_fp16_weights=False, threshold=6.0)
+    theirs.weight = bnb.nn.Int8Params(ours[0].weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    theirs.bias = torch.nn.Parameter(ours[0].bias.data.clone(), requires_grad=False)
+    quantize_8bit(ours, ["0"])
+    ours, theirs = ours.to("cpu"), theirs.to("cpu")
+    grads, kept = [], []
+    for layer in (ours, theirs):
+        intermediates = []
+
+        def block(x, layer=layer, intermediates=intermediates):
+            hidden = x * 2
+            intermediates.append(weakref.ref(hidden))
+            return layer(hidden)
+
+        x = torch.randn(8, 256, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out = checkpoint(block, x, use_reentrant=False)
+        gc.collect()
+        kept.append(intermediates[0]() is not None)
+        out.square().sum().backward()
+        grads.append(x.grad)
+    assert kept == [False, True]  # ours lets checkpointing drop the block's inside; bitsandbytes' does not
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)

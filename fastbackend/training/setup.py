@@ -225,9 +225,12 @@ def load_pipeline(family: Family, model_cfg: ModelConfig, job: TrainJob, device:
 
 def quantize_8bit(module: torch.nn.Module, targets: list[str]) -> None:
     """Swap the ``targets`` linear layers of ``module`` for bitsandbytes 8-bit ones (LLM.int8
-    with its outlier threshold 6.0, diffusers' default): the base weights the LoRA adapts take a
-    byte per parameter. peft puts its LoRA layers on them as on diffusers' own 8-bit loading."""
+    with its outlier threshold 6.0, diffusers' default; ``int8.FrozenLinear8bit``, which keeps
+    nothing for the backward pass): the base weights the LoRA adapts take a byte per parameter.
+    peft puts its LoRA layers on them as on diffusers' own 8-bit loading."""
     import bitsandbytes as bnb
+
+    from fastbackend.training.int8 import FrozenLinear8bit
 
     # LLM.int8 quantizes activations from fp16; bitsandbytes says so on every matmul of a bf16 or
     # fp32 model (thousands of lines a step). Said once, in the run's warnings, is enough.
@@ -238,7 +241,7 @@ def quantize_8bit(module: torch.nn.Module, targets: list[str]) -> None:
         linear = getattr(parent, child)
         if not isinstance(linear, torch.nn.Linear):
             continue
-        quantized = bnb.nn.Linear8bitLt(  # on the meta device: no throw-away init, no draw from the run's RNG
+        quantized = FrozenLinear8bit(  # on the meta device: no throw-away init, no draw from the run's RNG
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
