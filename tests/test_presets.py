@@ -87,3 +87,15 @@ def test_bad_preset_and_gpu_size_are_refused_naming_the_field(data_root):
         assert answer["error_code"] == "validation_error" and answer["error"].startswith("input.gpu_memory_gb: "), (
             answer
         )
+
+
+@pytest.mark.slow
+def test_a_gpu_size_without_preset_auto_says_it_changed_nothing(tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    answer = train(user_yaml(model_path, steps=1), gpu_memory_gb=24)
+    assert answer["status"] == "success", answer
+    assert (
+        "input.gpu_memory_gb: only config.process[0].train.preset: auto uses it; it changed nothing here"
+        in (answer["warnings"])
+    )

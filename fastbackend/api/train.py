@@ -92,6 +92,8 @@ def run_training(
         output.state.unlink(missing_ok=True)
     if request.yaml_config is not None:
         atomic_write_bytes(output.config, request.yaml_config.encode())
+    if request.gpu_memory_gb is not None and config.process.train.preset != "auto":
+        warnings.append(f"input.gpu_memory_gb: only {PREFIX}.train.preset: auto uses it; it changed nothing here")
     apply_preset(config.process, request.gpu_memory_gb or visible_gpu_gb(config.process.device), warnings)
     job = TrainJob(config, base_model, datasets, output, resume=request.resume, warnings=warnings)
     report = progress or (lambda info: None)
