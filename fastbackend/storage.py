@@ -314,18 +314,20 @@ def temporary_path(path: Path) -> Iterator[Path]:
         raise
 
 
-def move_into_place(source: Path, target: Path) -> None:
-    """Rename a finished file over ``target`` on the same volume, its data flushed to disk first
-    (otherwise the rename can land before the data, and a crash leaves an empty file)."""
+def open_no_follow(path: Path, flags: int, refused: str) -> int:
+    """``os.open`` that never follows a link: one there is ``path_outside_root``, saying ``refused``."""
     try:
-        fd = os.open(source, os.O_RDWR | os.O_NOFOLLOW)  # a link swapped in for a finished file is refused
+        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         if exc.errno != errno.ELOOP:
             raise
-        raise FastBackendError(
-            f"{source.name!r} became a symbolic link before it was moved into place; the worker follows none",
-            code=ErrorCode.PATH_OUTSIDE_ROOT,
-        ) from None
+        raise FastBackendError(f"{refused}; the worker follows none", code=ErrorCode.PATH_OUTSIDE_ROOT) from None
+
+
+def move_into_place(source: Path, target: Path) -> None:
+    """Rename a finished file over ``target`` on the same volume, its data flushed to disk first
+    (otherwise the rename can land before the data, and a crash leaves an empty file)."""
+    fd = open_no_follow(source, os.O_RDWR, f"{source.name!r} became a symbolic link before it was moved into place")
     try:
         os.fsync(fd)
     finally:
@@ -373,15 +375,7 @@ def _lock_file(folder: Path, deadline: float, timeout_s: float, mode: int) -> in
     while True:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / ".lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            raise FastBackendError(
-                f"{folder.name!r}'s lock file is a symbolic link; the worker follows none",
-                code=ErrorCode.PATH_OUTSIDE_ROOT,
-            ) from None
+        fd = open_no_follow(path, os.O_RDWR | os.O_CREAT, f"{folder.name!r}'s lock file is a symbolic link")
         try:
             _acquire(fd, folder, deadline, timeout_s, mode)
             if os.fstat(fd).st_ino == os.lstat(path).st_ino:
