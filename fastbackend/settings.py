@@ -190,9 +190,9 @@ def check_all() -> None:
         raise ValueError(f"environment variable {BUCKET_ENDPOINT_URL.env}={endpoint!r} must start with https://")
     if BUCKET_TIMEOUT_S.get() <= 0:
         raise ValueError(f"environment variable {BUCKET_TIMEOUT_S.env} must be above 0 seconds")
-    given = [setting.env for setting in BUCKET_SETTINGS if setting.get()]
-    if given and len(given) < len(BUCKET_SETTINGS):
-        missing = [setting.env for setting in BUCKET_SETTINGS if setting.env not in given]
+    # FASTBACKEND_BUCKET is the switch: runpod's BUCKET_* variables alone may serve something else.
+    missing = [setting.env for setting in BUCKET_SETTINGS if not setting.get()]
+    if BUCKET.get() and missing:
         raise ValueError(
             f"a bucket needs all of {', '.join(s.env for s in BUCKET_SETTINGS)}; missing: {', '.join(missing)}"
         )
