@@ -45,8 +45,6 @@ from fastbackend.staging import RawFile, Staging
 from fastbackend.storage import (
     TEMP_SUFFIX,
     atomic_write_bytes,
-    disk_full,
-    free_bytes,
     locked,
     move_into_place,
     name_problem,
@@ -132,8 +130,7 @@ def unpack_zip(archive_file: BinaryIO, source: str, problems: list[str], staging
                 f"{source}: unpacks to {unpacked:,} bytes{others}, over the {staging.limit:,}-byte limit per upload"
             )
             return []
-        if unpacked > free_bytes():
-            raise disk_full(unpacked)
+        staging.check_room(unpacked)
         files = []
         for info in entries:
             problem = _unsafe_entry(info)

@@ -131,6 +131,12 @@ class Staging:
                 f"{MAX_FILES_PER_REQUEST:,}; send them in several requests"
             )
 
+    def check_room(self, size: int) -> None:
+        """Refuse ``size`` bytes the volume has no room for before they come (``disk_full``, with
+        what is needed and free); a full volume found while writing is answered the same way."""
+        if size > free_bytes():
+            raise disk_full(size)
+
     def touch(self) -> None:
         """Tell other workers this folder is alive (see ``storage.remove_abandoned``)."""
         if time.monotonic() - self._touched > HEARTBEAT_S:
@@ -142,8 +148,8 @@ class Staging:
         self, source: str, expected_bytes: int | None = None, may_be_zip: bool = False
     ) -> Iterator[StagedFile]:
         """A new staged file; removed again (its bytes given back) when the block fails."""
-        if expected_bytes is not None and expected_bytes > free_bytes():
-            raise disk_full(expected_bytes)
+        if expected_bytes is not None:
+            self.check_room(expected_bytes)
         self.expect_files(1, source)
         self.files += 1
         staged = StagedFile(self, self.folder / f"{self.files:05d}", source, may_be_zip)
