@@ -23,27 +23,57 @@ def open_config(preset: str):
 
 
 @pytest.mark.parametrize(
-    ("preset", "gpu_gb", "expected", "note"),
+    ("preset", "gpu_gb", "fast_fits", "expected", "note"),
     [
-        ("auto", 141.0, (False, False, "adamw"), "auto chose fast (141 GB GPU, at least 80 GB)"),
-        ("auto", 24.0, (True, True, "adamw8bit"), "auto chose low_memory (24 GB GPU, under 80 GB)"),
-        ("fast", None, (False, False, "adamw"), "fast chose fast (as asked)"),
-        ("low_memory", None, (True, True, "adamw8bit"), "low_memory chose low_memory (as asked)"),
+        (
+            "auto",
+            141.0,
+            True,
+            (False, False, "adamw"),
+            "auto chose fast (141 GB GPU: the memory plan with fast's settings fits)",
+        ),
+        (
+            "auto",
+            24.0,
+            False,
+            (True, True, "adamw8bit"),
+            "auto chose low_memory (24 GB GPU: the memory plan with fast's settings does not fit)",
+        ),
+        ("fast", None, None, (False, False, "adamw"), "fast chose fast (as asked)"),
+        ("low_memory", None, None, (True, True, "adamw8bit"), "low_memory chose low_memory (as asked)"),
     ],
 )
-def test_presets_set_what_the_yaml_leaves_open(preset, gpu_gb, expected, note):
+def test_presets_set_what_the_yaml_leaves_open(preset, gpu_gb, fast_fits, expected, note):
     process = open_config(preset)
     warnings: list[str] = []
-    apply_preset(process, gpu_gb, warnings)
+    asked = []
+
+    def fits(candidate):
+        asked.append((candidate.model.quantize, candidate.train.gradient_checkpointing))
+        return fast_fits
+
+    apply_preset(process, gpu_gb, warnings, fits)
     assert (process.model.quantize, process.train.gradient_checkpointing, process.train.optimizer) == expected
     assert warnings[0].startswith(f"config.process[0].train.preset: {note}: ")
+    assert asked == ([(False, False)] if preset == "auto" else [])  # auto asks the plan about fast's settings
+
+
+@pytest.mark.parametrize(("gpu_gb", "chosen"), [(141.0, "fast"), (80.0, "low_memory"), (24.0, "low_memory")])
+def test_auto_follows_the_memory_plan_for_the_users_flux_config(data_root, gpu_gb, chosen):
+    """FLUX.1-dev at the user's 1280 px needs about 98 GB without quantization and checkpointing."""
+    from fastbackend.training.memory_plan import plan_run
+
+    process = open_config("auto")
+    warnings: list[str] = []
+    apply_preset(process, gpu_gb, warnings, lambda c: plan_run(c, "black-forest-labs/FLUX.1-dev", gpu_gb).fits)
+    assert f"auto chose {chosen} ({gpu_gb:g} GB GPU" in warnings[0]
 
 
 def test_the_users_own_keys_win_over_any_preset():
     text = fixture_yaml().replace("      lr: 0.0001\n", "      lr: 0.0001\n      preset: fast\n")
     config, _ = parse_training_config(text)
     warnings: list[str] = []
-    apply_preset(config.process, 141.0, warnings)
+    apply_preset(config.process, 141.0, warnings, lambda candidate: True)
     assert config.process.model.quantize and config.process.train.gradient_checkpointing  # as the YAML says
     assert warnings == [
         "config.process[0].train.preset: fast chose fast (as asked): nothing to change; "
@@ -54,7 +84,7 @@ def test_the_users_own_keys_win_over_any_preset():
 def test_auto_without_a_gpu_or_a_size_leaves_the_config_as_written():
     process = open_config("auto")
     warnings: list[str] = []
-    apply_preset(process, None, warnings)
+    apply_preset(process, None, warnings, lambda candidate: True)
     assert warnings == [
         "config.process[0].train.preset: auto: no GPU here and no gpu_memory_gb in the request; "
         "the config stays as written"
@@ -70,10 +100,13 @@ def test_a_request_sized_gpu_reaches_the_preset_through_the_handler(tiny_models,
     )
     answer = train(text, gpu_memory_gb=24)
     assert answer["status"] == "success", answer
+    # The tiny model's plan (from its own configs) fits 24 GB with fast's settings.
     assert any(
-        w.startswith("config.process[0].train.preset: auto chose low_memory (24 GB GPU") and "model.quantize: true" in w
+        w.startswith("config.process[0].train.preset: auto chose fast (24 GB GPU: the memory plan")
         for w in answer["warnings"]
-    )
+    ), answer["warnings"]
+    plan = answer["memory_plan"]
+    assert (plan["gpu_gb"], plan["fits"], plan["shapes"]) == (24, True, "the model's own configs")
 
 
 def test_bad_preset_and_gpu_size_are_refused_naming_the_field(data_root):
@@ -96,6 +129,6 @@ def test_a_gpu_size_without_preset_auto_says_it_changed_nothing(tiny_models, dat
     answer = train(user_yaml(model_path, steps=1), gpu_memory_gb=24)
     assert answer["status"] == "success", answer
     assert (
-        "input.gpu_memory_gb: only config.process[0].train.preset: auto uses it; it changed nothing here"
+        "input.gpu_memory_gb: only config.process[0].train.preset: auto uses it; the memory plan does"
         in (answer["warnings"])
     )

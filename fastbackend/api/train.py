@@ -86,17 +86,16 @@ def run_training(
     from fastbackend.training.run import Hooks, TrainJob
     from fastbackend.training.trainer import train
 
+    report = progress or (lambda info: None)
+    plan = plan_memory(config, request, base_model, warnings)
+    report({"stage": "planning", "memory_plan": plan.summary()})
     pipeline_cache.release()
     output.remove_temporaries()  # of a save a killed run left half-written
     if not request.resume:
         output.state.unlink(missing_ok=True)
     if request.yaml_config is not None:
         atomic_write_bytes(output.config, request.yaml_config.encode())
-    if request.gpu_memory_gb is not None and config.process.train.preset != "auto":
-        warnings.append(f"input.gpu_memory_gb: only {PREFIX}.train.preset: auto uses it; it changed nothing here")
-    apply_preset(config.process, request.gpu_memory_gb or visible_gpu_gb(config.process.device), warnings)
     job = TrainJob(config, base_model, datasets, output, resume=request.resume, warnings=warnings)
-    report = progress or (lambda info: None)
     try:
         result = train(job, Hooks(on_step=report, on_stage=report, should_stop=stopping.requested))
     except torch.cuda.OutOfMemoryError:
@@ -124,11 +123,36 @@ def run_training(
         "step_saves": [str(p) for p in result.saves],
         "samples": [str(p) for p in result.samples],
         "warnings": result.warnings,
+        "memory_plan": plan.summary(),
     }
     if settings.bucket_configured():  # the LoRA goes to the bucket too; a failure keeps it on the volume
         report({"stage": "uploading", "step": result.steps})
         answer |= bucket.publish(output, result.lora_path, result.sha256)
     return answer
+
+
+def plan_memory(config: TrainingConfig, request: TrainWithYamlRequest, base_model: str, warnings: list[str]):
+    """Apply the preset and plan the run's GPU memory, before anything is loaded or downloaded;
+    a run that cannot fit the GPU (the visible one, or the request's ``gpu_memory_gb``) is
+    refused with ``out_of_memory`` and what would make it fit."""
+    from fastbackend.training.memory_plan import plan_run
+
+    process = config.process
+    if request.gpu_memory_gb is not None and process.train.preset != "auto":
+        warnings.append(f"input.gpu_memory_gb: only {PREFIX}.train.preset: auto uses it; the memory plan does")
+    gpu_gb = request.gpu_memory_gb or visible_gpu_gb(process.device)
+    apply_preset(process, gpu_gb, warnings, fits=lambda candidate: plan_run(candidate, base_model, gpu_gb).fits)
+    plan = plan_run(process, base_model, gpu_gb)
+    if plan.fits is False:
+        fixes = "; ".join(plan.suggestions) or "no change to this config fits it; use a GPU with more memory"
+        raise FastBackendError(
+            f"memory plan: this run needs about {plan.needed_gb:g} GB of GPU memory (its peak, {plan.peak_gb:g} GB "
+            f"while {plan.phase}, with the CUDA context and allocator slack) and the GPU has {plan.gpu_gb:g} GB; "
+            f"what would fit: {fixes}",
+            details=[f"{name}: {gb:g} GB" for name, gb in plan.parts.items()],
+            code=ErrorCode.OUT_OF_MEMORY,
+        )
+    return plan
 
 
 def visible_gpu_gb(device: str) -> float | None:

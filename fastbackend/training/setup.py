@@ -56,7 +56,7 @@ def set_up(job: TrainJob, hooks: Hooks | None = None) -> Run:
     texts, sampler, digest = prepare_data(
         family, pipe, process, job.dataset_folders, job.base_model, device, random.Random(seed), bool(text_encoders)
     )
-    denoiser = family.denoiser(pipe)
+    denoiser = family.denoiser(pipe).to(device)  # after caching: the encoders may have left the device by now
     modules = {family.denoiser_name: denoiser} | text_encoders
     groups = [lora_group(name, module, family, process) for name, module in modules.items()]
     params = [param for group in groups for param in group["params"]]
@@ -194,8 +194,9 @@ def make_accelerator(device: torch.device, weight_dtype: torch.dtype):
 
 
 def load_pipeline(family: Family, model_cfg: ModelConfig, job: TrainJob, device: torch.device, dtype: torch.dtype):
-    """The base pipeline, frozen, on ``device``; with ``quantize``, the denoiser's LoRA-target
-    layers hold 8-bit weights (bitsandbytes LLM.int8, on CUDA and on the CPU alike)."""
+    """The base pipeline, frozen, its encoders on ``device`` (the denoiser follows after caching, so
+    the two never share the device unless steps need the encoders); with ``quantize``, the
+    denoiser's LoRA-target layers hold 8-bit weights (bitsandbytes LLM.int8, on CUDA and the CPU)."""
     quantize = model_cfg.quantize and bitsandbytes_available()
     if model_cfg.quantize and not quantize:
         job.warnings.append(
@@ -219,7 +220,9 @@ def load_pipeline(family: Family, model_cfg: ModelConfig, job: TrainJob, device:
         module.requires_grad_(False)  # only LoRA layers train
     if quantize:
         quantize_8bit(family.denoiser(pipe), family.lora_targets(family.denoiser(pipe)))
-    pipe.to(device)  # bitsandbytes quantizes the swapped layers' weights as they move
+    for name, component in pipe.components.items():  # the encoders, and a safety checker where there is one
+        if isinstance(component, torch.nn.Module) and name != family.denoiser_name:
+            component.to(device)
     return pipe
 
 

@@ -39,6 +39,31 @@ class LossOptions:
     min_snr_gamma: float | None = None
 
 
+@dataclass(frozen=True)
+class ActivationBytes:
+    """A training step's activations for one example, in bf16 bytes: what the forward pass keeps for
+    the backward pass, and one block's own activations, which the backward pass holds again while it
+    re-runs that block (gradient checkpointing) or holds as that block's gradients (without)."""
+
+    kept: int
+    largest_block: int
+
+    @property
+    def total(self) -> int:
+        return self.kept + self.largest_block
+
+
+@dataclass(frozen=True)
+class PerUnit:
+    """Bytes as ``fixed + per_unit * units``: a straight line through two measured sizes."""
+
+    fixed: float
+    per_unit: float
+
+    def at(self, units: float) -> int:
+        return round(self.fixed + self.per_unit * units)
+
+
 # ai-toolkit draws an index into a table of 1000 noise levels, most noise first.
 NOISE_LEVELS = 1000
 
@@ -78,6 +103,9 @@ class Family(ABC):
     modelspec_architecture: ClassVar[str]  # header `modelspec.architecture`
     # Kohya files: the key prefix of each text encoder's LoRA, by pipeline name.
     kohya_text_encoder_prefixes: ClassVar[dict[str, str]] = {}
+    # The published model whose shapes the memory plan counts when the model is not on the volume
+    # yet (``training/shapes/<name>/``: its model_index.json and component configs).
+    reference_model: ClassVar[str]
 
     def __init__(self, v_prediction: bool = False):
         self.v_prediction = v_prediction  # SD 1.5 / SDXL: learn v instead of epsilon
@@ -103,6 +131,11 @@ class Family(ABC):
     @abstractmethod
     def loss(self, pipe, denoiser: torch.nn.Module, batch: TrainingBatch, options: LossOptions) -> torch.Tensor:
         """The training loss of one batch (a scalar)."""
+
+    @abstractmethod
+    def activation_bytes(self, config: dict, width: int, height: int, checkpointing: bool) -> ActivationBytes:
+        """What one ``width`` x ``height`` example's training step holds on the GPU beyond the weights, in
+        bf16 (the denoiser's ``config`` as in its config.json): the memory plan's activation part."""
 
     # ---------------------------------------------------------------- shared behaviour, overridable
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from fastbackend.training.families.base import (
     NOISE_LEVELS,
+    ActivationBytes,
     Family,
     LossOptions,
     TrainingBatch,
@@ -31,6 +32,16 @@ FLUX_SCHNELL_MAX_SEQUENCE = 256
 # carry the timestep, text and guidance conditioning included; the embedders and the final
 # norm_out / proj_out stay frozen.
 FLUX_BLOCKS = "transformer_blocks"  # matches single_transformer_blocks too
+# What a FLUX step keeps for the backward pass, per token (image and text) per hidden unit, as
+# multiples of the weight dtype's size; measured with devtools/memory.py (benchmarks/activation_memory.py)
+# on the published shapes (3,072 hidden, rank-16 LoRA, bf16 autocast) at 1,024 + 128 tokens, and
+# linear in the token count within 7% from 320 tokens. Not yet checked against a GPU's allocator.
+KEPT_PER_DOUBLE_BLOCK = 27.8
+KEPT_PER_SINGLE_BLOCK = 24.4
+KEPT_OUTSIDE_BLOCKS = 0.24
+KEPT_CHECKPOINTED_BLOCK = 1.0  # its inputs: the image and text tokens
+KEPT_CHECKPOINTED_OUTSIDE = 1.1
+LARGEST_BLOCK = 27.9  # a double block, re-run in the backward pass
 # The noise schedule training uses, whatever the checkpoint's own (FLUX.1-dev's scheduler_config.json).
 FLUX_TRAINING_SCHEDULER = {
     "num_train_timesteps": 1000,
@@ -51,12 +62,24 @@ class Flux(Family):
     file_format = "diffusers"
     kohya_base_version = "flux1"
     modelspec_architecture = "flux-1-dev/lora"
+    reference_model = "black-forest-labs/FLUX.1-dev"
 
     def lora_targets(self, denoiser: torch.nn.Module) -> list[str]:
         return module_names(denoiser, lambda name, m: FLUX_BLOCKS in name and isinstance(m, torch.nn.Linear))
 
     def pixel_multiple(self, pipe) -> int:
         return pipe.vae_scale_factor * 2  # latents are packed in 2x2 patches
+
+    def activation_bytes(self, config: dict, width: int, height: int, checkpointing: bool) -> ActivationBytes:
+        hidden = config["num_attention_heads"] * config["attention_head_dim"]
+        text = FLUX_DEV_MAX_SEQUENCE if config.get("guidance_embeds") else FLUX_SCHNELL_MAX_SEQUENCE
+        unit = ((width // 16) * (height // 16) + text) * hidden * 2  # 2x2 patches of 8x latents; bf16
+        doubles, singles = config["num_layers"], config["num_single_layers"]
+        if checkpointing:
+            kept = KEPT_CHECKPOINTED_OUTSIDE + KEPT_CHECKPOINTED_BLOCK * (doubles + singles)
+        else:
+            kept = KEPT_OUTSIDE_BLOCKS + KEPT_PER_DOUBLE_BLOCK * doubles + KEPT_PER_SINGLE_BLOCK * singles
+        return ActivationBytes(kept=round(kept * unit), largest_block=round(LARGEST_BLOCK * unit))
 
     def max_sequence_length(self, pipe) -> int:
         guided = self.denoiser(pipe).config.guidance_embeds

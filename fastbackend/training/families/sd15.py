@@ -10,8 +10,10 @@ import torch.nn.functional as F
 
 from fastbackend.training.families.base import (
     NOISE_LEVELS,
+    ActivationBytes,
     Family,
     LossOptions,
+    PerUnit,
     TrainingBatch,
     module_names,
     noise_level_indices,
@@ -39,11 +41,22 @@ class SD15(Family):
     file_format = "kohya"
     kohya_base_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1/lora"
+    reference_model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    # bf16 bytes per latent pixel of one example, kept for the backward pass, without and with
+    # gradient checkpointing, and the largest block; measured with devtools/memory.py
+    # (benchmarks/activation_memory.py) on the published UNet with a rank-16 LoRA at 48x48 and
+    # 64x64 latents (384 and 512 px). Not yet checked against a GPU's allocator.
+    kept: ClassVar[dict[bool, PerUnit]] = {False: PerUnit(20.5e6, 258_476), True: PerUnit(1.7e6, 48_172)}
+    largest_block: ClassVar[PerUnit] = PerUnit(0.6e6, 20_812)
 
     def lora_targets(self, denoiser: torch.nn.Module) -> list[str]:
         return module_names(
             denoiser, lambda name, m: bool(TRANSFORMER_BLOCK.search(name)) and is_linear_or_pointwise_conv(m)
         )
+
+    def activation_bytes(self, config: dict, width: int, height: int, checkpointing: bool) -> ActivationBytes:
+        pixels = (width // 8) * (height // 8)
+        return ActivationBytes(kept=self.kept[checkpointing].at(pixels), largest_block=self.largest_block.at(pixels))
 
     def text_encoder_lora_targets(self, encoder: torch.nn.Module) -> list[str]:
         return module_names(encoder, lambda name, m: bool(CLIP_LAYER.search(name)) and isinstance(m, torch.nn.Linear))

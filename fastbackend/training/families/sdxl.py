@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from fastbackend.training.families.base import TrainingBatch
+from fastbackend.training.families.base import PerUnit, TrainingBatch
 from fastbackend.training.families.sd15 import SD15
 
 
@@ -15,6 +15,10 @@ class SDXL(SD15):
     pipeline_class_name = "StableDiffusionXLPipeline"
     kohya_base_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
+    reference_model = "stabilityai/stable-diffusion-xl-base-1.0"
+    # As SD 1.5's, measured at 64x64 and 96x96 latents (512 and 768 px).
+    kept: ClassVar[dict[bool, PerUnit]] = {False: PerUnit(146e6, 461_650), True: PerUnit(1.7e6, 35_017)}
+    largest_block: ClassVar[PerUnit] = PerUnit(1.4e6, 10_328)
     kohya_text_encoder_prefixes: ClassVar[dict[str, str]] = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     # SDXL's VAE overflows in fp16 (NaN latents): it encodes in fp32, as diffusers' SDXL example
     # scripts do. ai-toolkit encodes in the training dtype; here the two differ on purpose.
