@@ -356,6 +356,7 @@ class TrainConfig(Section):
     train_unet: bool = True
     train_text_encoder: bool = False
     gradient_checkpointing: bool = True
+    compile: bool = Field(False, description="torch.compile the denoiser's repeated blocks (this worker's key).")
     preset: Literal["auto", "fast", "low_memory"] | None = Field(
         None, description="Settings for the GPU where the YAML leaves them open (this worker's key; presets.py)."
     )
@@ -465,8 +466,7 @@ class ModelConfig(Section):
         "layer_offloading_text_encoder_percent": "not supported",
         "extras_name_or_path": "the base model's own parts are used",
         "accuracy_recovery_adapter": "not supported",
-        "compile": "not supported",
-        "block_compile": "not supported",
+        "block_compile": "model.compile compiles the repeated blocks already",
         "compile_mode": "not supported",
         "compile_fullgraph": "not supported",
         "compile_dynamic": "not supported",
@@ -503,6 +503,7 @@ class ModelConfig(Section):
     is_lumina2: bool = False
     is_v_pred: bool = False
     quantize: bool = False
+    compile: bool = Field(False, description="torch.compile the denoiser's repeated blocks (as train.compile).")
     revision: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", description="A hub branch, tag or commit hash."
     )

@@ -372,7 +372,6 @@ EXAMPLES = Path(__file__).resolve().parent / "fixtures" / "ai_toolkit"
                 "model.qtype_te",
                 "model.low_vram",
                 "model.model_kwargs",
-                "model.compile",
                 "sample.samples[1].seed",
                 "sample.num_frames",
                 "sample.fps",

@@ -103,6 +103,10 @@ class Family(ABC):
     modelspec_architecture: ClassVar[str]  # header `modelspec.architecture`
     # Kohya files: the key prefix of each text encoder's LoRA, by pipeline name.
     kohya_text_encoder_prefixes: ClassVar[dict[str, str]] = {}
+    # The denoiser's repeated blocks, by class name: what ``compile`` compiles, one block at a time
+    # (regional compilation: every block of a class shares one compiled graph, so it compiles in
+    # seconds rather than minutes, and the LoRA layers inside are compiled with it).
+    compiled_blocks: ClassVar[tuple[str, ...]] = ()
     # The published model whose shapes the memory plan counts when the model is not on the volume
     # yet (``training/shapes/<name>/``: its model_index.json and component configs).
     reference_model: ClassVar[str]

@@ -63,6 +63,7 @@ class Flux(Family):
     kohya_base_version = "flux1"
     modelspec_architecture = "flux-1-dev/lora"
     reference_model = "black-forest-labs/FLUX.1-dev"
+    compiled_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
     def lora_targets(self, denoiser: torch.nn.Module) -> list[str]:
         return module_names(denoiser, lambda name, m: FLUX_BLOCKS in name and isinstance(m, torch.nn.Linear))

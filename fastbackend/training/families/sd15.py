@@ -42,6 +42,7 @@ class SD15(Family):
     kohya_base_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1/lora"
     reference_model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    compiled_blocks = ("BasicTransformerBlock", "ResnetBlock2D")
     # bf16 bytes per latent pixel of one example, kept for the backward pass, without and with
     # gradient checkpointing, and the largest block; measured with devtools/memory.py
     # (benchmarks/activation_memory.py) on the published UNet with a rank-16 LoRA at 48x48 and
