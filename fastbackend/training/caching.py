@@ -31,6 +31,7 @@ class TextCache:
         self.family, self.pipe, self.device = family, pipe, device
         self.memoize, self.trainable = memoize and not trainable, trainable
         self.cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.samples: dict[str, dict[str, torch.Tensor]] = {}  # sample prompt -> the pipeline's prompt arguments
 
     def get(self, caption: str) -> dict[str, torch.Tensor]:
         if not self.memoize:
@@ -41,6 +42,13 @@ class TextCache:
                 encoded = self.family.encode_prompt(self.pipe, caption)
             self.cache[caption] = {key: value.cpu() for key, value in encoded.items()}
         return self.cache[caption]
+
+    @torch.no_grad()
+    def encode_samples(self, prompts: list[str], negative_prompt: str, guidance_scale: float) -> None:
+        """Encode the sample prompts now, while the text encoders are on the device."""
+        for prompt in prompts:
+            encoded = self.family.encode_for_sampling(self.pipe, prompt, negative_prompt, guidance_scale)
+            self.samples[prompt] = {key: value.cpu() for key, value in encoded.items()}
 
     def batch(self, captions: list[str]) -> dict[str, torch.Tensor]:
         conds = [self.get(caption) for caption in captions]
@@ -88,6 +96,10 @@ def prepare_data(
         time.monotonic() - started,
     )
     if not encoders_stay(process, trains_text_encoder):
+        if process.sample is not None and not process.train.disable_sampling:  # samples won't need them either
+            sample_cfg = process.sample
+            prompts = [data.sample_prompt(prompt, process.trigger_word) for prompt in sample_cfg.all_prompts]
+            texts.encode_samples(prompts, sample_cfg.negative_prompt, sample_cfg.guidance_scale)
         offload_encoders(family, pipe)
     return texts, data.BucketSampler(examples, process.train.batch_size, rng), data.dataset_hash(items)
 

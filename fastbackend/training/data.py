@@ -97,6 +97,11 @@ def dataset_hash(items: list[Item]) -> str:
     return digest.hexdigest()[:16]
 
 
+def sample_prompt(prompt: str, trigger_word: str | None) -> str:
+    """A sample prompt as the pipeline gets it: ``[trigger]`` replaced, nothing added."""
+    return apply_trigger(prompt, trigger_word, add_if_missing=False)
+
+
 def apply_trigger(caption: str, trigger_word: str | None, add_if_missing: bool = True) -> str:
     """ai-toolkit's rule (toolkit/prompt_utils.py inject_trigger_into_prompt): ``[trigger]`` and
     ``[name]`` become the trigger word, and a caption that still lacks it gets it in front,

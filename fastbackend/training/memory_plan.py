@@ -8,7 +8,8 @@ Activations come from the constants each family states (``Family.activation_byte
 
 The run has three phases and the peak is the largest: caching (text encoders and VAE on the device,
 the denoiser not yet), training (the denoiser, the LoRA and its optimizer, activations), and
-sampling (the encoders back beside the denoiser, decoding). ``fits`` compares the peak, with the
+sampling (the VAE back beside the denoiser, to decode; the sample prompts were encoded with the
+captions). ``fits`` compares the peak, with the
 allocator's slack and the CUDA context added, with the GPU's memory; when it does not fit,
 ``suggestions`` names the cheapest changes that would.
 """
@@ -211,10 +212,10 @@ def estimate(process: ProcessConfig, family: Family, shapes: Shapes, gpu_gb: flo
     if sample is not None and sample.all_prompts and not train.disable_sampling:
         pixels = sample.width * sample.height
         inference = family.activation_bytes(shapes.denoiser_config, sample.width, sample.height, True)
-        phases["sampling"] = {
+        phases["sampling"] = {  # the prompts were encoded before training unless the encoders stay anyway
             "denoiser": denoiser,
             "lora_and_optimizer": lora_bytes,
-            "text_encoders": encoders,
+            **({"text_encoders": encoders} if stays else {}),
             "vae": vae,
             "vae_work": vae_work * pixels,
             "activations": inference.largest_block * 2 * scale,  # one block at a time; two images with CFG

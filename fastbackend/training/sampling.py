@@ -36,7 +36,10 @@ def sample(run: Run, should_stop: Callable[[], bool] = lambda: False) -> list[Pa
         return []
     width, height = run.family.snap_size(run.pipe, sample_cfg.width, sample_cfg.height)
     device = run.denoiser.device
-    for module in run.family.encoders(run.pipe):
+    # The prompts were encoded before training when the text encoders left the device: then only
+    # the VAE comes back. (The pipeline takes its device from its first module, the VAE.)
+    cached = run.texts.samples
+    for module in [run.pipe.vae] if cached else run.family.encoders(run.pipe):
         module.to(device)
     for module in run.lora_modules.values():
         module.eval()
@@ -47,14 +50,19 @@ def sample(run: Run, should_stop: Callable[[], bool] = lambda: False) -> list[Pa
                 if should_stop():
                     break
                 seed = sample_cfg.seed + index if sample_cfg.walk_seed else sample_cfg.seed
+                text = data.sample_prompt(prompt, run.process.trigger_word)
+                if text in cached:
+                    prompt_arguments = {key: value.to(device) for key, value in cached[text].items()}
+                else:
+                    negative = sample_cfg.negative_prompt
+                    prompt_arguments = {"prompt": text, **run.family.sample_kwargs(run.pipe, negative)}
                 image = run.pipe(
-                    data.apply_trigger(prompt, run.process.trigger_word, add_if_missing=False),
+                    **prompt_arguments,
                     num_inference_steps=sample_cfg.sample_steps,
                     guidance_scale=sample_cfg.guidance_scale,
                     width=width,
                     height=height,
                     generator=torch.Generator("cpu").manual_seed(seed),
-                    **run.family.sample_kwargs(run.pipe, sample_cfg.negative_prompt),
                 ).images[0]
                 paths.append(save_image(image, run.folder.sample_path(run.step, index, sample_cfg.format)))
     finally:

@@ -166,9 +166,7 @@ def lora_group(name: str, module: torch.nn.Module, family: Family, process: Proc
     return {"params": params, "lr": process.train.lr}
 
 
-def compile_blocks(
-    denoiser: torch.nn.Module, family: Family, quantized: bool, warnings: list[str], field: str
-) -> None:
+def compile_blocks(denoiser: torch.nn.Module, family: Family, quantized: bool, warnings: list[str], field: str) -> None:
     """torch.compile each of the denoiser's repeated blocks, LoRA layers included. The first steps
     (and the first of each new bucket size) pay the compilation; the rest run the fused kernels."""
     blocks = [module for module in denoiser.modules() if type(module).__name__ in family.compiled_blocks]

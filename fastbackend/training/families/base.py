@@ -216,3 +216,10 @@ class Family(ABC):
     def sample_kwargs(self, pipe, negative_prompt: str) -> dict:
         """What the pipeline call needs beyond the prompt."""
         return {"negative_prompt": negative_prompt or None}
+
+    def encode_for_sampling(self, pipe, prompt: str, negative_prompt: str, guidance_scale: float) -> dict:
+        """The pipeline call's prompt arguments, encoded now (cached before training, so that samples
+        need no text encoder on the device); as the pipeline would encode them itself."""
+        guided = guidance_scale > 1  # the pipeline's classifier-free guidance
+        embeds, negative = pipe.encode_prompt(prompt, pipe.text_encoder.device, 1, guided, negative_prompt or None)
+        return {"prompt_embeds": embeds} | ({"negative_prompt_embeds": negative} if guided else {})

@@ -98,6 +98,12 @@ class Flux(Family):
     def sample_kwargs(self, pipe, negative_prompt: str) -> dict:
         return {"max_sequence_length": self.max_sequence_length(pipe)}
 
+    def encode_for_sampling(self, pipe, prompt: str, negative_prompt: str, guidance_scale: float) -> dict:
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt, prompt_2=None, device=pipe.text_encoder.device, max_sequence_length=self.max_sequence_length(pipe)
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}  # guidance is embedded, not CFG
+
     def training_scheduler(self, pipe):
         """ai-toolkit trains every FLUX.1 (schnell too, whose own scheduler does not shift) with
         FLUX.1-dev's scheduler settings (its toolkit/sampler.py flux_config)."""

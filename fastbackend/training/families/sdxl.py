@@ -30,6 +30,20 @@ class SDXL(SD15):
         )
         return {"prompt_embeds": embeds.float(), "pooled": pooled.float()}
 
+    def encode_for_sampling(self, pipe, prompt: str, negative_prompt: str, guidance_scale: float) -> dict:
+        guided = guidance_scale > 1
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt,
+            device=pipe.text_encoder.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guided,
+            negative_prompt=negative_prompt or None,
+        )
+        arguments = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if guided:
+            arguments |= {"negative_prompt_embeds": negative, "negative_pooled_prompt_embeds": negative_pooled}
+        return arguments
+
     def unet_kwargs(self, batch: TrainingBatch) -> dict:
         # SDXL's micro-conditioning: original size, crop corner and target size of each image.
         time_ids = batch.sizes.to(batch.latents.device, batch.latents.dtype)
