@@ -110,6 +110,22 @@ DECODE_THREADS = Setting(
     "CPU count",
     "threads that decode a request's photos",
 )
+
+
+def _processes(raw: str) -> int:
+    count = int(raw)
+    if count < 1:
+        raise ValueError(raw)
+    return count
+
+
+PROCESSES: Setting[int | None] = Setting(
+    "FASTBACKEND_PROCESSES",
+    _processes,
+    lambda: None,
+    "the visible GPUs",
+    "training processes, one per GPU (data-parallel); 1 trains in the worker's own process",
+)
 LOG_LEVEL = Setting("FASTBACKEND_LOG_LEVEL", str.upper, lambda: "INFO", "`INFO`", "log level")
 HF_TOKEN: Setting[str | None] = Setting(
     "HF_TOKEN",
@@ -163,6 +179,7 @@ ALL: tuple[Setting, ...] = (
     MAX_UPLOAD_BYTES,
     MODEL_DIRS,
     DECODE_THREADS,
+    PROCESSES,
     LOG_LEVEL,
     HF_TOKEN,
     BUCKET,

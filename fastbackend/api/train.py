@@ -82,9 +82,8 @@ def run_training(
     # torch comes in only here: a refused config is answered without it.
     import torch
 
-    from fastbackend.training import pipeline_cache
+    from fastbackend.training import distributed, pipeline_cache
     from fastbackend.training.run import Hooks, TrainJob
-    from fastbackend.training.trainer import train
 
     report = progress or (lambda info: None)
     plan = plan_memory(config, request, base_model, warnings)
@@ -97,7 +96,8 @@ def run_training(
         atomic_write_bytes(output.config, request.yaml_config.encode())
     job = TrainJob(config, base_model, datasets, output, resume=request.resume, warnings=warnings)
     try:
-        result = train(job, Hooks(on_step=report, on_stage=report, should_stop=stopping.requested))
+        hooks = Hooks(on_step=report, on_stage=report, should_stop=stopping.requested)
+        result, processes = distributed.train(job, hooks)
     except torch.cuda.OutOfMemoryError:
         raise FastBackendError(
             "training ran out of GPU memory; try model.quantize: true, train.gradient_checkpointing: true, "
@@ -124,6 +124,7 @@ def run_training(
         "samples": [str(p) for p in result.samples],
         "warnings": result.warnings,
         "memory_plan": plan.summary(),
+        "processes": processes,
     }
     if settings.bucket_configured():  # the LoRA goes to the bucket too; a failure keeps it on the volume
         report({"stage": "uploading", "step": result.steps})

@@ -113,6 +113,62 @@ class Run:
         chunks = [self.history[i : i + size] for i in range(0, len(self.history), size)]
         return [[chunk[-1][0], round(sum(loss for _, loss in chunk) / len(chunk), 6)] for chunk in chunks]
 
+    # ---------------------------------------------------------------- several processes (distributed.py)
+
+    @property
+    def is_main(self) -> bool:
+        """The process that saves, samples and reports (the only one, unless several GPUs train)."""
+        return self.accelerator.is_main_process
+
+    def agreed_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The batch loss averaged over the processes: every one sees the same value, so all stop
+        together on a non-finite one."""
+        if self.accelerator.num_processes == 1:
+            return loss.detach()
+        return self.accelerator.reduce(loss.detach().clone(), reduction="mean")
+
+    def agreed_stop(self, asked: bool) -> bool:
+        """Whether any process was asked to stop: all stop at the same step."""
+        if self.accelerator.num_processes == 1:
+            return asked
+        flag = torch.tensor([1.0 if asked else 0.0], device=self.denoiser.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def average_gradients(self) -> None:
+        """The LoRA's gradients averaged over the processes, in one flat exchange, so every process
+        takes the same update and keeps the same LoRA."""
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+        offset = 0
+        for param, grad in zip(self.params, grads, strict=True):
+            param.grad = flat[offset : offset + grad.numel()].view_as(grad).clone()
+            offset += grad.numel()
+
+    def check_same_lora(self) -> None:
+        """With several processes, that they all hold the same LoRA (what the main one saves)."""
+        if self.accelerator.num_processes == 1:
+            return
+        total = torch.stack([p.detach().double().sum() for p in self.params]).sum().reshape(1)
+        sums = self.accelerator.gather(total)
+        if not torch.allclose(sums, sums[0], rtol=1e-6, atol=1e-9):
+            raise FastBackendError(
+                f"the training processes' LoRAs diverged by step {self.step} (sums {sums.tolist()})",
+                code=ErrorCode.INTERNAL_ERROR,
+            )
+
+    def separate_random_streams(self, salt: int) -> None:
+        """Give each process but the main one its own noise, batches and caption draws (after a
+        common start: the LoRA's initial weights, or a resumed state, are the same everywhere)."""
+        index = self.accelerator.process_index
+        if index == 0:
+            return
+        seed = (salt * 1_000_003 + index * 7_919) % 2**31
+        torch.manual_seed(seed)
+        self.sampler.rng.seed(seed + 1)
+        self.rng.seed(seed + 2)
+
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
         """Within the block the LoRA holds its EMA weights (a no-op without EMA)."""

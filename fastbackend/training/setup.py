@@ -9,6 +9,7 @@ model (``model_load_failed``).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import random
 import threading
@@ -34,6 +35,7 @@ ADAM_EPS = 1e-6
 # ai-toolkit's warm-up for constant_with_warmup when none is given (toolkit/scheduler.py).
 DEFAULT_WARMUP_STEPS = 1000
 DOWNLOAD_REPORT_S = 5.0
+PROCESS_GROUP_TIMEOUT_S = 2 * 3600  # a round of FLUX samples at 1024 px takes minutes
 HUB_TIMEOUT_S = 10.0  # the hub's answer to how large a download is: nice to have, never worth a wait
 
 
@@ -198,12 +200,17 @@ def cuda_index(requested: str) -> int:
 def make_accelerator(device: torch.device, weight_dtype: torch.dtype):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import InitProcessGroupKwargs
 
     # accelerate keeps one state per process and refuses a second Accelerator with another
     # precision; a worker trains job after job, each with its own settings.
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    return Accelerator(mixed_precision=MIXED_PRECISION[weight_dtype], cpu=device.type == "cpu")
+    # With several processes (distributed.py), the others wait while the main one samples or saves.
+    patience = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
+    return Accelerator(
+        mixed_precision=MIXED_PRECISION[weight_dtype], cpu=device.type == "cpu", kwargs_handlers=[patience]
+    )
 
 
 def load_pipeline(family: Family, model_cfg: ModelConfig, job: TrainJob, device: torch.device, dtype: torch.dtype):

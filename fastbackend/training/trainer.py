@@ -41,6 +41,7 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
     started = time.monotonic()
     run = set_up(job, hooks)
     resumed_from = restore_state(run) if job.resume else 0
+    run.separate_random_streams(salt=resumed_from)
     log_run_shape(run)
     total = run.process.train.steps
     bar = terminal_bar(total, resumed_from)
@@ -51,22 +52,25 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
         run.step += 1
         run.history.append((run.step, loss))
         report_step(run, hooks, loss, time.monotonic() - step_started, bar)
-        if run.step % run.process.save.save_every == 0 and run.step < total:
+        if run.step % run.process.save.save_every == 0 and run.step < total and run.is_main:
             hooks.on_stage({"stage": "saving", "step": run.step})
             save_checkpoint(run, final=False)
-        if should_sample(run):
+        if should_sample(run) and run.is_main:  # the other processes wait at the next step's exchange
             hooks.on_stage({"stage": "sampling", "step": run.step})
             sample(run, hooks.should_stop)
     if bar is not None:
         bar.close()
-    hooks.on_stage({"stage": "saving", "step": run.step})
-    final = save_checkpoint(run, final=True)
-    if should_sample(run, final=True):
-        hooks.on_stage({"stage": "sampling", "step": run.step})
-        sample(run)
+    run.check_same_lora()
+    final = run.folder.final_lora
+    if run.is_main:
+        hooks.on_stage({"stage": "saving", "step": run.step})
+        save_checkpoint(run, final=True)
+        if should_sample(run, final=True):
+            hooks.on_stage({"stage": "sampling", "step": run.step})
+            sample(run)
     return TrainResult(
         lora_path=final,
-        sha256=run.sha256[final.name],
+        sha256=run.sha256.get(final.name, ""),  # only the main process saves
         steps=run.step,
         final_loss=run.history[-1][1] if run.history else None,
         loss_history=run.loss_history(),
@@ -81,10 +85,10 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
 def stop_if_asked(run: Run, hooks: Hooks, resumed_from: int) -> None:
     """On a stop request, save what this run trained (a step save and its state) and stop: the
     same request sent again resumes from there."""
-    if not hooks.should_stop():
+    if not run.agreed_stop(hooks.should_stop()):
         return
     saved_now = run.saves and run.saves[-1] == run.folder.step_save(run.step)
-    if run.step > resumed_from and not saved_now:
+    if run.step > resumed_from and not saved_now and run.is_main:
         save_checkpoint(run, final=False)
     kept = f"step {run.step} is saved; send the same request again to resume from it" if run.step else "nothing saved"
     raise TrainingStopped(f"training stopped by a cancel or the execution timeout at step {run.step}: {kept}")
@@ -109,17 +113,19 @@ def train_step(run: Run) -> float:
 def backward_batch(run: Run, steps_in_window: int) -> float:
     """The loss of one batch, its gradient added (scaled so an update averages its window's steps)."""
     loss = compute_loss(run, next_batch(run))
-    if not torch.isfinite(loss):
+    agreed = run.agreed_loss(loss)
+    if not torch.isfinite(agreed):
         last_save = run.saves[-1].name if run.saves else "none yet"
         raise NonFiniteLoss(
-            f"training stopped: the loss became {loss.item()} at step {run.step + 1}; "
+            f"training stopped: the loss became {agreed.item()} at step {run.step + 1}; "
             f"the last good save is kept ({last_save})"
         )
     run.accelerator.backward(loss / steps_in_window)
-    return loss.item()
+    return agreed.item()
 
 
 def optimizer_update(run: Run) -> None:
+    run.average_gradients()  # over the processes, when several GPUs train
     max_grad_norm = run.process.train.max_grad_norm
     if max_grad_norm:
         run.accelerator.unscale_gradients()  # fp16's loss scale out first, once
