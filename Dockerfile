@@ -13,6 +13,11 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
+# A C compiler: torch.compile (train.compile) builds small launchers for its GPU kernels with it.
+# Not pinned: Debian replaces point releases in place, so a pinned version stops resolving.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+
 # Dependencies first, in their own layer, so code changes do not reinstall torch.
 COPY requirements.txt .
 RUN pip install -r requirements.txt

@@ -71,13 +71,30 @@ def test_lora_parameters_counted_on_meta_equal_the_trained_ones(tiny_models, dat
     assert shapes.denoiser == sum(p.numel() for n, p in denoiser.named_parameters() if "lora_" not in n)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["flux", "sd15"])
+def test_the_8bit_part_is_what_quantize_really_swaps(tiny_models, arch):
+    """Only linear targets become 8-bit (SD 1.5's pointwise convolutions stay in full precision)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from fastbackend.training.setup import quantize_8bit
+
+    family = family_for(arch)
+    shapes = count_shapes(family, tiny_models / arch, "own")
+    denoiser = family.denoiser(DiffusionPipeline.from_pretrained(tiny_models / arch))
+    quantize_8bit(denoiser, family.lora_targets(denoiser))
+    denoiser.to("cpu")  # bitsandbytes quantizes as the layers move
+    int8 = sum(p.numel() for p in denoiser.parameters() if p.dtype == torch.int8)
+    assert int8 == shapes.lora_targets > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["flux", "sdxl", "sd15"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_constants_match_what_autograd_keeps(arch, checkpointing):
     """Measured again at another size than the constants were (FLUX: 256 image and 256 text
-    tokens, one block of each kind; SD 1.5: 256 px): the family's estimate is within 10% of the
-    bytes autograd keeps and, with checkpointing, of the largest block's."""
+    tokens, one block of each kind; the UNets: 256 px): the family's estimate is within 10% of
+    the bytes autograd keeps and, with checkpointing, of the largest block's."""
     from devtools.memory import measure, published_denoiser
 
     shallow = {"num_layers": 1, "num_single_layers": 1} if arch == "flux" else {}
@@ -163,3 +180,63 @@ def test_readme_plan_table_is_what_the_plan_says(data_root):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for row in readme_plan_rows():
         assert row in readme, row
+
+
+def test_suggestions_reach_the_phase_at_the_peak(data_root):
+    """ai-toolkit's default dtype is fp32: the plan says bf16 would fit, not that nothing does."""
+    process = user_process(train__dtype="fp32")
+    plan = plan_run(process, "black-forest-labs/FLUX.1-dev", 24)
+    assert plan.fits is False
+    assert plan.suggestions[0].startswith("config.process[0].train.dtype: bf16 (")
+    process = user_process(train__cache_text_embeddings=False)
+    plan = plan_run(process, "black-forest-labs/FLUX.1-dev", 24)
+    assert "config.process[0].train.cache_text_embeddings: true (" in " ".join(plan.suggestions)
+
+
+def test_another_family_models_folder_fails_to_load_not_to_plan(tiny_models, data_root):
+    """An SD 1.5 folder named as FLUX: the plan falls back to FLUX's published shapes, and the
+    load says what is wrong (model_load_failed), not an internal error."""
+    model_path = install_model(tiny_models, data_root, "sd15")
+    upload_photos()
+    answer = train(fixture_yaml().replace("black-forest-labs/FLUX.1-dev", model_path))
+    assert answer["error_code"] == "model_load_failed", answer
+
+
+def test_a_model_planned_with_borrowed_shapes_is_warned_about_not_refused(data_root):
+    from fastbackend.api.train import plan_memory
+    from fastbackend.errors import FastBackendError
+    from fastbackend.schemas import TrainWithYamlRequest
+
+    config, _ = parse_training_config(fixture_yaml())
+    request = TrainWithYamlRequest(type="train_with_yaml", yaml_config=fixture_yaml(), gpu_memory_gb=12)
+    warnings: list[str] = []
+    plan = plan_memory(config, request, "someone/flux-finetune", warnings)
+    assert plan.fits is False and plan.borrowed
+    assert warnings[-1].startswith("memory plan: this run needs about ")
+    assert "published shapes" in warnings[-1] and warnings[-1].endswith("is not known before its download")
+    with pytest.raises(FastBackendError) as refused:  # the published model itself: its shapes are known
+        plan_memory(config, request, "black-forest-labs/FLUX.1-dev", [])
+    assert refused.value.code == "out_of_memory"
+
+
+def test_sd15_loads_without_its_safety_checker(monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    seen = {}
+
+    def capture(cls, name, **options):
+        seen.update(options)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(capture))
+    from fastbackend.errors import FastBackendError
+
+    with pytest.raises(FastBackendError):
+        family_for("sd15").load("/nowhere", torch_dtype(), "/tmp")
+    assert seen["safety_checker"] is None and seen["requires_safety_checker"] is False
+
+
+def torch_dtype():
+    import torch
+
+    return torch.float32

@@ -129,6 +129,6 @@ def test_a_gpu_size_without_preset_auto_says_it_changed_nothing(tiny_models, dat
     answer = train(user_yaml(model_path, steps=1), gpu_memory_gb=24)
     assert answer["status"] == "success", answer
     assert (
-        "input.gpu_memory_gb: only config.process[0].train.preset: auto uses it; the memory plan does"
+        "input.gpu_memory_gb: config.process[0].train.preset is not auto; only the memory plan uses it"
         in (answer["warnings"])
     )

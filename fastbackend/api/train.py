@@ -140,20 +140,23 @@ def plan_memory(config: TrainingConfig, request: TrainWithYamlRequest, base_mode
 
     process = config.process
     if request.gpu_memory_gb is not None and process.train.preset != "auto":
-        warnings.append(f"input.gpu_memory_gb: only {PREFIX}.train.preset: auto uses it; the memory plan does")
+        warnings.append(f"input.gpu_memory_gb: {PREFIX}.train.preset is not auto; only the memory plan uses it")
     gpu_gb = request.gpu_memory_gb or visible_gpu_gb(process.device)
     apply_preset(process, gpu_gb, warnings, fits=lambda candidate: plan_run(candidate, base_model, gpu_gb).fits)
     plan = plan_run(process, base_model, gpu_gb)
-    if plan.fits is False:
-        fixes = "; ".join(plan.suggestions) or "no change to this config fits it; use a GPU with more memory"
-        raise FastBackendError(
-            f"memory plan: this run needs about {plan.needed_gb:g} GB of GPU memory (its peak, {plan.peak_gb:g} GB "
-            f"while {plan.phase}, with the CUDA context and allocator slack) and the GPU has {plan.gpu_gb:g} GB; "
-            f"what would fit: {fixes}",
-            details=[f"{name}: {gb:g} GB" for name, gb in plan.parts.items()],
-            code=ErrorCode.OUT_OF_MEMORY,
-        )
-    return plan
+    if plan.fits is not False:
+        return plan
+    fixes = "; ".join(plan.suggestions) or "no change to this config fits it; use a GPU with more memory"
+    verdict = (
+        f"memory plan: this run needs about {plan.needed_gb:g} GB of GPU memory (its peak, {plan.peak_gb:g} GB "
+        f"while {plan.phase}, with the CUDA context and allocator slack, counted from {plan.source}) "
+        f"and the GPU has {plan.gpu_gb:g} GB; what would fit: {fixes}"
+    )
+    if plan.borrowed:  # another model's shapes: a guess about this one, not a reason to refuse it
+        warnings.append(f"{verdict}; training anyway, since {base_model}'s own size is not known before its download")
+        return plan
+    details = [f"{name}: {gb:g} GB" for name, gb in plan.parts.items()]
+    raise FastBackendError(verdict, details=details, code=ErrorCode.OUT_OF_MEMORY)
 
 
 def visible_gpu_gb(device: str) -> float | None:

@@ -30,6 +30,7 @@ from fastbackend.config import PREFIX, ProcessConfig
 from fastbackend.storage import HUB_ID, cached_snapshot
 from fastbackend.training.caching import encoders_stay
 from fastbackend.training.families import Family, family_for
+from fastbackend.training.setup import bitsandbytes_available
 
 SHAPES = Path(__file__).parent / "shapes"
 GB = 1e9
@@ -52,8 +53,9 @@ class Shapes:
     """Parameter counts of a pipeline, from its configs built on the meta device."""
 
     source: str  # where the shapes came from, for the answer
+    reference: bool  # the family's published shapes, not the model's own
     denoiser: int
-    lora_targets: int  # parameters in the weights of the layers the LoRA adapts
+    lora_targets: int  # parameters in the weights of the linear layers the LoRA adapts (quantize: 8-bit)
     lora_target_rows: int  # their output features (8-bit quantization keeps a scale per row)
     lora_per_rank: int  # LoRA parameters per unit of rank (in + out features of each target)
     text_encoders: dict[str, int]
@@ -71,6 +73,7 @@ class MemoryPlan:
     gpu_gb: float | None
     needed_gb: float  # the peak with the CUDA context and the allocator's slack
     source: str
+    borrowed: bool = False  # the shapes are another model's (the family's published one)
     suggestions: list[str] = field(default_factory=list)
 
     @property
@@ -97,6 +100,7 @@ def plan_run(process: ProcessConfig, base_model: str, gpu_gb: float | None) -> M
     family = family_for(process.model.resolved_arch, process.model.is_v_pred)
     shapes = count_shapes(family, *shapes_folder(family, base_model, process.model.revision))
     plan = estimate(process, family, shapes, gpu_gb)
+    plan.borrowed = shapes.reference and base_model != family.reference_model
     if plan.fits is False:
         plan.suggestions = suggest(process, lambda changed: estimate(changed, family, shapes, gpu_gb))
     return plan
@@ -116,37 +120,42 @@ def shapes_folder(family: Family, base_model: str, revision: str | None) -> tupl
 
 
 def count_shapes(family: Family, folder: Path, source: str) -> Shapes:
-    index = folder / "model_index.json"
-    try:  # cached per folder as it is now: a model replaced in place is counted again
-        return _count_shapes(family.name, folder, index.stat().st_mtime_ns, source)
+    reference = SHAPES / family.name
+    try:  # cached per folder as its configs are now: a model replaced in place is counted again
+        modified = tuple(path.stat().st_mtime_ns for path in sorted(folder.glob("*/config.json")))
+        return _count_shapes(family.name, folder, modified, source, folder == reference)
     except Exception:  # configs this can't build: the model's load will say what is wrong with it
-        reference = SHAPES / family.name
         if folder == reference:
             raise
         source = f"{family.reference_model}'s published shapes (the model's own configs could not be read)"
-        return _count_shapes(family.name, reference, 0, source)
+        return _count_shapes(family.name, reference, (), source, True)
 
 
 @functools.lru_cache(maxsize=8)
-def _count_shapes(family_name: str, folder: Path, modified: int, source: str) -> Shapes:
+def _count_shapes(family_name: str, folder: Path, modified: tuple, source: str, reference: bool) -> Shapes:
     family = family_for(family_name)
     index = json.loads((folder / "model_index.json").read_text())
-    denoiser = build_on_meta(folder / family.denoiser_name, *index[family.denoiser_name])
-    targets = [denoiser.get_submodule(name) for name in family.lora_targets(denoiser)]
+    library, class_name = index[family.denoiser_name]
+    if class_name != family.denoiser_class_name:  # another family's model: its load names both
+        raise ValueError(f"{family.denoiser_name} is a {class_name}")
+    denoiser = build_on_meta(folder / family.denoiser_name, library, class_name)
+    layers = [denoiser.get_submodule(name) for name in family.lora_targets(denoiser)]
+    targets = [layer for layer in layers if isinstance(layer, torch.nn.Linear)]  # what quantize_8bit swaps
     text_encoders, text_encoder_lora = {}, {}
     for name in ("text_encoder", "text_encoder_2"):
         if isinstance(index.get(name), list) and index[name][1] is not None:
             encoder = build_on_meta(folder / name, *index[name])
             text_encoders[name] = parameters(encoder)
             if family.trains_text_encoders:
-                layers = [encoder.get_submodule(n) for n in family.text_encoder_lora_targets(encoder)]
-                text_encoder_lora[name] = sum(lora_width(layer) for layer in layers)
+                adapted = [encoder.get_submodule(n) for n in family.text_encoder_lora_targets(encoder)]
+                text_encoder_lora[name] = sum(lora_width(layer) for layer in adapted)
     return Shapes(
         source=source,
+        reference=reference,
         denoiser=parameters(denoiser),
         lora_targets=sum(layer.weight.numel() for layer in targets),
         lora_target_rows=sum(layer.weight.shape[0] for layer in targets),
-        lora_per_rank=sum(lora_width(layer) for layer in targets),
+        lora_per_rank=sum(lora_width(layer) for layer in layers),
         text_encoders=text_encoders,
         text_encoder_lora_per_rank=text_encoder_lora,
         vae=parameters(build_on_meta(folder / "vae", *index["vae"])),
@@ -168,7 +177,7 @@ def build_on_meta(folder: Path, library: str, class_name: str) -> torch.nn.Modul
             return model_class.from_config(model_class.load_config(folder))
         from transformers import AutoConfig
 
-        return model_class(AutoConfig.from_pretrained(folder, local_files_only=True))
+        return model_class(AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False))
 
 
 def parameters(module: torch.nn.Module) -> int:
@@ -188,7 +197,7 @@ def estimate(process: ProcessConfig, family: Family, shapes: Shapes, gpu_gb: flo
     weight = DTYPE_BYTES[train.dtype]
     scale = weight / 2  # activations were measured in bf16
     size = max(r for d in process.datasets for r in d.resolution)  # the largest bucket a photo can reach
-    if process.model.quantize:
+    if process.model.quantize and bitsandbytes_available():  # else the trainer keeps full precision
         frozen = shapes.lora_targets + shapes.lora_target_rows * INT8_SCALE_BYTES
         denoiser = frozen + (shapes.denoiser - shapes.lora_targets) * weight
     else:
@@ -211,6 +220,7 @@ def estimate(process: ProcessConfig, family: Family, shapes: Shapes, gpu_gb: flo
     sample = process.sample
     if sample is not None and sample.all_prompts and not train.disable_sampling:
         pixels = sample.width * sample.height
+        guided = family.classifier_free_guidance and sample.guidance_scale > 1
         inference = family.activation_bytes(shapes.denoiser_config, sample.width, sample.height, True)
         phases["sampling"] = {  # the prompts were encoded before training unless the encoders stay anyway
             "denoiser": denoiser,
@@ -218,7 +228,8 @@ def estimate(process: ProcessConfig, family: Family, shapes: Shapes, gpu_gb: flo
             **({"text_encoders": encoders} if stays else {}),
             "vae": vae,
             "vae_work": vae_work * pixels,
-            "activations": inference.largest_block * 2 * scale,  # one block at a time; two images with CFG
+            # one block at a time, for two images with classifier-free guidance
+            "activations": inference.largest_block * (2 if guided else 1) * scale,
         }
     totals = {name: sum(parts.values()) for name, parts in phases.items()}
     phase = max(totals, key=lambda name: totals[name])
@@ -237,6 +248,10 @@ def estimate(process: ProcessConfig, family: Family, shapes: Shapes, gpu_gb: flo
 def changes(process: ProcessConfig) -> list[tuple[str, Callable[[ProcessConfig], None]]]:
     """What can make a run smaller, cheapest first (in quality and speed), as (label, change)."""
     train, options = process.train, []
+    if train.dtype in ("fp32", "float32"):
+        options.append(("train.dtype: bf16", setting("train", "dtype", "bf16")))
+    if not train.cache_text_embeddings:
+        options.append(("train.cache_text_embeddings: true", setting("train", "cache_text_embeddings", True)))
     if train.optimizer in ("adamw", "adam", "prodigy"):
         options.append(("train.optimizer: adamw8bit", setting("train", "optimizer", "adamw8bit")))
     if not train.gradient_checkpointing:
@@ -249,7 +264,19 @@ def changes(process: ProcessConfig) -> list[tuple[str, Callable[[ProcessConfig],
     for smaller in (1024, 768, 512):
         if smaller < largest:
             options.append((f"datasets[].resolution: at most {smaller}", functools.partial(cap_resolution, smaller)))
+    sample = process.sample
+    if sample is not None and sample.all_prompts and not train.disable_sampling:
+        if max(sample.width, sample.height) > 1024:
+            options.append(("sample.width and height: at most 1024", cap_sample_size))
+        options.append(("train.disable_sampling: true", setting("train", "disable_sampling", True)))
     return options
+
+
+def cap_sample_size(process: ProcessConfig) -> None:
+    sample = process.sample
+    assert sample is not None
+    scale = 1024 / max(sample.width, sample.height)
+    sample.width, sample.height = int(sample.width * scale), int(sample.height * scale)
 
 
 def setting(section: str, name: str, value: object) -> Callable[[ProcessConfig], None]:

@@ -37,7 +37,7 @@ def sample(run: Run, should_stop: Callable[[], bool] = lambda: False) -> list[Pa
     width, height = run.family.snap_size(run.pipe, sample_cfg.width, sample_cfg.height)
     device = run.denoiser.device
     # The prompts were encoded before training when the text encoders left the device: then only
-    # the VAE comes back. (The pipeline takes its device from its first module, the VAE.)
+    # the VAE comes back. (diffusers runs a pipeline split across devices on its accelerator.)
     cached = run.texts.samples
     for module in [run.pipe.vae] if cached else run.family.encoders(run.pipe):
         module.to(device)

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import logging
 import random
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -171,6 +172,9 @@ def lora_group(name: str, module: torch.nn.Module, family: Family, process: Proc
 def compile_blocks(denoiser: torch.nn.Module, family: Family, quantized: bool, warnings: list[str], field: str) -> None:
     """torch.compile each of the denoiser's repeated blocks, LoRA layers included. The first steps
     (and the first of each new bucket size) pay the compilation; the rest run the fused kernels."""
+    if denoiser.device.type == "cuda" and not (shutil.which("cc") or shutil.which("gcc")):
+        warnings.append(f"{field}: torch.compile needs a C compiler for its GPU kernels and none is here; not compiled")
+        return
     blocks = [module for module in denoiser.modules() if type(module).__name__ in family.compiled_blocks]
     for block in blocks:
         block.compile()

@@ -107,6 +107,10 @@ class Family(ABC):
     # (regional compilation: every block of a class shares one compiled graph, so it compiles in
     # seconds rather than minutes, and the LoRA layers inside are compiled with it).
     compiled_blocks: ClassVar[tuple[str, ...]] = ()
+    # Whether its pipeline runs classifier-free guidance (two images a step) when guidance_scale > 1.
+    classifier_free_guidance: ClassVar[bool] = True
+    # Options its pipeline is loaded with beyond the dtype and location.
+    load_options: ClassVar[dict[str, Any]] = {}
     # The published model whose shapes the memory plan counts when the model is not on the volume
     # yet (``training/shapes/<name>/``: its model_index.json and component configs).
     reference_model: ClassVar[str]
@@ -162,6 +166,7 @@ class Family(ABC):
             name_or_path, revision = str(cached), None
         # HF_TOKEN (gated models) is passed, never logged or returned.
         options = {"dtype": dtype, "cache_dir": cache_dir, "revision": revision, "token": settings.HF_TOKEN.get()}
+        options |= self.load_options
         try:
             pipe = pipeline_class.from_pretrained(name_or_path, **options)
         except (OSError, ValueError) as exc:

@@ -64,6 +64,7 @@ class Flux(Family):
     modelspec_architecture = "flux-1-dev/lora"
     reference_model = "black-forest-labs/FLUX.1-dev"
     compiled_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    classifier_free_guidance = False  # FLUX.1 embeds its guidance
 
     def lora_targets(self, denoiser: torch.nn.Module) -> list[str]:
         return module_names(denoiser, lambda name, m: FLUX_BLOCKS in name and isinstance(m, torch.nn.Linear))

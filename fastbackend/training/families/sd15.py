@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,9 @@ class SD15(Family):
     modelspec_architecture = "stable-diffusion-v1/lora"
     reference_model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     compiled_blocks = ("BasicTransformerBlock", "ResnetBlock2D")
+    # No safety checker (ai-toolkit loads none either): 0.3B parameters on the GPU, and samples of a
+    # person blacked out as false positives.
+    load_options: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
     # bf16 bytes per latent pixel of one example, kept for the backward pass, without and with
     # gradient checkpointing, and the largest block; measured with devtools/memory.py
     # (benchmarks/activation_memory.py) on the published UNet with a rank-16 LoRA at 48x48 and

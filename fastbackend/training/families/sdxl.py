@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -16,6 +16,7 @@ class SDXL(SD15):
     kohya_base_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
     reference_model = "stabilityai/stable-diffusion-xl-base-1.0"
+    load_options: ClassVar[dict[str, Any]] = {}  # no safety checker to leave out
     # As SD 1.5's, measured at 64x64 and 96x96 latents (512 and 768 px).
     kept: ClassVar[dict[bool, PerUnit]] = {False: PerUnit(146e6, 461_650), True: PerUnit(1.7e6, 35_017)}
     largest_block: ClassVar[PerUnit] = PerUnit(1.4e6, 10_328)
