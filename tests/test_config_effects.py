@@ -127,13 +127,22 @@ def test_samples_follow_the_sample_keys(tiny_models, data_root, monkeypatch):
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    calls = []
+    from fastbackend.training.families.sd15 import SD15
 
-    def record(self, prompt, **kwargs):
-        calls.append({"prompt": prompt, **kwargs, "seed": kwargs["generator"].initial_seed()})
+    calls, encoded = [], []
+
+    def record(self, **kwargs):
+        calls.append({**kwargs, "seed": kwargs["generator"].initial_seed()})
         return type("Output", (), {"images": [Image.new("RGB", (kwargs["width"], kwargs["height"]))]})()
 
+    real_encode = SD15.encode_for_sampling
+
+    def encode(self, pipe, prompt, negative_prompt, guidance_scale):  # the prompts are encoded before training
+        encoded.append((prompt, negative_prompt, guidance_scale))
+        return real_encode(self, pipe, prompt, negative_prompt, guidance_scale)
+
     monkeypatch.setattr(StableDiffusionPipeline, "__call__", record)
+    monkeypatch.setattr(SD15, "encode_for_sampling", encode)
     model_path = install_model(tiny_models, data_root, "sd15")
     upload_photos()
     text = user_yaml(
@@ -153,7 +162,8 @@ def test_samples_follow_the_sample_keys(tiny_models, data_root, monkeypatch):
     assert [Path(p).name for p in answer["samples"]][:3] == ["000000001_0.png", "000000001_1.png", "000000001_2.png"]
     first = calls[0]
     assert (first["width"], first["height"], first["num_inference_steps"], first["guidance_scale"]) == (96, 64, 3, 6.5)
-    assert first["negative_prompt"] == "blurry" and first["prompt"] == "Matt, photo"
+    assert encoded[0] == ("Matt, photo", "blurry", 6.5)
+    assert {"prompt_embeds", "negative_prompt_embeds"} <= first.keys() and "prompt" not in first
     assert [c["seed"] for c in calls[:3]] == [42, 43, 44]  # walk_seed: the seed walks with the prompt
     no_walk = train(text.replace("walk_seed: true", "walk_seed: false"), resume=False)
     assert no_walk["status"] == "success" and {c["seed"] for c in calls[6:]} == {42}
