@@ -15,6 +15,7 @@ tool carries). Then, in one command there:
    without checkpointing and 8-bit base weights, seconds per micro-batch and per optimizer step
    (the user's YAML accumulates 4), peak memory allocated and reserved, and the memory plan's
    estimate of the same (its training phase) beside them.
+3. Host syncs per trainer step (CUDA's sync debug mode, tiny FLUX): the aim is the one loss read.
 
     .venv/bin/python -m benchmarks.gpu_check --smoke      # on a CPU: tiny shapes, to check the script
 """
@@ -107,6 +108,38 @@ def int8_paths_active(device: str, root: Path) -> str:
     assert layers and optimizer == "AdamW8bit", (len(layers), optimizer)
     weight = layers[0].weight
     return f"{len(layers)} FrozenLinear8bit layers ({weight.dtype} on {weight.device}), optimizer {optimizer}"
+
+
+def host_syncs(device: str, root: Path, steps: int = 6) -> str:
+    """Synchronizing CUDA calls per trainer step (tiny FLUX, the user's settings): the aim is one,
+    the loss read; every other one leaves the GPU idle while the host catches up."""
+    import warnings
+
+    import torch
+
+    from fastbackend.config import parse_training_config
+    from fastbackend.layout import LoraFolder
+    from fastbackend.training.run import TrainJob
+    from fastbackend.training.setup import set_up
+    from fastbackend.training.trainer import train_step
+
+    folder = root / "models" / "flux"
+    text = tiny_config(str(folder), "flux", 40).replace("device: cuda:0", f"device: {device}")
+    config, _ = parse_training_config(text)
+    run = set_up(TrainJob(config, str(folder), [root / "training_data" / DATASET], LoraFolder(root / "output" / "s")))
+    train_step(run)  # the first step allocates, compiles kernels, fills caches
+    run.step += 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                train_step(run)
+                run.step += 1
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    return f"host syncs per step: {len(syncs) / steps:.1f} (aim: 1, the loss read); first: {syncs[:3]}"
 
 
 @dataclass
@@ -271,6 +304,7 @@ def main() -> None:
     tiny_runs(device, root)
     if not args.smoke:
         print(int8_paths_active(device, root), flush=True)
+        print(host_syncs(device, root), flush=True)
     size = 64 if args.smoke else 1024
     print(f"\nLoRA rank 16, {size} px, batch 1, adamw8bit, {ACCUMULATE} micro-batches per optimizer step")
     header = f"{'model':<7}{'8-bit':<7}{'ckpt':<6}{'s/micro':>9}{'s/update':>10}{'alloc GB':>10}{'reserved GB':>13}"

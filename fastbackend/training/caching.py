@@ -40,7 +40,7 @@ class TextCache:
         if caption not in self.cache:
             with torch.no_grad():
                 encoded = self.family.encode_prompt(self.pipe, caption)
-            self.cache[caption] = {key: value.cpu() for key, value in encoded.items()}
+            self.cache[caption] = {key: data.pinned(value.cpu()) for key, value in encoded.items()}
         return self.cache[caption]
 
     @torch.no_grad()
@@ -52,7 +52,7 @@ class TextCache:
 
     def batch(self, captions: list[str]) -> dict[str, torch.Tensor]:
         conds = [self.get(caption) for caption in captions]
-        return {key: torch.cat([c[key] for c in conds]).to(self.device) for key in conds[0]}
+        return {key: torch.cat([data.staged(c[key], self.device) for c in conds]) for key in conds[0]}
 
 
 def prepare_data(

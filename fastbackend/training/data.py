@@ -97,6 +97,19 @@ def dataset_hash(items: list[Item]) -> str:
     return digest.hexdigest()[:16]
 
 
+def pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (on the CPU) in page-locked memory when there is a GPU to copy it to."""
+    return tensor.pin_memory() if torch.cuda.is_available() and not tensor.is_pinned() else tensor
+
+
+def staged(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``. To a GPU it is copied from page-locked memory without waiting: a
+    copy from ordinary memory first waits for the GPU to finish its queue, a stall every step."""
+    if device.type != "cuda" or tensor.device == device:
+        return tensor.to(device)
+    return pinned(tensor).to(device, non_blocking=True)
+
+
 def sample_prompt(prompt: str, trigger_word: str | None) -> str:
     """A sample prompt as the pipeline gets it: ``[trigger]`` replaced, nothing added."""
     return apply_trigger(prompt, trigger_word, add_if_missing=False)

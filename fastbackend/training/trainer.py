@@ -149,11 +149,11 @@ def next_batch(run: Run) -> TrainingBatch:
     dtype = run.weight_dtype
     device = run.denoiser.device  # the configured device (accelerate only knows its default one)
     posteriors = [latent_posterior(run, e) for e in examples]
-    mean = torch.stack([m for m, _ in posteriors]).to(device)
-    std = torch.stack([s for _, s in posteriors]).to(device)
+    mean = data.staged(torch.stack([m for m, _ in posteriors]), device)
+    std = data.staged(torch.stack([s for _, s in posteriors]), device)
     raw = mean + std * torch.randn_like(mean)  # a fresh draw from the VAE's posterior each step
     latents = run.family.scale_latents(run.pipe, raw).to(dtype)
-    sizes = torch.tensor([e.sizes for e in examples])
+    sizes = data.staged(torch.tensor([e.sizes for e in examples]), device)
     cond = {k: v.to(dtype) for k, v in run.texts.batch(captions).items()}
     return TrainingBatch(latents=latents, cond=cond, sizes=sizes)
 
