@@ -200,6 +200,9 @@ class DatasetConfig(Section):
     num_repeats: int = Field(1, gt=0, description="Relative sampling weight of this dataset.")
     default_caption: str | None = None
     trigger_word: str | None = Field(None, max_length=200, description="This dataset's trigger; default the process's.")
+    require_faces: bool = Field(
+        False, description="Refuse to train when the dataset report finds a photo with no face or another person."
+    )
 
     @field_validator("resolution", mode="before")
     @classmethod

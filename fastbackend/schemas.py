@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fastbackend.errors import ValidationFailed, show_value
 from fastbackend.storage import name_problem
@@ -51,6 +51,24 @@ class ListDatasetsRequest(Request):
 
 class DeleteDatasetRequest(Request):
     training_name: SafeName
+
+
+class AnalyzeDatasetRequest(Request):
+    training_name: SafeName
+    resolution: list[int] = Field(
+        default_factory=lambda: [512, 768, 1024],
+        min_length=1,
+        max_length=16,
+        description="The buckets the photos will train at (datasets[].resolution), to compare their sizes with.",
+    )
+
+    @field_validator("resolution")
+    @classmethod
+    def _sizes(cls, sizes: list[int]) -> list[int]:
+        for size in sizes:
+            if not 32 <= size <= 4096:
+                raise ValueError(f"each resolution must be between 32 and 4096, got {size}")
+        return sizes
 
 
 class DeleteModelRequest(Request):

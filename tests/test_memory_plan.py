@@ -147,7 +147,7 @@ def test_the_plan_is_answered_and_reported_from_the_models_own_configs(tiny_mode
     plan = answer["memory_plan"]
     assert (plan["gpu_gb"], plan["fits"], plan["shapes"]) == (None, None, "the model's own configs")
     assert plan["estimated_peak_gb"] < 1
-    assert updates[0] == {"stage": "planning", "memory_plan": plan}
+    assert updates[1] == {"stage": "planning", "memory_plan": plan}  # after analyzing_datasets
 
 
 PLAN_MODELS = {

@@ -273,6 +273,7 @@ def test_progress_reports_every_stage_and_every_step(tiny_models, data_root):
     train_with_yaml(request, progress=seen.append)
     stages = [(info["stage"], info.get("step")) for info in seen]
     assert stages == [
+        ("analyzing_datasets", None),
         ("planning", None),
         ("loading_model", None),
         ("caching", None),

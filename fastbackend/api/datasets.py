@@ -15,13 +15,19 @@ from fastbackend import datasets, settings
 from fastbackend.api import Progress
 from fastbackend.errors import ErrorCode, ValidationFailed
 from fastbackend.layout import DatasetFolder
-from fastbackend.schemas import DeleteDatasetRequest, ListDatasetsRequest, UploadTrainingDataRequest
+from fastbackend.schemas import (
+    AnalyzeDatasetRequest,
+    DeleteDatasetRequest,
+    ListDatasetsRequest,
+    UploadTrainingDataRequest,
+)
 from fastbackend.staging import RawFile, Staging
 from fastbackend.storage import (
     dataset_dir,
     datasets_dir,
     existing_dataset_dir,
     list_names,
+    locked,
     no_links,
     remove_tree,
 )
@@ -105,3 +111,14 @@ def delete_dataset(request: DeleteDatasetRequest, progress: Progress | None = No
     count = len(folder.images())
     remove_tree(folder.path)
     return {"status": "success", "deleted": request.training_name, "images": count}
+
+
+def analyze_dataset(request: AnalyzeDatasetRequest, progress: Progress | None = None) -> dict:
+    """The dataset report (faces, sharpness, exposure, sizes, near-duplicates, one person?)."""
+    from fastbackend.dataset_report import analyze
+
+    folder = existing_dataset_dir(request.training_name)
+    datasets.recover(DatasetFolder(folder))  # an upload a killed worker left half-committed
+    with locked(folder, reader="analyze_dataset"):  # as committed: an upload waits until the report is done
+        report = analyze(DatasetFolder(folder), request.resolution)
+    return {"status": "success", "training_name": request.training_name} | report

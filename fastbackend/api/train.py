@@ -45,7 +45,9 @@ def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = N
             ) in datasets:  # read, not written: a delete waits (and says who reads) instead of pulling them away
                 held.enter_context(locked(folder, reader=config.name))
                 refuse_unfinished_commit(DatasetFolder(folder))
-            return run_training(config, request, datasets, base_model, output, warnings, progress)
+            reports = report_datasets(config, datasets, warnings, progress or (lambda info: None))
+            answer = run_training(config, request, datasets, base_model, output, warnings, progress)
+            return answer | {"dataset_report": reports}
         except BaseException:
             remove_if_nothing_saved(output)
             raise
@@ -60,6 +62,30 @@ def refuse_unfinished_commit(folder: DatasetFolder) -> None:
             "(it finishes that upload first)",
             code=ErrorCode.LOCKED,
         )
+
+
+def report_datasets(config: TrainingConfig, folders: list[Path], warnings: list[str], progress: Progress) -> dict:
+    """Each dataset's report (faces, sharpness, exposure, sizes, near-duplicates), by name. With
+    ``require_faces``, photos with no face or another person's refuse the run before any download;
+    without it, a face model that cannot load leaves the report out and training goes on."""
+    from fastbackend.dataset_report import analyze
+
+    progress({"stage": "analyzing_datasets"})
+    reports = {}
+    for index, (folder, dataset) in enumerate(zip(folders, config.process.datasets, strict=True)):
+        field = f"{PREFIX}.datasets[{index}]"
+        try:
+            report = analyze(DatasetFolder(folder), dataset.resolution)
+        except FastBackendError as exc:
+            if dataset.require_faces or exc.code != ErrorCode.MODEL_LOAD_FAILED:
+                raise
+            warnings.append(f"{field}: no dataset report: {exc.message}")
+            continue
+        reports[folder.name] = report
+        if dataset.require_faces and report["blocking"]:
+            problems = [f"{field}.require_faces: {problem}" for problem in report["blocking"]]
+            raise ValidationFailed.from_problems(problems, code=ErrorCode.INVALID_DATASET)
+    return reports
 
 
 def remove_if_nothing_saved(output: LoraFolder) -> None:
