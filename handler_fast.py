@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import importlib
 import json
 import logging
@@ -43,7 +42,7 @@ from fastbackend.schemas import (
     UploadTrainingDataRequest,
     parse_request,
 )
-from fastbackend.storage import disk_full
+from fastbackend.storage import disk_full, out_of_space
 
 log = logging.getLogger("fastbackend.handler")
 
@@ -216,13 +215,6 @@ def _stop_running_jobs_on_sigterm() -> None:
 
     stop_then_previous.stops_jobs = True  # type: ignore[attr-defined]
     signal.signal(signal.SIGTERM, stop_then_previous)
-
-
-def out_of_space(exc: BaseException) -> bool:
-    """A full volume or quota: as an OSError, or as torch's and safetensors' own wrappers of one."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return "No space left on device" in str(exc) or "os error 28" in str(exc)
 
 
 def _job_id(job: Any) -> object:

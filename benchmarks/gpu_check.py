@@ -175,12 +175,15 @@ def denoiser(arch: str, device: str, smoke: bool, quantize: bool):
         model_class = getattr(diffusers, config.pop("_class_name"))
     cuda = device.startswith("cuda")
     torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)
-    with torch.device(device):
-        model = model_class(**config)
-    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device(device):
+            model = model_class(**config)
+    finally:
+        torch.set_default_dtype(torch.float32)
     model.requires_grad_(False)
     if quantize:  # as the trainer does: swapped on the CPU, quantized as the layers move to the GPU
         model.to("cpu")
+        torch.cuda.empty_cache()  # the bf16 weights' blocks go back: the trainer never holds them on the GPU
         quantize_8bit(model, family.lora_targets(model))
         model.to(device)
     params = lora_io.add_lora(model, family.lora_targets(model), rank=16, alpha=16, dropout=0.0)

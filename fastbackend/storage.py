@@ -467,6 +467,13 @@ def disk_full(needed: int | None = None) -> FastBackendError:
     )
 
 
+def out_of_space(exc: BaseException) -> bool:
+    """A full volume or quota: as an OSError, or as torch's and safetensors' own wrappers of one."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "os error 28" in str(exc)
+
+
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

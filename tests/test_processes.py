@@ -11,7 +11,6 @@ LEARNS = {
     "lr: 0.0001": "lr: 0.003",
     "caption_dropout_rate: 0.05": "caption_dropout_rate: 0.0",
     "gradient_accumulation_steps: 4": "gradient_accumulation_steps: 1",
-    "dtype: bf16": "dtype: bf16\n      seed: 1",
 }
 
 
@@ -32,6 +31,57 @@ def test_two_processes_train_one_lora_shaped_as_one_process_would(tiny_models, d
     assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in two.items()}
     losses = [loss for _, loss in double["loss_history"]]
     assert sum(losses[-4:]) < sum(losses[:4])
+    # The same seed, but the second process draws its own batches and noise: another run.
+    assert double["loss_history"] != single["loss_history"]
+
+
+@pytest.mark.slow
+def test_processes_share_one_seed_when_the_config_sets_none(tiny_models, data_root, monkeypatch):
+    model_path = install_model(tiny_models, data_root, "sd15")
+    upload_photos(count=2)
+    text = user_yaml(model_path, "sd15", steps=2, replacements=LEARNS).replace("      seed: 1234\n", "")
+    assert "seed: 1234" not in text  # the user's YAML sets no training seed
+    monkeypatch.setenv("FASTBACKEND_PROCESSES", "2")
+    answer = train(text)
+    assert answer["status"] == "success", answer  # else the LoRAs diverge from their first step
+    assert any(
+        w.startswith("config.process[0].train.seed: none set; 2 processes share the seed ") for w in answer["warnings"]
+    )
+
+
+def test_a_failure_in_a_process_is_answered_as_the_worker_answers_it():
+    import errno
+
+    import torch
+
+    from fastbackend.training.distributed import as_answer
+
+    full = as_answer(OSError(errno.ENOSPC, "No space left on device", "/runpod-volume/output/x/state.pt"), 1)
+    assert full.code == "disk_full" and "/runpod-volume" not in full.message
+    assert as_answer(torch.cuda.OutOfMemoryError("CUDA out of memory"), 0).code == "out_of_memory"
+    odd = as_answer(RuntimeError("secret path /root/.cache/token"), 1)
+    assert (
+        odd.code == "internal_error"
+        and odd.message == "internal error (RuntimeError) in training process 1; see the worker log"
+    )
+
+
+def test_a_result_that_never_arrives_ends_the_wait():
+    import queue
+    from types import SimpleNamespace
+
+    from fastbackend.errors import FastBackendError
+    from fastbackend.training.distributed import relay
+    from fastbackend.training.run import Hooks
+
+    ended = [SimpleNamespace(exitcode=0), SimpleNamespace(exitcode=0)]
+    with pytest.raises(FastBackendError) as lost:
+        relay(queue.Queue(), ended, Hooks(), SimpleNamespace(set=lambda: None))
+    assert lost.value.message == "training process 0 of 2 ended without an answer; a resumable state, if any, is kept"
+    killed = [SimpleNamespace(exitcode=0), SimpleNamespace(exitcode=-9)]
+    with pytest.raises(FastBackendError) as dead:
+        relay(queue.Queue(), killed, Hooks(), SimpleNamespace(set=lambda: None))
+    assert dead.value.message.startswith("training process 1 of 2 ended with exit code -9")
 
 
 @pytest.mark.slow

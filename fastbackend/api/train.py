@@ -109,7 +109,7 @@ def run_training(
     import torch
 
     from fastbackend.training import distributed, pipeline_cache
-    from fastbackend.training.run import Hooks, TrainJob
+    from fastbackend.training.run import Hooks, TrainJob, out_of_memory
 
     report = progress or (lambda info: None)
     plan = plan_memory(config, request, base_model, warnings)
@@ -125,11 +125,7 @@ def run_training(
         hooks = Hooks(on_step=report, on_stage=report, should_stop=stopping.requested)
         result, processes = distributed.train(job, hooks)
     except torch.cuda.OutOfMemoryError:
-        raise FastBackendError(
-            "training ran out of GPU memory; try model.quantize: true, train.gradient_checkpointing: true, "
-            "a smaller train.batch_size or smaller datasets[].resolution (a resumable state, if any, is kept)",
-            code=ErrorCode.OUT_OF_MEMORY,
-        ) from None
+        raise out_of_memory() from None
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the run's model is gone; give its cached blocks back for the next job

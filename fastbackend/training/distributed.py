@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import random
 import socket
 import traceback
 from typing import Any
@@ -23,30 +24,41 @@ from typing import Any
 import torch
 
 from fastbackend import settings
+from fastbackend.config import PREFIX
 from fastbackend.errors import ErrorCode, FastBackendError
+from fastbackend.storage import disk_full, out_of_space
 from fastbackend.training import trainer
-from fastbackend.training.run import Hooks, TrainJob, TrainResult
+from fastbackend.training.run import Hooks, TrainingStopped, TrainJob, TrainResult, out_of_memory
 
 log = logging.getLogger("fastbackend.trainer")
 POLL_S = 0.5
+LOST_AFTER_POLLS = 4  # a queue hands over what an ended process sent within this many polls
 EXIT_WAIT_S = 30.0
 
 
-def process_count(device: str) -> int:
-    """``FASTBACKEND_PROCESSES``, else one per visible GPU when training on CUDA, else 1."""
+def process_count(device: str, warnings: list[str]) -> int:
+    """``FASTBACKEND_PROCESSES``, else one per visible GPU when training on CUDA, else 1; never
+    more processes than GPUs on CUDA (one would train on the CPU, and every step would wait for it)."""
+    gpus = torch.cuda.device_count() if device.startswith("cuda") and torch.cuda.is_available() else 0
     configured = settings.PROCESSES.get()
-    if configured is not None:
-        return configured
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return max(1, torch.cuda.device_count())
-    return 1
+    if configured is None:
+        return max(1, gpus)
+    if gpus and configured > gpus:
+        warnings.append(f"FASTBACKEND_PROCESSES={configured}: only {gpus} GPU(s) here; training in {gpus} processes")
+        return gpus
+    return configured
 
 
 def train(job: TrainJob, hooks: Hooks) -> tuple[TrainResult, int]:
     """Train ``job`` in as many processes as there are GPUs; (the result, the process count)."""
-    count = process_count(job.config.process.device)
+    count = process_count(job.config.process.device, job.warnings)
     if count == 1:
         return trainer.train(job, hooks), 1
+    train_cfg = job.config.process.train
+    if train_cfg.seed is None and job.config.process.training_seed is None:
+        # One seed for all: every process must start from the same LoRA weights.
+        train_cfg.seed = random.SystemRandom().randrange(2**31)
+        job.warnings.append(f"{PREFIX}.train.seed: none set; {count} processes share the seed {train_cfg.seed}")
     return train_across(job, hooks, count), count
 
 
@@ -74,20 +86,15 @@ def train_across(job: TrainJob, hooks: Hooks, count: int) -> TrainResult:
 
 def relay(events, processes: list, hooks: Hooks, stop) -> TrainResult:
     """Pass the main process's reports on, and the caller's stop request down, until a result."""
+    quiet = 0  # polls with every process ended and nothing left to read
     while True:
         if hooks.should_stop():
             stop.set()
         try:
             kind, payload = events.get(timeout=POLL_S)
         except queue.Empty:
-            failed = [(rank, p.exitcode) for rank, p in enumerate(processes) if p.exitcode not in (None, 0)]
-            if failed:
-                rank, code = failed[0]
-                raise FastBackendError(
-                    f"training process {rank} of {len(processes)} ended with exit code {code} (killed, or out of "
-                    "memory); a resumable state, if any, is kept",
-                    code=ErrorCode.INTERNAL_ERROR,
-                ) from None
+            quiet = quiet + 1 if all(p.exitcode == 0 for p in processes) else 0
+            check_alive(processes, lost=quiet > LOST_AFTER_POLLS)
             continue
         if kind == "step":
             hooks.on_step(payload)
@@ -100,6 +107,20 @@ def relay(events, processes: list, hooks: Hooks, stop) -> TrainResult:
             raise FastBackendError(message, details=details, code=ErrorCode(code))
 
 
+def check_alive(processes: list, lost: bool) -> None:
+    """Raise when a process died, or when all ended and none answered (``lost``: the result did not
+    arrive, e.g. it could not be sent)."""
+    failed = [(rank, p.exitcode) for rank, p in enumerate(processes) if p.exitcode not in (None, 0)]
+    if not (failed or lost):
+        return
+    rank, code = failed[0] if failed else (0, 0)
+    how = f"ended with exit code {code} (killed, or out of memory)" if failed else "ended without an answer"
+    raise FastBackendError(
+        f"training process {rank} of {len(processes)} {how}; a resumable state, if any, is kept",
+        code=ErrorCode.INTERNAL_ERROR,
+    )
+
+
 def run_process(rank: int, count: int, port: int, job: TrainJob, events, stop) -> None:
     """One training process: its GPU, its part of the process group, its reports."""
     os.environ.update(
@@ -110,23 +131,38 @@ def run_process(rank: int, count: int, port: int, job: TrainJob, events, stop) -
     if process.device.startswith("cuda"):
         process.device = f"cuda:{rank}"
     main = rank == 0
+    parent = os.getppid()
     hooks = Hooks(
         on_step=lambda info: events.put(("step", info)) if main else None,
         on_stage=lambda info: events.put(("stage", info)) if main else None,
-        should_stop=stop.is_set,
+        # A stop request, or a worker that is gone (killed): no process trains on as an orphan.
+        should_stop=lambda: stop.is_set() or os.getppid() != parent,
     )
     try:
         result = trainer.train(job, hooks)
         if main:
             events.put(("result", result))
-    except FastBackendError as exc:
-        events.put(("error", (exc.message, exc.details, str(exc.code))))
-    except torch.cuda.OutOfMemoryError:
-        events.put(("error", (f"training process {rank} ran out of GPU memory", None, str(ErrorCode.OUT_OF_MEMORY))))
+    except TrainingStopped as exc:  # every process stops at the same step; the main one saved it
+        if main:
+            events.put(("error", (exc.message, exc.details, str(exc.code))))
     except BaseException as exc:
-        log.error("training process %d failed:\n%s", rank, traceback.format_exc())
-        message = f"training process {rank} failed: {type(exc).__name__}: {str(exc)[:200]}"
-        events.put(("error", (message, None, str(ErrorCode.INTERNAL_ERROR))))
+        error = as_answer(exc, rank)
+        events.put(("error", (error.message, error.details, str(error.code))))
+
+
+def as_answer(exc: BaseException, rank: int) -> FastBackendError:
+    """What a training process's failure tells the client (as the worker's own handler would)."""
+    if isinstance(exc, FastBackendError):
+        return exc
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return out_of_memory()
+    if out_of_space(exc):
+        return disk_full()
+    log.error("training process %d failed:\n%s", rank, traceback.format_exc())
+    return FastBackendError(
+        f"internal error ({type(exc).__name__}) in training process {rank}; see the worker log",
+        code=ErrorCode.INTERNAL_ERROR,
+    )
 
 
 def free_port() -> int:

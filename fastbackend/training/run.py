@@ -62,6 +62,14 @@ class TrainResult:
     warnings: list[str]
 
 
+def out_of_memory() -> FastBackendError:
+    return FastBackendError(
+        "training ran out of GPU memory; try model.quantize: true, train.gradient_checkpointing: true, "
+        "a smaller train.batch_size or smaller datasets[].resolution (a resumable state, if any, is kept)",
+        code=ErrorCode.OUT_OF_MEMORY,
+    )
+
+
 class NonFiniteLoss(FastBackendError):
     code = ErrorCode.NON_FINITE_LOSS
 
@@ -158,13 +166,14 @@ class Run:
                 code=ErrorCode.INTERNAL_ERROR,
             )
 
-    def separate_random_streams(self, salt: int) -> None:
+    def separate_random_streams(self, resumed_from: int) -> None:
         """Give each process but the main one its own noise, batches and caption draws (after a
-        common start: the LoRA's initial weights, or a resumed state, are the same everywhere)."""
+        common start: the LoRA's initial weights, or a resumed state, are the same everywhere),
+        from the run's seed and the step it starts at."""
         index = self.accelerator.process_index
         if index == 0:
             return
-        seed = (salt * 1_000_003 + index * 7_919) % 2**31
+        seed = ((self.process.train.seed or 0) * 1_000_003 + resumed_from * 7_919 + index) % 2**31
         torch.manual_seed(seed)
         self.sampler.rng.seed(seed + 1)
         self.rng.seed(seed + 2)

@@ -41,7 +41,8 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
     started = time.monotonic()
     run = set_up(job, hooks)
     resumed_from = restore_state(run) if job.resume else 0
-    run.separate_random_streams(salt=resumed_from)
+    run.check_same_lora()  # with several processes: the same start everywhere, or stop now, not at the end
+    run.separate_random_streams(resumed_from)
     log_run_shape(run)
     total = run.process.train.steps
     bar = terminal_bar(total, resumed_from)
