@@ -401,6 +401,9 @@ class TrainConfig(Section):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     disable_sampling: bool = False
     cache_text_embeddings: bool = Field(True, description="Encode each caption once; false: every step.")
+    early_stop_on_likeness: int | None = Field(
+        None, gt=0, description="End the run when likeness has not improved for this many saves (this worker's key)."
+    )
 
     @field_validator("optimizer_params")
     @classmethod

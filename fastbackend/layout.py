@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from fastbackend.storage import TEMP_SUFFIX, atomic_write_bytes, no_links
 
@@ -170,6 +170,7 @@ class LoraRecord(TypedDict):
     dataset_hash: str
     sha256: dict[str, str]  # by LoRA file name
     loss_history: list[list[float]]
+    likeness: NotRequired[list[dict]]  # [{step, score, faces_found, matches, images}] per scored save
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,14 @@ class LoraFolder:
         try:
             return json.loads(self.metadata.read_text()).get("sha256", {})
         except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+            return {}
+
+    def recorded_likeness(self) -> dict[int, float]:
+        """The likeness score of each scored save, by step (metadata.json)."""
+        try:
+            scores = json.loads(self.metadata.read_text()).get("likeness", [])
+            return {int(s["step"]): float(s["score"]) for s in scores}
+        except (FileNotFoundError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
             return {}
 
     def write_metadata(self, record: LoraRecord) -> None:

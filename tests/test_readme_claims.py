@@ -252,6 +252,7 @@ def test_the_resumable_state_holds_everything_a_resume_needs(tiny_models, data_r
         "ema",
         "grads",
         "history",
+        "likeness",
         "saves",
         "sha256",
         "rng",

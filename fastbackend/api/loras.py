@@ -23,14 +23,15 @@ def list_models(request: ListModelsRequest, progress: Progress | None = None) ->
     models = []
     for name in list_names(outputs_dir()):
         folder = LoraFolder(outputs_dir() / name)
-        recorded = folder.recorded_sha256()
-        models += [describe_lora(lora, recorded) for lora in folder.lora_files()]
+        recorded, scores = folder.recorded_sha256(), folder.recorded_likeness()
+        models += [describe_lora(lora, recorded, scores) for lora in folder.lora_files()]
     return {"status": "success", "models": models, "total_count": len(models)}
 
 
-def describe_lora(path: Path, recorded: dict[str, str]) -> dict:
+def describe_lora(path: Path, recorded: dict[str, str], likeness: dict[int, float] | None = None) -> dict:
     stat = path.stat()
     header = read_header(path)
+    steps = _int_or_none(header.get(HeaderKey.STEPS))
     return {
         "name": path.parent.name,
         "filename": path.name,
@@ -40,8 +41,9 @@ def describe_lora(path: Path, recorded: dict[str, str]) -> dict:
         "arch": header.get(HeaderKey.ARCH),
         "base_model": header.get(HeaderKey.BASE_MODEL),
         "rank": _int_or_none(header.get(HeaderKey.RANK)),
-        "steps": _int_or_none(header.get(HeaderKey.STEPS)),
+        "steps": steps,
         "sha256": recorded.get(path.name) or sha256_file(path),
+        "likeness": (likeness or {}).get(steps) if steps is not None else None,
     }
 
 

@@ -145,6 +145,9 @@ def run_training(
         "step_saves": [str(p) for p in result.saves],
         "samples": [str(p) for p in result.samples],
         "warnings": result.warnings,
+        "likeness": result.likeness,
+        "best_checkpoint": result.best_checkpoint,
+        "stopped_early": result.stopped_early,
         "memory_plan": plan.summary(),
         "processes": processes,
     }

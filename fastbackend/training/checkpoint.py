@@ -15,7 +15,7 @@ import torch
 
 from fastbackend.layout import LoraRecord
 from fastbackend.storage import temporary_path
-from fastbackend.training import lora_io
+from fastbackend.training import likeness, lora_io
 from fastbackend.training.run import NonFiniteLoss, Run
 
 log = logging.getLogger("fastbackend.trainer")
@@ -65,9 +65,13 @@ def check_finite(run: Run, states: lora_io.States) -> None:
 
 
 def prune_step_saves(run: Run) -> None:
+    """The newest ``max_step_saves_to_keep`` step saves stay, and the one with the best likeness too."""
     keep = run.process.save.max_step_saves_to_keep
-    while len(run.saves) > keep:
-        old = run.saves.pop(0)
+    best = likeness.best(run.likeness)
+    kept = run.folder.step_save(best.step) if best is not None and keep else None
+    others = [p for p in run.saves if p != kept]
+    for old in others[: max(0, len(others) - keep)]:
+        run.saves.remove(old)
         old.unlink(missing_ok=True)
         run.sha256.pop(old.name, None)
 
@@ -85,6 +89,7 @@ def save_state(run: Run) -> None:
         # Gradients of an accumulation window the save fell inside (gradient_accumulation_steps).
         "grads": [None if p.grad is None else p.grad.detach().cpu() for p in run.params],
         "history": run.history,
+        "likeness": [s.as_dict() for s in run.likeness],
         "saves": [p.name for p in run.saves],
         "sha256": run.sha256,
         # Every random source the steps draw from, so a resumed run continues exactly as it would have.
@@ -155,6 +160,7 @@ def restore_state(run: Run) -> int:
     for param, grad in zip(run.params, state.get("grads") or [], strict=False):
         param.grad = None if grad is None else grad.to(param.device)
     run.step, run.history, run.sha256 = state["step"], state["history"], state["sha256"]
+    run.likeness = [likeness.Likeness(**s) for s in state.get("likeness", [])]
     run.saves = [run.folder.path / name for name in state["saves"] if (run.folder.path / name).exists()]
     rng = state["rng"]
     run.rng.setstate(rng["captions"] if "captions" in rng else rng["python"])  # "python": older states
@@ -189,5 +195,6 @@ def write_model_record(run: Run) -> None:
             dataset_hash=run.dataset_hash,
             sha256=run.sha256,
             loss_history=run.loss_history(),
+            likeness=[s.as_dict() for s in run.likeness],
         )
     )

@@ -22,6 +22,7 @@ from fastbackend.layout import LoraFolder
 from fastbackend.training import data, lora_io
 from fastbackend.training.caching import TextCache
 from fastbackend.training.families import Family, LossOptions
+from fastbackend.training.likeness import Likeness
 
 LOSS_HISTORY_POINTS = 100
 
@@ -60,6 +61,9 @@ class TrainResult:
     saves: list[Path]
     resumed_from: int
     warnings: list[str]
+    likeness: list[dict] = field(default_factory=list)  # [{step, score, faces_found, matches, images}]
+    best_checkpoint: dict | None = None  # {filename, step, score}: the saved file that looks most like the dataset
+    stopped_early: bool = False  # train.early_stop_on_likeness ended the run
 
 
 def out_of_memory() -> FastBackendError:
@@ -104,6 +108,9 @@ class Run:
     samples: list[Path] = field(default_factory=list)
     saves: list[Path] = field(default_factory=list)
     sha256: dict[str, str] = field(default_factory=dict)
+    likeness_reference: tuple[float, ...] | None = None  # the dataset's median face; None: not scored
+    likeness: list[Likeness] = field(default_factory=list)
+    stopped_early: bool = False
 
     @property
     def process(self) -> ProcessConfig:
@@ -135,12 +142,13 @@ class Run:
             return loss.detach()
         return self.accelerator.reduce(loss.detach().clone(), reduction="mean")
 
-    def agreed_stop(self, asked: bool) -> bool:
-        """Whether any process was asked to stop: all stop at the same step."""
+    def agreed_flags(self, *flags: bool) -> list[bool]:
+        """Each flag, true when any process raised it (a stop request, an early stop): all stop at
+        the same step."""
         if self.accelerator.num_processes == 1:
-            return asked
-        flag = torch.tensor([1.0 if asked else 0.0], device=self.denoiser.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+            return list(flags)
+        raised = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=self.denoiser.device)
+        return [bool(value > 0) for value in self.accelerator.reduce(raised, reduction="sum").tolist()]
 
     def average_gradients(self) -> None:
         """The LoRA's gradients averaged over the processes, in one flat exchange, so every process

@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from fastbackend.training import data
-from fastbackend.training.checkpoint import restore_state, save_checkpoint
+from fastbackend.training import data, likeness
+from fastbackend.training.checkpoint import restore_state, save_checkpoint, write_model_record
 from fastbackend.training.families import TrainingBatch
 from fastbackend.training.run import Hooks, NonFiniteLoss, Run, TrainingStopped, TrainJob, TrainResult
 from fastbackend.training.sampling import sample, should_sample
@@ -43,22 +43,27 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
     resumed_from = restore_state(run) if job.resume else 0
     run.check_same_lora()  # with several processes: the same start everywhere, or stop now, not at the end
     run.separate_random_streams(resumed_from)
+    if run.is_main and scores_likeness(run):
+        run.likeness_reference = likeness.reference_face(job.dataset_folders, job.warnings)
     log_run_shape(run)
     total = run.process.train.steps
     bar = terminal_bar(total, resumed_from)
-    while run.step < total:
-        stop_if_asked(run, hooks, resumed_from)
+    while run.step < total and not stops(run, hooks, resumed_from):
         step_started = time.monotonic()
         loss = train_step(run)
         run.step += 1
         run.history.append((run.step, loss))
         report_step(run, hooks, loss, time.monotonic() - step_started, bar)
-        if run.step % run.process.save.save_every == 0 and run.step < total and run.is_main:
+        saving = run.step % run.process.save.save_every == 0 and run.step < total
+        if saving and run.is_main:
             hooks.on_stage({"stage": "saving", "step": run.step})
             save_checkpoint(run, final=False)
-        if should_sample(run) and run.is_main:  # the other processes wait at the next step's exchange
+        scoring = saving and run.likeness_reference is not None
+        if (should_sample(run) or scoring) and run.is_main:  # the other processes wait at the next exchange
             hooks.on_stage({"stage": "sampling", "step": run.step})
-            sample(run, hooks.should_stop)
+            images = sample(run, hooks.should_stop)
+            if scoring:
+                score_likeness(run, hooks, images)
     if bar is not None:
         bar.close()
     run.check_same_lora()
@@ -68,7 +73,9 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
         save_checkpoint(run, final=True)
         if should_sample(run, final=True):
             hooks.on_stage({"stage": "sampling", "step": run.step})
-            sample(run)
+            images = sample(run)
+            if run.likeness_reference is not None:
+                score_likeness(run, hooks, images)
     return TrainResult(
         lora_path=final,
         sha256=run.sha256.get(final.name, ""),  # only the main process saves
@@ -80,14 +87,51 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
         saves=run.saves,
         resumed_from=resumed_from,
         warnings=job.warnings,
+        likeness=[s.as_dict() for s in run.likeness],
+        best_checkpoint=best_checkpoint(run),
+        stopped_early=run.stopped_early,
     )
 
 
-def stop_if_asked(run: Run, hooks: Hooks, resumed_from: int) -> None:
-    """On a stop request, save what this run trained (a step save and its state) and stop: the
-    same request sent again resumes from there."""
-    if not run.agreed_stop(hooks.should_stop()):
-        return
+def scores_likeness(run: Run) -> bool:
+    """Whether saves are scored for likeness: there are sample prompts to render."""
+    sample_cfg = run.process.sample
+    return sample_cfg is not None and bool(sample_cfg.all_prompts) and not run.process.train.disable_sampling
+
+
+def score_likeness(run: Run, hooks: Hooks, images: list) -> None:
+    """Score this save's samples, report it, and note a stalled likeness (early_stop_on_likeness)."""
+    assert run.likeness_reference is not None
+    result = likeness.score(run.step, images, run.likeness_reference)
+    run.likeness = [s for s in run.likeness if s.step != run.step] + [result]
+    hooks.on_stage({"stage": "likeness", **result.as_dict()})
+    patience = run.process.train.early_stop_on_likeness
+    if patience and run.step < run.process.train.steps and likeness.stalled(run.likeness, patience):
+        run.stopped_early = True
+        run.job.warnings.append(
+            f"config.process[0].train.early_stop_on_likeness: no better likeness in the last {patience} saves; "
+            f"training ended at step {run.step}"
+        )
+    write_model_record(run)  # metadata.json carries the scores (list_models shows them)
+
+
+def best_checkpoint(run: Run) -> dict | None:
+    """The saved file whose samples looked most like the dataset's face."""
+    saved = [s for s in run.likeness if run.folder.step_save(s.step) in run.saves or s.step == run.step]
+    chosen = likeness.best(saved)
+    if chosen is None:
+        return None
+    path = run.folder.final_lora if chosen.step == run.step else run.folder.step_save(chosen.step)
+    return {"filename": path.name, "step": chosen.step, "score": chosen.score}
+
+
+def stops(run: Run, hooks: Hooks, resumed_from: int) -> bool:
+    """True when likeness stalled (``early_stop_on_likeness``): the run ends here, saved as final.
+    On a stop request, save what this run trained (a step save and its state) and stop: the same
+    request sent again resumes from there."""
+    asked, early = run.agreed_flags(hooks.should_stop(), run.stopped_early)
+    if not asked:
+        return early
     saved_now = run.saves and run.saves[-1] == run.folder.step_save(run.step)
     if run.step > resumed_from and not saved_now and run.is_main:
         save_checkpoint(run, final=False)
