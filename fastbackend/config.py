@@ -200,6 +200,9 @@ class DatasetConfig(Section):
     num_repeats: int = Field(1, gt=0, description="Relative sampling weight of this dataset.")
     default_caption: str | None = None
     trigger_word: str | None = Field(None, max_length=200, description="This dataset's trigger; default the process's.")
+    face_crop: bool | None = Field(
+        None, description="Crop around the photo's face (default: wherever a face is found); false: centred."
+    )
     require_faces: bool = Field(
         False, description="Refuse to train when the dataset report finds a photo with no face or another person."
     )
@@ -401,6 +404,9 @@ class TrainConfig(Section):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     disable_sampling: bool = False
     cache_text_embeddings: bool = Field(True, description="Encode each caption once; false: every step.")
+    face_loss_weight: float | None = Field(
+        None, gt=0, le=100, description="Multiply the loss inside each photo's face box by this (this worker's key)."
+    )
     early_stop_on_likeness: int | None = Field(
         None, gt=0, description="End the run when likeness has not improved for this many saves (this worker's key)."
     )

@@ -114,10 +114,11 @@ class DatasetFolder:
         return no_links(self.path / self.CACHE / "latents" / model_key)
 
 
-def latent_name(image_sha256: str, bucket: tuple[int, int]) -> str:
-    """The latent-cache file of one image at one bucket size (width, height)."""
+def latent_name(image_sha256: str, bucket: tuple[int, int], face_crop: bool = False) -> str:
+    """The latent-cache file of one image at one bucket size (width, height), cropped around its
+    face or centred."""
     width, height = bucket
-    return f"{image_sha256[:32]}_{width}x{height}.safetensors"
+    return f"{image_sha256[:32]}_{width}x{height}{'_face' if face_crop else ''}.safetensors"
 
 
 def caption_name(image_name: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fastbackend.config import ProcessConfig
+from fastbackend.errors import FastBackendError
 from fastbackend.layout import DatasetFolder
 from fastbackend.training import data
 from fastbackend.training.families import Family
@@ -64,6 +65,7 @@ def prepare_data(
     device: torch.device,
     rng: random.Random,
     trains_text_encoder: bool,
+    warnings: list[str],
 ) -> tuple[TextCache, data.BucketSampler, str]:
     """Examples with cached latents, a caption cache, the batch sampler and the dataset hash."""
     multiple = family.pixel_multiple(pipe)
@@ -72,8 +74,13 @@ def prepare_data(
     for folder, dataset_cfg in zip(folders, process.datasets, strict=True):
         found = data.read_items(folder, dataset_cfg.default_caption)
         items += found
+        face_crop = dataset_cfg.face_crop is not False
+        if face_crop or process.train.face_loss_weight is not None:
+            face_crop &= look_for_faces(found, dataset_cfg.face_crop, process.train.face_loss_weight, warnings)
         trigger_word = dataset_cfg.trigger_word or process.trigger_word
-        made = data.make_examples(found, dataset_cfg.resolution, multiple, trigger_word, dataset_cfg.num_repeats)
+        made = data.make_examples(
+            found, dataset_cfg.resolution, multiple, trigger_word, dataset_cfg.num_repeats, face_crop
+        )
         examples += made
         captions |= {e.caption for e in made} | {data.dropped_caption(process.trigger_word)}
         if dataset_cfg.cache_latents or dataset_cfg.cache_latents_to_disk:
@@ -102,6 +109,21 @@ def prepare_data(
             texts.encode_samples(prompts, sample_cfg.negative_prompt, sample_cfg.guidance_scale)
         offload_encoders(family, pipe)
     return texts, data.BucketSampler(examples, process.train.batch_size, rng), data.dataset_hash(items)
+
+
+def look_for_faces(
+    items: list[data.Item], face_crop: bool | None, face_weight: float | None, warnings: list[str]
+) -> bool:
+    """Find each photo's face; False when the face model cannot load and nothing asked for it by
+    name (the default face crop then falls back to centred crops, with a warning)."""
+    try:
+        data.find_faces(items)
+    except FastBackendError as exc:
+        if face_crop or face_weight is not None:
+            raise
+        warnings.append(f"photos are centre-cropped: {exc.message}")
+        return False
+    return True
 
 
 def model_key(base_model: str) -> str:

@@ -38,6 +38,7 @@ class Item:
     sha256: str
     caption: str
     size: tuple[int, int]  # (width, height) as seen, EXIF rotation applied
+    face: tuple[int, int, int, int] | None = None  # its clearest face (left, top, right, bottom), when looked for
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Example:
     bucket: tuple[int, int]  # (width, height) in pixels
     sizes: tuple[int, ...] = (0, 0, 0, 0, 0, 0)  # orig h, w; crop top, left; h, w
     weight: float = 1.0
+    face_crop: bool = False  # the crop keeps the item's face in frame (else it is centred)
     mean: torch.Tensor | None = None  # (C, h, w) latent mean, unscaled
     std: torch.Tensor | None = None
 
@@ -157,8 +159,11 @@ def bucket_for(width: int, height: int, resolution: int, multiple: int) -> tuple
     return max(step, int(bucket_w // step) * step), max(step, int(bucket_h // step) * step)
 
 
-def load_pixels(path: Path, bucket: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The image scaled to cover ``bucket`` and centre-cropped: (3, h, w) in [-1, 1], plus its sizes."""
+def load_pixels(
+    path: Path, bucket: tuple[int, int], face: tuple[int, int, int, int] | None = None
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The image scaled to cover ``bucket`` and cropped to it, centred, or around ``face`` when
+    given: (3, h, w) in [-1, 1], plus its sizes."""
     target_w, target_h = bucket
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened).convert("RGB")
@@ -167,15 +172,46 @@ def load_pixels(path: Path, bucket: tuple[int, int]) -> tuple[torch.Tensor, tupl
         (max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))),
         Image.Resampling.LANCZOS,
     )
-    left, top = (resized.width - target_w) // 2, (resized.height - target_h) // 2
+    left, top = crop_corner(resized.size, bucket, None if face is None else [v * scale for v in face])
     cropped = resized.crop((left, top, left + target_w, top + target_h))
     pixels = torch.frombuffer(bytearray(cropped.tobytes()), dtype=torch.uint8).view(target_h, target_w, 3)
     pixels = pixels.permute(2, 0, 1).float() / 127.5 - 1.0
     return pixels, (image.height, image.width, top, left, target_h, target_w)
 
 
+def crop_corner(size: tuple[int, int], bucket: tuple[int, int], face: list[float] | None) -> tuple[int, int]:
+    """The crop's top-left corner: centred, or centred on the face as far as the image allows
+    (so a face that fits the crop is wholly inside it)."""
+    (width, height), (target_w, target_h) = size, bucket
+    if face is None:
+        return (width - target_w) // 2, (height - target_h) // 2
+    centre_x, centre_y = (face[0] + face[2]) / 2, (face[1] + face[3]) / 2
+    left = min(max(0, round(centre_x - target_w / 2)), width - target_w)
+    top = min(max(0, round(centre_y - target_h / 2)), height - target_h)
+    return left, top
+
+
+def face_in_latents(example: Example, factor: int) -> tuple[int, int, int, int] | None:
+    """The example's face box in its latent's cells (the crop and scale of ``sizes`` applied), or
+    None when the face is outside the crop or unknown."""
+    face = example.item.face
+    if face is None:
+        return None
+    orig_h, orig_w, top, left, height, width = example.sizes
+    scale = max(width / orig_w, height / orig_h)
+    box = [face[0] * scale - left, face[1] * scale - top, face[2] * scale - left, face[3] * scale - top]
+    x0, y0 = max(0, math.floor(box[0] / factor)), max(0, math.floor(box[1] / factor))
+    x1, y1 = min(width // factor, math.ceil(box[2] / factor)), min(height // factor, math.ceil(box[3] / factor))
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
 def make_examples(
-    items: list[Item], resolutions: list[int], multiple: int, trigger_word: str | None, weight: float
+    items: list[Item],
+    resolutions: list[int],
+    multiple: int,
+    trigger_word: str | None,
+    weight: float,
+    face_crop: bool = False,
 ) -> list[Example]:
     examples = []
     for item in items:
@@ -187,9 +223,21 @@ def make_examples(
                     apply_trigger(item.caption, trigger_word),
                     bucket_for(width, height, resolution, multiple),
                     weight=weight,
+                    face_crop=face_crop and item.face is not None,
                 )
             )
     return examples
+
+
+def find_faces(items: list[Item]) -> None:
+    """Each item's clearest face, for face-aware crops and the face-weighted loss."""
+    from fastbackend.faces import face_model
+
+    model = face_model()
+    for item in items:
+        with Image.open(item.path) as opened:
+            faces = model.faces(ImageOps.exif_transpose(opened))
+        item.face = faces[0].box if faces else None
 
 
 @dataclass
@@ -201,7 +249,7 @@ class LatentCache:
     def path(self, example: Example) -> Path | None:
         if self.folder is None:
             return None
-        return self.folder / latent_name(example.item.sha256, example.bucket)
+        return self.folder / latent_name(example.item.sha256, example.bucket, example.face_crop)
 
     def load(self, example: Example) -> bool:
         path = self.path(example)
@@ -229,7 +277,8 @@ class LatentCache:
 
 def encode_example(example: Example, encode) -> tuple[torch.Tensor, torch.Tensor]:
     """The example's latent mean and std, straight from its image through ``encode`` (the VAE)."""
-    pixels, example.sizes = load_pixels(example.item.path, example.bucket)
+    face = example.item.face if example.face_crop else None
+    pixels, example.sizes = load_pixels(example.item.path, example.bucket, face)
     mean, std = encode(pixels.unsqueeze(0))
     return mean[0], std[0]
 

@@ -57,7 +57,15 @@ def set_up(job: TrainJob, hooks: Hooks | None = None) -> Run:
     text_encoders = family.trainable_text_encoders(pipe) if train_cfg.train_text_encoder else {}
     hooks.on_stage({"stage": "caching", "datasets": len(job.dataset_folders)})
     texts, sampler, digest = prepare_data(
-        family, pipe, process, job.dataset_folders, job.base_model, device, random.Random(seed), bool(text_encoders)
+        family,
+        pipe,
+        process,
+        job.dataset_folders,
+        job.base_model,
+        device,
+        random.Random(seed),
+        bool(text_encoders),
+        job.warnings,
     )
     denoiser = family.denoiser(pipe).to(device)  # after caching: the encoders may have left the device by now
     modules = {family.denoiser_name: denoiser} | text_encoders

@@ -200,7 +200,24 @@ def next_batch(run: Run) -> TrainingBatch:
     latents = run.family.scale_latents(run.pipe, raw).to(dtype)
     sizes = data.staged(torch.tensor([e.sizes for e in examples]), device)
     cond = {k: v.to(dtype) for k, v in run.texts.batch(captions).items()}
-    return TrainingBatch(latents=latents, cond=cond, sizes=sizes)
+    weights = face_weights(run, examples, latents.shape[-2:])
+    loss_weights = None if weights is None else data.staged(weights, device)
+    return TrainingBatch(latents=latents, cond=cond, sizes=sizes, loss_weights=loss_weights)
+
+
+def face_weights(run: Run, examples: list[data.Example], shape) -> torch.Tensor | None:
+    """``train.face_loss_weight`` inside each example's face box (in latent cells), 1 elsewhere."""
+    weight = run.process.train.face_loss_weight
+    if weight is None:
+        return None
+    factor = run.pipe.vae_scale_factor
+    weights = torch.ones(len(examples), 1, *shape)
+    for index, example in enumerate(examples):
+        box = data.face_in_latents(example, factor)
+        if box is not None:
+            x0, y0, x1, y1 = box
+            weights[index, :, y0:y1, x0:x1] = weight
+    return weights
 
 
 def latent_posterior(run: Run, example: data.Example) -> tuple[torch.Tensor, torch.Tensor]:

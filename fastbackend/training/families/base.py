@@ -27,6 +27,7 @@ class TrainingBatch:
     latents: torch.Tensor  # (B, C, H/f, W/f), scaled for the denoiser
     cond: dict[str, torch.Tensor]  # caption conditioning, batch dim B
     sizes: torch.Tensor  # (B, 6)
+    loss_weights: torch.Tensor | None = None  # (B, 1, H/f, W/f): the face-weighted loss; None: even
 
 
 @dataclass
@@ -80,6 +81,13 @@ def noise_level_indices(batch_size: int, content_or_style: str, device) -> torch
     cubed = torch.rand(batch_size, device=device) ** 3
     position = cubed if content_or_style == "content" else 1 - cubed
     return (position * NOISE_LEVELS).long().clamp(0, NOISE_LEVELS - 1)
+
+
+def weighted_mean(per_element: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Each item's mean loss (B,), its elements multiplied by ``weights`` (broadcast) when given."""
+    if weights is not None:
+        per_element = per_element * weights
+    return per_element.flatten(1).mean(dim=1)
 
 
 def module_names(module: torch.nn.Module, keep: Callable[[str, torch.nn.Module], bool]) -> list[str]:

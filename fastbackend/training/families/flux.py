@@ -22,6 +22,7 @@ from fastbackend.training.families.base import (
     TrainingBatch,
     module_names,
     noise_level_indices,
+    weighted_mean,
 )
 
 # Fixed for FLUX.1-dev by its authors; schnell was distilled with 256.
@@ -140,7 +141,10 @@ class Flux(Family):
             return_dict=False,
         )[0]
         target = FluxPipeline._pack_latents(noise - latents, b, c, h, w)
-        per_item = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2))
+        weights = batch.loss_weights
+        if weights is not None:  # packed as the latents are: (B, H/2 * W/2, 4C)
+            weights = FluxPipeline._pack_latents(weights.expand(b, c, h, w), b, c, h, w)
+        per_item = weighted_mean(F.mse_loss(prediction.float(), target.float(), reduction="none"), weights)
         if options.linear_timesteps:
             per_item = per_item * bell_weights(latents.device)[index]
         return per_item.mean()

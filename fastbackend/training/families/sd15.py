@@ -17,6 +17,7 @@ from fastbackend.training.families.base import (
     TrainingBatch,
     module_names,
     noise_level_indices,
+    weighted_mean,
 )
 
 # ai-toolkit's UNet LoRA (toolkit/lora_special.py with kohya's target classes): every Linear and 1x1
@@ -107,7 +108,7 @@ class SD15(Family):
         prediction = denoiser(
             noisy, timesteps, batch.cond["prompt_embeds"], return_dict=False, **self.unet_kwargs(batch)
         )[0]
-        per_item = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        per_item = weighted_mean(F.mse_loss(prediction.float(), target.float(), reduction="none"), batch.loss_weights)
         if options.min_snr_gamma:
             per_item = per_item * min_snr_weights(scheduler, timesteps, options.min_snr_gamma)
         return per_item.mean()

@@ -1,0 +1,100 @@
+"""Faces kept in frame by the bucket crops, and the face-weighted loss, exactly inside the face."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from fastbackend.training import data
+from tests.test_dataset_report import astronaut, jpeg, upload
+from tests.training_helpers import install_model, train, user_yaml
+
+FACE = (10, 0, 70, 60)  # a face in the top-left corner of a wide photo
+
+
+def face_inside(sizes: tuple[int, ...], face) -> bool:
+    orig_h, orig_w, top, left, height, width = sizes
+    scale = max(width / orig_w, height / orig_h)
+    x0, y0, x1, y1 = (v * scale for v in face)
+    return left <= x0 + 1e-6 and top <= y0 + 1e-6 and x1 <= left + width + 1e-6 and y1 <= top + height + 1e-6
+
+
+def test_the_crop_keeps_the_face_at_every_bucket(tmp_path):
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (1000, 400), "gray").save(path)
+    cut_when_centred = 0
+    for resolution in (64, 96, 128, 192, 256, 384, 512):
+        bucket = data.bucket_for(1000, 400, resolution, 16)
+        _, sizes = data.load_pixels(path, bucket, FACE)
+        assert face_inside(sizes, FACE), (resolution, bucket, sizes)
+        _, centred = data.load_pixels(path, bucket)
+        cut_when_centred += not face_inside(centred, FACE)
+    assert cut_when_centred  # the case is real: a centred crop cuts this face somewhere
+
+
+def test_the_face_box_in_latent_cells():
+    item = data.Item(path=None, sha256="x", caption="", size=(1000, 400), face=FACE)
+    example = data.Example(item=item, caption="", bucket=(96, 32), face_crop=True)
+    example.sizes = (400, 1000, 0, 0, 32, 96)  # scale 0.096: the face is 0.96-6.7 x 0-5.8 px
+    assert data.face_in_latents(example, 8) == (0, 0, 1, 1)
+    example.sizes = (400, 1000, 0, 0, 320, 960)  # scale 0.96: 9.6-67.2 x 0-57.6 px
+    assert data.face_in_latents(example, 8) == (1, 0, 9, 8)
+    item.face = None
+    assert data.face_in_latents(example, 8) is None
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd15"])
+def test_the_weighted_loss_differs_from_the_plain_one_exactly_inside_the_mask(tiny_models, arch):
+    """With the noise and timesteps fixed: L(1 + 2·I) - L(1) = 2·L(I), L(1 - I) = L(1) - L(I)."""
+    from diffusers import DiffusionPipeline
+
+    from fastbackend.training.families import LossOptions, TrainingBatch, family_for
+
+    family = family_for(arch)
+    pipe = DiffusionPipeline.from_pretrained(tiny_models / arch)
+    options = LossOptions(scheduler=family.training_scheduler(pipe))
+    torch.manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8)
+    text = family.encode_prompt(pipe, "a photo")
+    inside = torch.zeros(1, 1, 8, 8)
+    inside[..., 2:6, 3:7] = 1.0
+
+    def loss(weights):
+        torch.manual_seed(1)
+        batch = TrainingBatch(
+            latents=latents, cond=text, sizes=torch.tensor([[64, 64, 0, 0, 64, 64]]), loss_weights=weights
+        )
+        with torch.no_grad():
+            return family.loss(pipe, family.denoiser(pipe), batch, options).item()
+
+    plain, ones, masked = loss(None), loss(torch.ones(1, 1, 8, 8)), loss(inside)
+    assert ones == pytest.approx(plain, rel=1e-6) and masked > 0
+    assert loss(1 + 2 * inside) - plain == pytest.approx(2 * masked, rel=1e-5)
+    assert loss(1 - inside) == pytest.approx(plain - masked, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_face_crops_and_the_face_weight_train_end_to_end(tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, "sd15")
+    wide = Image.new("RGB", (1400, 512), "white")
+    wide.paste(astronaut(), (0, 0))  # the face near the left edge
+    upload("matt_training_test", {"wide.jpg": jpeg(wide), "photo.jpg": jpeg(astronaut())})
+    text = user_yaml(
+        model_path,
+        "sd15",
+        steps=2,
+        replacements={"      lr: 0.0001\n": "      lr: 0.0001\n      face_loss_weight: 3\n"},
+    )
+    answer = train(text)
+    assert answer["status"] == "success", answer
+    cached = {p.name for p in (data_root / "training_data" / "matt_training_test").rglob("*.safetensors")}
+    assert cached and all(name.endswith("_face.safetensors") for name in cached)
+    centred = train(
+        text.replace("cache_latents_to_disk: true", "cache_latents_to_disk: true\n      face_crop: false").replace(
+            "name: nowy", "name: centred"
+        )
+    )
+    assert centred["status"] == "success", centred
+    names = {p.name for p in (data_root / "training_data" / "matt_training_test").rglob("*.safetensors")}
+    assert any(not name.endswith("_face.safetensors") for name in names)
