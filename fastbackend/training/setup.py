@@ -46,10 +46,7 @@ def set_up(job: TrainJob, hooks: Hooks | None = None) -> Run:
     train_cfg = process.train
     device, weight_dtype = choose_device(process.device, train_cfg.dtype, job.warnings)
     accelerator = make_accelerator(device, weight_dtype)
-    seed = next((s for s in (train_cfg.seed, process.training_seed) if s is not None), None)
-    if seed is None:
-        seed = random.SystemRandom().randrange(2**31)
-    torch.manual_seed(seed)
+    seed = seed_torch(process)
     family = family_for(process.model.resolved_arch, process.model.is_v_pred)
     hooks.on_stage({"stage": "loading_model", "model": process.model.name_or_path})
     with reporting_download(job.base_model, process.model.revision, hooks.on_stage):
@@ -103,6 +100,15 @@ def set_up(job: TrainJob, hooks: Hooks | None = None) -> Run:
         weight_dtype=weight_dtype,
         trains_text_encoder=bool(text_encoders),
     )
+
+
+def seed_torch(process: ProcessConfig) -> int:
+    """Seed torch with ``train.seed``, else ``training_seed``, else a fresh one; returns it."""
+    seed = next((s for s in (process.train.seed, process.training_seed) if s is not None), None)
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(seed)
+    return seed
 
 
 @contextlib.contextmanager
