@@ -10,7 +10,6 @@ face, another person) are also in ``blocking``.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from fastbackend.faces import SAME_PERSON, Face, FaceModel, distance, face_model
+from fastbackend.images import ImageProblem, open_upright
 from fastbackend.layout import DatasetFolder
 
 LOOK_SIDE = 512  # sharpness and exposure are judged at this longer side, whatever the camera
@@ -26,6 +26,8 @@ DARK, BRIGHT = 0.2, 0.85  # mean brightness (0-1) outside which a photo is under
 SMALL_FACE = 0.05  # of the photo's area: a face smaller than this teaches little likeness
 NEAR_DUPLICATE_BITS = 6  # of the 64-bit dHash: closer than this, two photos are near-duplicates
 IDENTITY_MIN_FACES = 3  # a median needs a majority to stand for "the person"
+FLAT = 2.0  # grey levels: a thumbnail this even (a plain colour) has no hash worth comparing
+MAX_WARNINGS = 50  # the report travels in answers (RunPod's 10-20 MB limits): the rest are counted
 
 
 @dataclass
@@ -34,9 +36,9 @@ class PhotoReport:
     width: int
     height: int
     faces: list[Face]
-    sharpness: float
-    brightness: float
-    dhash: int
+    sharpness: float | None
+    brightness: float | None
+    dhash: int | None  # None: a plain image, or unreadable
     distance: float | None = None  # of its clearest face to the dataset's median face
     notes: list[str] = field(default_factory=list)
 
@@ -46,39 +48,52 @@ class PhotoReport:
             "width": self.width,
             "height": self.height,
             "faces": [{"box": list(f.box), "share": round(f.share, 4), "score": f.score} for f in self.faces],
-            "sharpness": round(self.sharpness, 1),
-            "brightness": round(self.brightness, 3),
+            "sharpness": None if self.sharpness is None else round(self.sharpness, 1),
+            "brightness": None if self.brightness is None else round(self.brightness, 3),
             "face_distance": None if self.distance is None else round(self.distance, 3),
             "notes": self.notes,
         }
 
 
-def analyze(folder: DatasetFolder, resolutions: list[int]) -> dict:
-    """The report of ``folder``'s photos for training at ``resolutions``."""
+def analyze(folder: DatasetFolder, resolutions: list[int], images: bool = True) -> dict:
+    """The report of ``folder``'s photos for training at ``resolutions`` (``images``: with a row
+    per photo, else the summary and findings only)."""
     model = face_model()
     photos = [look_at(path, model) for path in folder.image_files()]
     warnings, blocking = findings(photos, resolutions)
     with_one = sum(1 for p in photos if len(p.faces) == 1 and p.faces[0].share >= SMALL_FACE)
-    return {
-        "images": [photo.as_dict() for photo in photos],
+    checked = [p.distance for p in photos if p.distance is not None]
+    report = {
         "summary": {
             "images": len(photos),
             "one_clear_face": with_one,
             "no_face": sum(1 for p in photos if not p.faces),
-            "same_person": all(p.distance is None or p.distance <= SAME_PERSON for p in photos),
+            # None: too few faces to tell (the check needs IDENTITY_MIN_FACES)
+            "same_person": all(d <= SAME_PERSON for d in checked) if checked else None,
         },
-        "warnings": warnings,
-        "blocking": blocking,
+        "warnings": capped(warnings),
+        "blocking": capped(blocking),
     }
+    return ({"images": [photo.as_dict() for photo in photos]} if images else {}) | report
+
+
+def capped(lines: list[str]) -> list[str]:
+    if len(lines) <= MAX_WARNINGS:
+        return lines
+    return [*lines[:MAX_WARNINGS], f"and {len(lines) - MAX_WARNINGS} more"]
 
 
 def look_at(path: Path, model: FaceModel) -> PhotoReport:
-    """One photo's faces, sharpness, exposure and hash (it passed the upload's checks)."""
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
+    """One photo's faces, sharpness, exposure and hash; an unreadable one says why."""
+    try:
+        image = open_upright(path)
+    except (ImageProblem, FileNotFoundError) as exc:
+        reason = str(exc) if isinstance(exc, ImageProblem) else "removed while the report ran"
+        return PhotoReport(path.name, 0, 0, [], None, None, None, notes=[f"could not be read: {reason}"])
     grey = image.convert("L")
     scale = LOOK_SIDE / max(grey.size)
-    small = np.asarray(grey.resize((max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))))
+    size = (max(3, round(grey.width * scale)), max(3, round(grey.height * scale)))  # the Laplacian needs 3x3
+    small = np.asarray(grey.resize(size))
     return PhotoReport(
         filename=path.name,
         width=image.width,
@@ -96,9 +111,12 @@ def laplacian_variance(grey: np.ndarray) -> float:
     return float(laplacian.var())
 
 
-def dhash(grey: Image.Image) -> int:
-    """64-bit difference hash: is each pixel of a 9x8 thumbnail brighter than its right neighbour."""
+def dhash(grey: Image.Image) -> int | None:
+    """64-bit difference hash: is each pixel of a 9x8 thumbnail brighter than its right neighbour
+    (None for a plain image, whose hash is all zeros like every other plain image's)."""
     pixels = np.asarray(grey.resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
+    if pixels.std() < FLAT:
+        return None
     bits = (pixels[:, 1:] > pixels[:, :-1]).flatten()
     return int(sum(1 << i for i, bit in enumerate(bits) if bit))
 
@@ -115,14 +133,38 @@ def findings(photos: list[PhotoReport], resolutions: list[int]) -> tuple[list[st
             f"{len(small)} image(s) with the face under {SMALL_FACE:.0%} of the photo ({', '.join(small)}): "
             "crop closer or add close-ups"
         )
-    for a, b in itertools.combinations(photos, 2):
-        if bin(a.dhash ^ b.dhash).count("1") < NEAR_DUPLICATE_BITS:
-            warnings.append(f"{a.filename} and {b.filename} are near-duplicates: they teach the same thing twice")
+    for group in near_duplicates(photos):
+        names = ", ".join(p.filename for p in group[:-1]) + f" and {group[-1].filename}"
+        warnings.append(f"{names} are near-duplicates: they teach the same thing twice")
     warnings += identity(photos, blocking)
     return warnings, blocking
 
 
+def near_duplicates(photos: list[PhotoReport]) -> list[list[PhotoReport]]:
+    """Groups of photos whose hashes are within NEAR_DUPLICATE_BITS of one another's (chained)."""
+    hashed = [p for p in photos if p.dhash is not None]
+    group_of = list(range(len(hashed)))
+
+    def root(i: int) -> int:
+        while group_of[i] != i:
+            group_of[i] = group_of[group_of[i]]
+            i = group_of[i]
+        return i
+
+    for i, a in enumerate(hashed):
+        for j in range(i + 1, len(hashed)):
+            if bin(a.dhash ^ hashed[j].dhash).count("1") < NEAR_DUPLICATE_BITS:  # type: ignore[operator]
+                group_of[root(j)] = root(i)
+    groups: dict[int, list[PhotoReport]] = {}
+    for i, photo in enumerate(hashed):
+        groups.setdefault(root(i), []).append(photo)
+    return [group for group in groups.values() if len(group) > 1]
+
+
 def photo_notes(photo: PhotoReport, resolutions: list[int], blocking: list[str]) -> None:
+    if photo.sharpness is None:  # unreadable: its note says why
+        blocking.append(f"{photo.filename}: {photo.notes[0]}")
+        return
     if not photo.faces:
         photo.notes.append("no face found")
         blocking.append(f"{photo.filename}: no face found")
@@ -130,7 +172,7 @@ def photo_notes(photo: PhotoReport, resolutions: list[int], blocking: list[str])
         photo.notes.append(f"{len(photo.faces)} faces; the likeness checks use the clearest")
     if photo.sharpness < BLURRY:
         photo.notes.append(f"looks blurry (sharpness {photo.sharpness:.0f}, under {BLURRY:.0f})")
-    if not DARK <= photo.brightness <= BRIGHT:
+    if photo.brightness is not None and not DARK <= photo.brightness <= BRIGHT:
         kind = "underexposed" if photo.brightness < DARK else "overexposed"
         photo.notes.append(f"{kind} (mean brightness {photo.brightness:.2f})")
     larger = [r for r in resolutions if photo.width * photo.height < r * r]

@@ -65,6 +65,22 @@ def check_image(path: Path) -> CheckedImage:
             return _check_open_image(image, path, size)
 
 
+def open_upright(path: Path) -> Image.Image:
+    """An image of the dataset decoded for looking at (faces, sharpness): upright, RGB, within
+    the upload's pixel limit (a folder made by hand skipped the upload's checks); ImageProblem
+    otherwise."""
+    try:
+        with Image.open(path) as opened:
+            max_pixels = settings.MAX_IMAGE_PIXELS.get()
+            if opened.width * opened.height > max_pixels:
+                raise ImageProblem(f"{opened.width}x{opened.height} is over the {max_pixels:,}-pixel limit")
+            return ImageOps.exif_transpose(opened).convert("RGB")
+    except (FileNotFoundError, ImageProblem):
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, *DECODE_ERRORS) as exc:
+        raise ImageProblem(_reason(exc)) from None
+
+
 def _reason(exc: Exception) -> str:
     if isinstance(exc, UnidentifiedImageError):
         return "not an image Pillow can decode"

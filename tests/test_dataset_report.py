@@ -82,7 +82,11 @@ def test_analyze_dataset_reports_in_plain_words(data_root):
     assert answer["status"] == "success", answer
     warnings = answer["warnings"]
     assert "coffee.jpg: no face found" in warnings
-    assert "astronaut.jpg and astronaut_again.jpg are near-duplicates: they teach the same thing twice" in warnings
+    # the same photo saved again, darkened, blurred: one group (the hash sees neither brightness nor fine detail)
+    group = (
+        "astronaut.jpg, astronaut_again.jpg, dark.jpg and soft.jpg are near-duplicates: they teach the same thing twice"
+    )
+    assert group in warnings
     assert not any("mirror.jpg and" in w or "and mirror.jpg" in w for w in warnings)  # a flip is a new view
     assert any(w.startswith("stranger.jpg: the face differs from the others (distance 0.") for w in warnings)
     assert any(w.startswith("soft.jpg: looks blurry (sharpness ") for w in warnings)
@@ -133,7 +137,7 @@ def test_require_faces_refuses_before_any_download_and_the_report_is_answered(ti
     answer = train(text)
     assert answer["status"] == "success", answer
     report = answer["dataset_report"]["matt_training_test"]
-    assert report["summary"]["no_face"] == 3 and len(report["images"]) == 3
+    assert report["summary"]["no_face"] == 3 and "images" not in report  # rows only in analyze_dataset
     monkeypatch.setattr(faces, "MODELS_PACKAGE", "no_such_models_package")
     faces.face_model.cache_clear()
     try:
@@ -148,3 +152,43 @@ def test_require_faces_refuses_before_any_download_and_the_report_is_answered(ti
 
 def test_fixture_yaml_is_untouched_by_the_report_keys():
     assert "require_faces" not in fixture_yaml()
+
+
+def test_odd_photos_in_a_folder_made_by_hand_are_noted_not_fatal(tmp_path, monkeypatch):
+    """A folder made by hand skips the upload's checks: EXIF rotation, a photo past the pixel
+    limit, a broken file, a sliver, plain colours, and too few faces to compare."""
+    from fastbackend.dataset_report import analyze
+    from fastbackend.layout import DatasetFolder
+
+    monkeypatch.setenv("FASTBACKEND_MAX_IMAGE_PIXELS", "1000000")
+    folder = tmp_path / "by_hand"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    astronaut().rotate(90, expand=True).save(folder / "turned.jpg", exif=exif)
+    Image.new("RGB", (1100, 1000)).save(folder / "huge.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    Image.new("RGB", (40, 20000), "gray").save(folder / "sliver.png")  # 1 px wide at 512 px
+    for colour in ("red", "blue"):
+        Image.new("RGB", (300, 300), colour).save(folder / f"{colour}.png")
+    report = analyze(DatasetFolder(folder), [512])
+    rows = {row["filename"]: row for row in report["images"]}
+    assert len(rows["turned.jpg"]["faces"]) == 1  # upright first, as training sees it
+    assert rows["huge.png"]["notes"] == ["could not be read: 1100x1000 is over the 1,000,000-pixel limit"]
+    assert rows["broken.jpg"]["notes"][0].startswith("could not be read: ")
+    assert "broken.jpg: could not be read: " in " ".join(report["blocking"])
+    assert rows["sliver.png"]["sharpness"] is not None  # a number, never NaN
+    assert not any("red.png" in w and "near-duplicates" in w for w in report["warnings"])  # plain is not a copy
+    assert report["summary"]["same_person"] is None  # one face: nothing to compare
+
+
+def test_a_long_report_is_capped(tmp_path):
+    from fastbackend.dataset_report import MAX_WARNINGS, analyze
+    from fastbackend.layout import DatasetFolder
+
+    folder = tmp_path / "cups"
+    folder.mkdir()
+    for index in range(MAX_WARNINGS + 5):
+        Image.fromarray(data.coffee()).rotate(index * 7).save(folder / f"cup_{index:03d}.jpg")
+    report = analyze(DatasetFolder(folder), [512], images=False)
+    assert len(report["blocking"]) == MAX_WARNINGS + 1 and report["blocking"][-1] == "and 5 more"

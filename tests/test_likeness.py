@@ -155,3 +155,32 @@ def test_readme_likeness_table_is_what_the_scoring_says(tmp_path):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for row in readme_likeness_rows(tmp_path):
         assert row in readme, row
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_the_scores_and_the_best_file(tiny_models, data_root, monkeypatch):
+    """Killed after its step-4 save (the best): the resumed run still knows step 4 and keeps its file."""
+    from fastbackend.training import trainer
+
+    scores = {2: 0.2, 4: 0.9, 6: 0.3, 8: 0.1, 10: 0.4}
+    monkeypatch.setattr(
+        likeness, "score", lambda step, images, reference: likeness.Likeness(step, scores[step], 1, 1, len(images))
+    )
+    model_path = install_model(tiny_models, data_root, "sd15")
+    upload("matt_training_test", {f"p{i}.jpg": jpeg(astronaut().rotate(3 * i)) for i in range(3)})
+    text = user_yaml(model_path, "sd15", steps=10, replacements={"save_every: 2000": "save_every: 2"})
+    real_step = trainer.train_step
+
+    def killed_after_step_4(run):
+        if run.step == 4:
+            raise RuntimeError("worker killed")
+        return real_step(run)
+
+    monkeypatch.setattr(trainer, "train_step", killed_after_step_4)
+    assert train(text)["error_code"] == "internal_error"
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    resumed = train(text)
+    assert resumed["resumed_from_step"] == 4
+    assert [s["step"] for s in resumed["likeness"]] == [2, 4, 6, 8, 10]
+    assert resumed["best_checkpoint"] == {"filename": "nowy_dataset_1.3_000000004.safetensors", "step": 4, "score": 0.9}
+    assert (data_root / "output" / "nowy_dataset_1.3" / "nowy_dataset_1.3_000000004.safetensors").exists()

@@ -279,11 +279,11 @@ def test_progress_reports_every_stage_and_every_step(tiny_models, data_root):
         ("caching", None),
         ("training", 1),
         ("training", 2),
+        ("sampling", 2),  # samples first: a save scored for likeness keeps its score in its state
         ("saving", 2),
-        ("sampling", 2),
         ("training", 3),
-        ("saving", 3),
         ("sampling", 3),
+        ("saving", 3),
     ]
     steps = [info for info in seen if info["stage"] == "training"]
     assert set(steps[0]) == {"stage", "step", "total_steps", "loss", "lr", "s_per_step", "eta_s"}

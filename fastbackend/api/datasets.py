@@ -27,7 +27,6 @@ from fastbackend.storage import (
     datasets_dir,
     existing_dataset_dir,
     list_names,
-    locked,
     no_links,
     remove_tree,
 )
@@ -119,6 +118,6 @@ def analyze_dataset(request: AnalyzeDatasetRequest, progress: Progress | None = 
 
     folder = existing_dataset_dir(request.training_name)
     datasets.recover(DatasetFolder(folder))  # an upload a killed worker left half-committed
-    with locked(folder, reader="analyze_dataset"):  # as committed: an upload waits until the report is done
-        report = analyze(DatasetFolder(folder), request.resolution)
+    # No lock: it only reads, and a photo that an upload removes meanwhile is noted as unreadable.
+    report = analyze(DatasetFolder(folder), request.resolution)
     return {"status": "success", "training_name": request.training_name} | report

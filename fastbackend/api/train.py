@@ -75,7 +75,7 @@ def report_datasets(config: TrainingConfig, folders: list[Path], warnings: list[
     for index, (folder, dataset) in enumerate(zip(folders, config.process.datasets, strict=True)):
         field = f"{PREFIX}.datasets[{index}]"
         try:
-            report = analyze(DatasetFolder(folder), dataset.resolution)
+            report = analyze(DatasetFolder(folder), dataset.resolution, images=False)  # analyze_dataset has rows
         except FastBackendError as exc:
             if dataset.require_faces or exc.code != ErrorCode.MODEL_LOAD_FAILED:
                 raise

@@ -68,7 +68,7 @@ def prune_step_saves(run: Run) -> None:
     """The newest ``max_step_saves_to_keep`` step saves stay, and the one with the best likeness too."""
     keep = run.process.save.max_step_saves_to_keep
     best = likeness.best(run.likeness)
-    kept = run.folder.step_save(best.step) if best is not None and keep else None
+    kept = run.folder.step_save(best.step) if best is not None else None
     others = [p for p in run.saves if p != kept]
     for old in others[: max(0, len(others) - keep)]:
         run.saves.remove(old)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
-from fastbackend.images import EXIF_ORIENTATION
+from fastbackend.images import EXIF_ORIENTATION, open_upright
 from fastbackend.layout import DatasetFolder, latent_name
 from fastbackend.storage import temporary_path
 
@@ -235,8 +235,7 @@ def find_faces(items: list[Item]) -> None:
 
     model = face_model()
     for item in items:
-        with Image.open(item.path) as opened:
-            faces = model.faces(ImageOps.exif_transpose(opened))
+        faces = model.faces(open_upright(item.path))
         item.face = faces[0].box if faces else None
 
 

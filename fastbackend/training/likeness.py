@@ -20,6 +20,7 @@ from PIL import Image
 
 from fastbackend.errors import FastBackendError
 from fastbackend.faces import SAME_PERSON, distance, face_model
+from fastbackend.images import ImageProblem, open_upright
 from fastbackend.layout import DatasetFolder
 
 log = logging.getLogger("fastbackend.trainer")
@@ -47,8 +48,10 @@ def reference_face(folders: list[Path], warnings: list[str]) -> tuple[float, ...
     found = []
     for folder in folders:
         for path in DatasetFolder(folder).image_files():
-            with Image.open(path) as image:
-                faces = model.faces(image)
+            try:
+                faces = model.faces(open_upright(path))
+            except (ImageProblem, FileNotFoundError):  # the dataset report says why
+                continue
             if faces:
                 found.append(faces[0].embedding)
     if not found:
@@ -62,7 +65,7 @@ def score(step: int, images: list[Path], reference: tuple[float, ...]) -> Likene
     model = face_model()
     similarities, found, matches = [], 0, 0
     for path in images:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # our own sample, just written
             faces = model.faces(image)
         if not faces:
             similarities.append(0.0)

@@ -111,6 +111,7 @@ class Run:
     likeness_reference: tuple[float, ...] | None = None  # the dataset's median face; None: not scored
     likeness: list[Likeness] = field(default_factory=list)
     stopped_early: bool = False
+    sampled_at: int | None = None  # the step of the last sample round
 
     @property
     def process(self) -> ProcessConfig:

@@ -55,27 +55,21 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
         run.history.append((run.step, loss))
         report_step(run, hooks, loss, time.monotonic() - step_started, bar)
         saving = run.step % run.process.save.save_every == 0 and run.step < total
-        if saving and run.is_main:
-            hooks.on_stage({"stage": "saving", "step": run.step})
-            save_checkpoint(run, final=False)
-        scoring = saving and run.likeness_reference is not None
-        if (should_sample(run) or scoring) and run.is_main:  # the other processes wait at the next exchange
-            hooks.on_stage({"stage": "sampling", "step": run.step})
-            images = sample(run, hooks.should_stop)
-            if scoring:
-                score_likeness(run, hooks, images)
+        if run.is_main:  # the other processes wait at the next step's exchange
+            # Samples first: the save's state and pruning then know its likeness.
+            sample_and_score(run, hooks, should_sample(run), saving and run.likeness_reference is not None)
+            if saving:
+                hooks.on_stage({"stage": "saving", "step": run.step})
+                save_checkpoint(run, final=False)
     if bar is not None:
         bar.close()
     run.check_same_lora()
     final = run.folder.final_lora
     if run.is_main:
+        if run.sampled_at != run.step:  # an early stop sampled and scored this step already
+            sample_and_score(run, hooks, should_sample(run, final=True), run.likeness_reference is not None)
         hooks.on_stage({"stage": "saving", "step": run.step})
         save_checkpoint(run, final=True)
-        if should_sample(run, final=True):
-            hooks.on_stage({"stage": "sampling", "step": run.step})
-            images = sample(run)
-            if run.likeness_reference is not None:
-                score_likeness(run, hooks, images)
     return TrainResult(
         lora_path=final,
         sha256=run.sha256.get(final.name, ""),  # only the main process saves
@@ -97,6 +91,18 @@ def scores_likeness(run: Run) -> bool:
     """Whether saves are scored for likeness: there are sample prompts to render."""
     sample_cfg = run.process.sample
     return sample_cfg is not None and bool(sample_cfg.all_prompts) and not run.process.train.disable_sampling
+
+
+def sample_and_score(run: Run, hooks: Hooks, sampling: bool, scoring: bool) -> None:
+    """Render the sample prompts when on schedule or when this save is scored for likeness."""
+    if not (sampling or scoring):
+        return
+    hooks.on_stage({"stage": "sampling", "step": run.step})
+    images = sample(run, hooks.should_stop)
+    run.sampled_at = run.step
+    prompts = run.process.sample.all_prompts if run.process.sample is not None else []
+    if scoring and len(images) == len(prompts):  # a round a stop cut short is not scored
+        score_likeness(run, hooks, images)
 
 
 def score_likeness(run: Run, hooks: Hooks, images: list) -> None:
