@@ -98,3 +98,67 @@ def test_face_crops_and_the_face_weight_train_end_to_end(tiny_models, data_root)
     assert centred["status"] == "success", centred
     names = {p.name for p in (data_root / "training_data" / "matt_training_test").rglob("*.safetensors")}
     assert any(not name.endswith("_face.safetensors") for name in names)
+
+
+def test_flux_weights_land_on_their_own_latent_cells():
+    """Packing weights with the latents: weighting then packing equals packing then weighting."""
+    from diffusers import FluxPipeline
+
+    from fastbackend.training.families.flux import packed_weights
+
+    latents = torch.randn(2, 4, 8, 6)
+    mask = torch.ones(2, 1, 8, 6)
+    mask[0, :, 1:4, 3:6] = 3.0  # odd offsets: a box that straddles 2x2 patches
+    packed = FluxPipeline._pack_latents(latents, 2, 4, 8, 6)
+    assert torch.equal(
+        FluxPipeline._pack_latents(latents * mask, 2, 4, 8, 6), packed * packed_weights(mask, latents.shape)
+    )
+
+
+def test_face_weights_cover_each_face_box_and_nothing_else():
+    from types import SimpleNamespace
+
+    from fastbackend.training.trainer import face_weights
+
+    run = SimpleNamespace(
+        process=SimpleNamespace(train=SimpleNamespace(face_loss_weight=3.0)), pipe=SimpleNamespace(vae_scale_factor=8)
+    )
+    with_face = data.Example(data.Item(None, "a", "", (1000, 400), FACE), "", (96, 32), face_crop=True)
+    with_face.sizes = (400, 1000, 0, 0, 320, 960)  # the face: latent cells x 1-9, y 0-8
+    without = data.Example(data.Item(None, "b", "", (1000, 400)), "", (96, 32))
+    without.sizes = (400, 1000, 0, 0, 320, 960)
+    weights = face_weights(run, [with_face, without], (40, 120))
+    expected = torch.ones(2, 1, 40, 120)
+    expected[0, :, 0:8, 1:9] = 3.0
+    assert torch.equal(weights, expected)
+    run.process.train.face_loss_weight = None
+    assert face_weights(run, [with_face], (40, 120)) is None
+
+
+@pytest.mark.slow
+def test_without_the_face_model_the_default_crop_centres_and_explicit_requests_fail(
+    tiny_models, data_root, monkeypatch
+):
+    from fastbackend import faces
+
+    model_path = install_model(tiny_models, data_root, "sd15")
+    upload("matt_training_test", {"photo.jpg": jpeg(astronaut())})
+    monkeypatch.setattr(faces, "MODELS_PACKAGE", "no_such_models_package")
+    faces.face_model.cache_clear()
+    try:
+        text = user_yaml(model_path, "sd15", steps=1)
+        default = train(text)
+        key = "      cache_latents_to_disk: true\n"
+        cropped = train(text.replace(key, key + "      face_crop: true\n").replace("name: nowy", "name: cropped"))
+        weighted = train(
+            text.replace("      lr: 0.0001\n", "      lr: 0.0001\n      face_loss_weight: 2\n").replace(
+                "name: nowy", "name: weighted"
+            )
+        )
+    finally:
+        faces.face_model.cache_clear()
+    assert default["status"] == "success", default
+    assert any(w.startswith("photos are centre-cropped: the face model") for w in default["warnings"])
+    cached = {p.name for p in (data_root / "training_data" / "matt_training_test").rglob("*.safetensors")}
+    assert cached and not any(name.endswith("_face.safetensors") for name in cached)
+    assert cropped["error_code"] == weighted["error_code"] == "model_load_failed"

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
-from fastbackend.images import EXIF_ORIENTATION, open_upright
+from fastbackend.images import EXIF_ORIENTATION, ImageProblem, open_upright
 from fastbackend.layout import DatasetFolder, latent_name
 from fastbackend.storage import temporary_path
 
@@ -235,7 +235,10 @@ def find_faces(items: list[Item]) -> None:
 
     model = face_model()
     for item in items:
-        faces = model.faces(open_upright(item.path))
+        try:
+            faces = model.faces(open_upright(item.path))
+        except (ImageProblem, FileNotFoundError):  # a photo past the pixel limit: trained centred
+            faces = []
         item.face = faces[0].box if faces else None
 
 

@@ -141,13 +141,20 @@ class Flux(Family):
             return_dict=False,
         )[0]
         target = FluxPipeline._pack_latents(noise - latents, b, c, h, w)
-        weights = batch.loss_weights
-        if weights is not None:  # packed as the latents are: (B, H/2 * W/2, 4C)
-            weights = FluxPipeline._pack_latents(weights.expand(b, c, h, w), b, c, h, w)
+        weights = None if batch.loss_weights is None else packed_weights(batch.loss_weights, latents.shape)
         per_item = weighted_mean(F.mse_loss(prediction.float(), target.float(), reduction="none"), weights)
         if options.linear_timesteps:
             per_item = per_item * bell_weights(latents.device)[index]
         return per_item.mean()
+
+
+def packed_weights(weights: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Loss weights (B, 1, H, W) in the layout of packed latents (B, H/2 * W/2, 4C): each weight
+    lands on the element of its own latent cell."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = shape
+    return FluxPipeline._pack_latents(weights.expand(b, c, h, w), b, c, h, w)
 
 
 def sigma_table(options: LossOptions, image_seq_len: int, device) -> torch.Tensor:
