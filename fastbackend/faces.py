@@ -4,8 +4,9 @@ dlib's HOG face detector, its 5-point landmarks and its 128-number face embeddin
 trained for face verification: two photos of the same person lie within ``SAME_PERSON`` of each
 other, 99.38% right on the LFW benchmark). The weights ship in the ``face-recognition-models``
 package, installed with the worker: nothing is downloaded at run time. A photo is looked at with
-its longer side at most ``DETECT_SIDE`` pixels; the detector finds faces from about 80 px there
-(40 px in photos of ``SMALL_SIDE`` or less, which it also searches at twice their size).
+its longer side at most ``DETECT_SIDE`` pixels; the detector finds faces from about 80 px there,
+and from 40 px when it searches at twice the size: always in photos of ``SMALL_SIDE`` or less,
+and in larger ones where the first search found none (a full-body photo's small face).
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ class FaceModel:
         pixels = np.asarray(small)
         found = []
         with self.lock:
-            boxes, scores, _ = self.detector.run(pixels, 1 if max(small.size) <= SMALL_SIDE else 0, MIN_SCORE)
+            upsample = 1 if max(small.size) <= SMALL_SIDE else 0
+            boxes, scores, _ = self.detector.run(pixels, upsample, MIN_SCORE)
+            if not boxes and not upsample:  # a full-body photo: the face may be under 80 px here
+                boxes, scores, _ = self.detector.run(pixels, 1, MIN_SCORE)
             for box, score in zip(boxes, scores, strict=True):
                 shape = self.landmarks(pixels, box)
                 embedding = tuple(float(x) for x in self.embedder.compute_face_descriptor(pixels, shape))

@@ -192,3 +192,11 @@ def test_a_long_report_is_capped(tmp_path):
         Image.fromarray(data.coffee()).rotate(index * 7).save(folder / f"cup_{index:03d}.jpg")
     report = analyze(DatasetFolder(folder), [512], images=False)
     assert len(report["blocking"]) == MAX_WARNINGS + 1 and report["blocking"][-1] == "and 5 more"
+
+
+def test_a_small_face_in_a_large_photo_is_found():
+    """A full-body-like photo: the face is 4% of the width, under 80 px once scaled to 1024."""
+    canvas = Image.new("RGB", (2400, 1800), "white")
+    canvas.paste(astronaut(), (0, 0))
+    found = faces.face_model().faces(canvas)
+    assert len(found) == 1 and found[0].box[0] < 200 and found[0].box[2] < 300
