@@ -23,8 +23,9 @@ def save(folder, name: str, image: Image.Image):
     return path
 
 
-def test_the_same_face_scores_as_a_match_and_no_face_scores_none(tmp_path):
-    dataset = tmp_path / "dataset"
+def astronaut_reference(folder) -> tuple[float, ...]:
+    """The median face of a dataset of three photos of the astronaut (whole, cropped, turned)."""
+    dataset = folder / "dataset"
     dataset.mkdir()
     photo = astronaut()
     save(dataset, "a.jpg", photo)
@@ -33,6 +34,12 @@ def test_the_same_face_scores_as_a_match_and_no_face_scores_none(tmp_path):
     warnings: list[str] = []
     reference = likeness.reference_face([dataset], warnings)
     assert reference is not None and warnings == []
+    return reference
+
+
+def test_the_same_face_scores_as_a_match_and_no_face_scores_none(tmp_path):
+    reference = astronaut_reference(tmp_path)
+    photo = astronaut()
     samples = tmp_path / "samples"
     samples.mkdir()
     same = [
@@ -126,14 +133,8 @@ def test_real_scoring_runs_end_to_end_on_the_tiny_models(tiny_models, data_root)
 
 def readme_likeness_rows(folder) -> list[str]:
     """README's scoring table: the astronaut as the dataset, each photo below scored as a sample."""
-    dataset = folder / "dataset"
-    dataset.mkdir()
+    reference = astronaut_reference(folder)
     photo = astronaut()
-    save(dataset, "a.jpg", photo)
-    save(dataset, "b.jpg", photo.crop((60, 0, 460, 400)))
-    save(dataset, "c.jpg", photo.rotate(-4))
-    reference = likeness.reference_face([dataset], [])
-    assert reference is not None
     samples = {
         "the astronaut, mirrored": photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
         "the astronaut, close-up": photo.crop((100, 0, 400, 300)).resize((512, 512)),
