@@ -654,6 +654,16 @@ class ProcessConfig(Section):
         (it saves them in peft's format); SD 1.5 / SDXL at linear_alpha / rank."""
         return float(self.network.rank) if self.model.resolved_arch == "flux" else self.network.alpha
 
+    @property
+    def sample_prompts(self) -> list[str]:
+        """The prompts samples are rendered from: none when there is no sample section or sampling is off."""
+        return [] if self.sample is None or self.train.disable_sampling else self.sample.all_prompts
+
+    @property
+    def largest_resolution(self) -> int:
+        """The largest bucket side any dataset trains at."""
+        return max(r for dataset in self.datasets for r in dataset.resolution)
+
     @model_validator(mode="after")
     def _something_to_train(self) -> ProcessConfig:
         if not self.train.train_unet:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fastbackend.faces import SAME_PERSON, Face, FaceModel, distance, face_model
+from fastbackend.faces import SAME_PERSON, Face, distance, face_model, faces_in, median_face
 from fastbackend.images import ImageProblem, open_upright
 from fastbackend.layout import DatasetFolder
 
@@ -58,8 +58,8 @@ class PhotoReport:
 def analyze(folder: DatasetFolder, resolutions: list[int], images: bool = True) -> dict:
     """The report of ``folder``'s photos for training at ``resolutions`` (``images``: with a row
     per photo, else the summary and findings only)."""
-    model = face_model()
-    photos = [look_at(path, model) for path in folder.image_files()]
+    face_model()  # a model that cannot load is said once, before any photo
+    photos = [look_at(path) for path in folder.image_files()]
     warnings, blocking = findings(photos, resolutions)
     with_one = sum(1 for p in photos if len(p.faces) == 1 and p.faces[0].share >= SMALL_FACE)
     checked = [p.distance for p in photos if p.distance is not None]
@@ -83,7 +83,7 @@ def capped(lines: list[str]) -> list[str]:
     return [*lines[:MAX_WARNINGS], f"and {len(lines) - MAX_WARNINGS} more"]
 
 
-def look_at(path: Path, model: FaceModel) -> PhotoReport:
+def look_at(path: Path) -> PhotoReport:
     """One photo's faces, sharpness, exposure and hash; an unreadable one says why."""
     try:
         image = open_upright(path)
@@ -98,7 +98,7 @@ def look_at(path: Path, model: FaceModel) -> PhotoReport:
         filename=path.name,
         width=image.width,
         height=image.height,
-        faces=model.faces(image),
+        faces=faces_in(path, image),
         sharpness=laplacian_variance(small.astype(np.float64)),
         brightness=float(small.mean() / 255),
         dhash=dhash(grey),
@@ -186,7 +186,7 @@ def identity(photos: list[PhotoReport], blocking: list[str]) -> list[str]:
     faced = [p for p in photos if p.faces]
     if len(faced) < IDENTITY_MIN_FACES:
         return []
-    median = tuple(np.median(np.array([p.faces[0].embedding for p in faced]), axis=0).tolist())
+    median = median_face([p.faces[0].embedding for p in faced])
     warnings = []
     for photo in faced:
         photo.distance = distance(photo.faces[0].embedding, median)

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from fastbackend.errors import ErrorCode, FastBackendError
+from fastbackend.images import open_upright
 
 SAME_PERSON = 0.6  # dlib's own threshold for its embeddings
 DETECT_SIDE = 1024
@@ -104,6 +105,29 @@ def face_model() -> FaceModel:
             f"the face model (dlib, with {MODELS_PACKAGE}) could not load: {type(exc).__name__}: {exc}",
             code=ErrorCode.MODEL_LOAD_FAILED,
         ) from None
+
+
+# The faces of each dataset photo, by (path, modification time, size): the dataset report, the
+# face crops and the likeness reference all look at the same photos in one run.
+_FOUND: dict[tuple[Path, int, int], list[Face]] = {}
+REMEMBERED = 4096
+
+
+def faces_in(path: Path, image: Image.Image | None = None) -> list[Face]:
+    """The faces in the photo at ``path`` (``image``: already opened upright), looked for once while
+    the file is unchanged; ``ImageProblem`` when it cannot be read."""
+    stat = path.stat()
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key not in _FOUND:
+        if len(_FOUND) >= REMEMBERED:
+            _FOUND.pop(next(iter(_FOUND)))
+        _FOUND[key] = face_model().faces(image if image is not None else open_upright(path))
+    return _FOUND[key]
+
+
+def median_face(embeddings: list[tuple[float, ...]]) -> tuple[float, ...]:
+    """The element-wise median of face embeddings: who a set of photos shows, outliers outvoted."""
+    return tuple(np.median(np.array(embeddings), axis=0).tolist())
 
 
 def distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:

@@ -32,3 +32,23 @@ def test_compiled_blocks_train_the_same_lora(tiny_models, data_root):
     assert plain_lora.keys() == compiled_lora.keys()
     for key, value in plain_lora.items():
         assert (compiled_lora[key].float() - value.float()).abs().max() < 1e-3, key
+
+
+def test_without_a_c_compiler_a_gpu_run_is_not_compiled_and_says_so(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from fastbackend.training import setup
+    from fastbackend.training.families import family_for
+
+    block = torch.nn.Linear(2, 2)
+    denoiser = SimpleNamespace(device=torch.device("cuda", 0), modules=lambda: [block])
+    monkeypatch.setattr(setup.shutil, "which", lambda name: None)
+    warnings: list[str] = []
+    setup.compile_blocks(denoiser, family_for("flux"), False, warnings, "config.process[0].train.compile")
+    assert warnings == [
+        "config.process[0].train.compile: torch.compile needs a C compiler for its GPU kernels and none is here; "
+        "not compiled"
+    ]
+    assert block._compiled_call_impl is None

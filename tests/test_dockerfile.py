@@ -46,3 +46,8 @@ def test_the_worker_package_never_imports_dev_tools():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(name.split(".")[0] in ("devtools", "tests", "handler_fast") for name in names), path
+
+
+def test_the_image_has_the_c_compiler_torch_compile_needs():
+    text = (REPO / "Dockerfile").read_text()
+    assert "apt-get install -y --no-install-recommends gcc libc6-dev" in text

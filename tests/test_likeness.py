@@ -185,3 +185,24 @@ def test_a_resumed_run_keeps_the_scores_and_the_best_file(tiny_models, data_root
     assert [s["step"] for s in resumed["likeness"]] == [2, 4, 6, 8, 10]
     assert resumed["best_checkpoint"] == {"filename": "nowy_dataset_1.3_000000004.safetensors", "step": 4, "score": 0.9}
     assert (data_root / "output" / "nowy_dataset_1.3" / "nowy_dataset_1.3_000000004.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_each_dataset_photo_is_looked_at_once_per_run(tiny_models, data_root, monkeypatch):
+    """The dataset report, the face crops and the likeness reference share one look per photo."""
+    from fastbackend import faces
+
+    looked: list[tuple[int, int]] = []
+    real = faces.FaceModel.faces
+
+    def counted(self, image):
+        looked.append(image.size)
+        return real(self, image)
+
+    monkeypatch.setattr(faces.FaceModel, "faces", counted)
+    model_path = install_model(tiny_models, data_root, "sd15")
+    upload("matt_training_test", {f"p{i}.jpg": jpeg(astronaut().rotate(5 * i)) for i in range(3)})
+    answer = train(user_yaml(model_path, "sd15", steps=1))
+    assert answer["status"] == "success", answer
+    assert [s["images"] for s in answer["likeness"]] == [3]
+    assert looked.count((512, 512)) == 3 and len(looked) == 3 + 3  # 3 photos once, then the 3 samples

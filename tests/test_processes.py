@@ -106,3 +106,35 @@ def test_a_stop_reaches_every_process_and_the_run_resumes(tiny_models, data_root
     monkeypatch.setattr(stopping, "requested", lambda: False)
     again = train_with_yaml(request)
     assert again["resumed_from_step"] == step and again["steps"] == 40 and again["processes"] == 2
+
+
+def test_a_process_stops_when_asked_or_when_its_worker_is_gone():
+    import os
+    import threading
+
+    from fastbackend.training.distributed import process_hooks
+
+    stop = threading.Event()
+    hooks = process_hooks(True, None, stop, os.getppid())
+    assert not hooks.should_stop()
+    stop.set()
+    assert hooks.should_stop()
+    orphan = process_hooks(False, None, threading.Event(), parent=os.getppid() + 1)  # another parent: gone
+    assert orphan.should_stop()
+
+
+def test_never_more_processes_than_gpus(monkeypatch):
+    import torch
+
+    from fastbackend.training.distributed import process_count
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    warnings: list[str] = []
+    assert process_count("cuda:0", warnings) == 2 and warnings == []  # one per visible GPU
+    monkeypatch.setenv("FASTBACKEND_PROCESSES", "4")
+    assert process_count("cuda:0", warnings) == 2
+    assert warnings == ["FASTBACKEND_PROCESSES=4: only 2 GPU(s) here; training in 2 processes"]
+    monkeypatch.setenv("FASTBACKEND_PROCESSES", "1")
+    assert process_count("cuda:0", []) == 1
+    assert process_count("cpu", []) == 1

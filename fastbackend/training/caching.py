@@ -103,10 +103,9 @@ def prepare_data(
         time.monotonic() - started,
     )
     if not encoders_stay(process, trains_text_encoder):
-        if process.sample is not None and not process.train.disable_sampling:  # samples won't need them either
-            sample_cfg = process.sample
-            prompts = [data.sample_prompt(prompt, process.trigger_word) for prompt in sample_cfg.all_prompts]
-            texts.encode_samples(prompts, sample_cfg.negative_prompt, sample_cfg.guidance_scale)
+        if process.sample is not None and process.sample_prompts:  # samples won't need them either
+            prompts = [data.sample_prompt(prompt, process.trigger_word) for prompt in process.sample_prompts]
+            texts.encode_samples(prompts, process.sample.negative_prompt, process.sample.guidance_scale)
         offload_encoders(family, pipe)
     return texts, data.BucketSampler(examples, process.train.batch_size, rng), data.dataset_hash(items)
 

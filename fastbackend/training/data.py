@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
-from fastbackend.images import EXIF_ORIENTATION, ImageProblem, open_upright
+from fastbackend.images import EXIF_ORIENTATION, ImageProblem
 from fastbackend.layout import DatasetFolder, latent_name
 from fastbackend.storage import temporary_path
 
@@ -231,12 +231,12 @@ def make_examples(
 
 def find_faces(items: list[Item]) -> None:
     """Each item's clearest face, for face-aware crops and the face-weighted loss."""
-    from fastbackend.faces import face_model
+    from fastbackend.faces import face_model, faces_in
 
-    model = face_model()
+    face_model()  # a model that cannot load fails the lookup, not each photo
     for item in items:
         try:
-            faces = model.faces(open_upright(item.path))
+            faces = faces_in(item.path)
         except (ImageProblem, FileNotFoundError):  # a photo past the pixel limit: trained centred
             faces = []
         item.face = faces[0].box if faces else None

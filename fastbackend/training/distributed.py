@@ -131,23 +131,25 @@ def run_process(rank: int, count: int, port: int, job: TrainJob, events, stop) -
     if process.device.startswith("cuda"):
         process.device = f"cuda:{rank}"
     main = rank == 0
-    parent = os.getppid()
-    hooks = Hooks(
-        on_step=lambda info: events.put(("step", info)) if main else None,
-        on_stage=lambda info: events.put(("stage", info)) if main else None,
-        # A stop request, or a worker that is gone (killed): no process trains on as an orphan.
-        should_stop=lambda: stop.is_set() or os.getppid() != parent,
-    )
     try:
-        result = trainer.train(job, hooks)
+        result = trainer.train(job, process_hooks(main, events, stop, os.getppid()))
         if main:
             events.put(("result", result))
-    except TrainingStopped as exc:  # every process stops at the same step; the main one saved it
-        if main:
-            events.put(("error", (exc.message, exc.details, str(exc.code))))
     except BaseException as exc:
+        if isinstance(exc, TrainingStopped) and not main:  # all stop at one step; the main one says so
+            return
         error = as_answer(exc, rank)
         events.put(("error", (error.message, error.details, str(error.code))))
+
+
+def process_hooks(main: bool, events, stop, parent: int) -> Hooks:
+    """A training process's hooks: the main one reports through ``events``; each stops on the
+    ``stop`` event or when its worker (``parent``) is gone, so none trains on as an orphan."""
+    return Hooks(
+        on_step=lambda info: events.put(("step", info)) if main else None,
+        on_stage=lambda info: events.put(("stage", info)) if main else None,
+        should_stop=lambda: stop.is_set() or os.getppid() != parent,
+    )
 
 
 def as_answer(exc: BaseException, rank: int) -> FastBackendError:

@@ -15,12 +15,11 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from fastbackend.errors import FastBackendError
-from fastbackend.faces import SAME_PERSON, distance, face_model
-from fastbackend.images import ImageProblem, open_upright
+from fastbackend.faces import SAME_PERSON, distance, face_model, faces_in, median_face
+from fastbackend.images import ImageProblem
 from fastbackend.layout import DatasetFolder
 
 log = logging.getLogger("fastbackend.trainer")
@@ -41,7 +40,7 @@ class Likeness:
 def reference_face(folders: list[Path], warnings: list[str]) -> tuple[float, ...] | None:
     """The dataset's median face, or None (and why, in ``warnings``) when there is none to score by."""
     try:
-        model = face_model()
+        face_model()
     except FastBackendError as exc:
         warnings.append(f"likeness is not scored: {exc.message}")
         return None
@@ -49,7 +48,7 @@ def reference_face(folders: list[Path], warnings: list[str]) -> tuple[float, ...
     for folder in folders:
         for path in DatasetFolder(folder).image_files():
             try:
-                faces = model.faces(open_upright(path))
+                faces = faces_in(path)
             except (ImageProblem, FileNotFoundError):  # the dataset report says why
                 continue
             if faces:
@@ -57,7 +56,7 @@ def reference_face(folders: list[Path], warnings: list[str]) -> tuple[float, ...
     if not found:
         warnings.append("likeness is not scored: no face was found in the dataset's photos")
         return None
-    return tuple(np.median(np.array(found), axis=0).tolist())
+    return median_face(found)
 
 
 def score(step: int, images: list[Path], reference: tuple[float, ...]) -> Likeness:

@@ -196,7 +196,7 @@ def estimate(process: ProcessConfig, family: Family, shapes: Shapes, gpu_gb: flo
     train = process.train
     weight = DTYPE_BYTES[train.dtype]
     scale = weight / 2  # activations were measured in bf16
-    size = max(r for d in process.datasets for r in d.resolution)  # the largest bucket a photo can reach
+    size = process.largest_resolution  # the largest bucket a photo can reach
     if process.model.quantize and bitsandbytes_available():  # else the trainer keeps full precision
         frozen = shapes.lora_targets + shapes.lora_target_rows * INT8_SCALE_BYTES
         denoiser = frozen + (shapes.denoiser - shapes.lora_targets) * weight
@@ -218,7 +218,7 @@ def estimate(process: ProcessConfig, family: Family, shapes: Shapes, gpu_gb: flo
         | ({"text_encoders": encoders, "vae": vae} if stays else {}),
     }
     sample = process.sample
-    if sample is not None and sample.all_prompts and not train.disable_sampling:
+    if sample is not None and process.sample_prompts:
         pixels = sample.width * sample.height
         guided = family.classifier_free_guidance and sample.guidance_scale > 1
         inference = family.activation_bytes(shapes.denoiser_config, sample.width, sample.height, True)
@@ -260,12 +260,11 @@ def changes(process: ProcessConfig) -> list[tuple[str, Callable[[ProcessConfig],
         options.append(("model.quantize: true", setting("model", "quantize", True)))
     if train.batch_size > 1:
         options.append(("train.batch_size: 1", setting("train", "batch_size", 1)))
-    largest = max(r for d in process.datasets for r in d.resolution)
     for smaller in (1024, 768, 512):
-        if smaller < largest:
+        if smaller < process.largest_resolution:
             options.append((f"datasets[].resolution: at most {smaller}", functools.partial(cap_resolution, smaller)))
     sample = process.sample
-    if sample is not None and sample.all_prompts and not train.disable_sampling:
+    if sample is not None and process.sample_prompts:
         if max(sample.width, sample.height) > 1024:
             options.append(("sample.width and height: at most 1024", cap_sample_size))
         options.append(("train.disable_sampling: true", setting("train", "disable_sampling", True)))

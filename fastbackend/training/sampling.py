@@ -18,7 +18,7 @@ from fastbackend.training.run import Run
 def should_sample(run: Run, final: bool = False) -> bool:
     """Samples every ``sample_every`` steps and at the end, when there are prompts and sampling is on."""
     sample_cfg = run.process.sample
-    if sample_cfg is None or not sample_cfg.all_prompts or run.process.train.disable_sampling:
+    if sample_cfg is None or not run.process.sample_prompts:
         return False
     if final:
         return True

@@ -89,8 +89,7 @@ def _train(job: TrainJob, hooks: Hooks) -> TrainResult:
 
 def scores_likeness(run: Run) -> bool:
     """Whether saves are scored for likeness: there are sample prompts to render."""
-    sample_cfg = run.process.sample
-    return sample_cfg is not None and bool(sample_cfg.all_prompts) and not run.process.train.disable_sampling
+    return bool(run.process.sample_prompts)
 
 
 def sample_and_score(run: Run, hooks: Hooks, sampling: bool, scoring: bool) -> None:
@@ -100,8 +99,7 @@ def sample_and_score(run: Run, hooks: Hooks, sampling: bool, scoring: bool) -> N
     hooks.on_stage({"stage": "sampling", "step": run.step})
     images = sample(run, hooks.should_stop)
     run.sampled_at = run.step
-    prompts = run.process.sample.all_prompts if run.process.sample is not None else []
-    if scoring and len(images) == len(prompts):  # a round a stop cut short is not scored
+    if scoring and len(images) == len(run.process.sample_prompts):  # a round a stop cut short is not scored
         score_likeness(run, hooks, images)
 
 
