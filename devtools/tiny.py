@@ -230,3 +230,108 @@ def build(arch: str, folder: Path) -> Path:
     if not (folder / "model_index.json").exists():
         BUILDERS[arch](folder)
     return folder
+
+
+# ---------------------------------------------------------------- a tiny Florence-2 captioner
+
+
+def bart_tokenizer():
+    """Florence-2's tokenizer shape (BART byte-level BPE) over the 256 byte symbols, no merges, plus
+    BART's specials and the ``<image>`` token the processor expands."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import BartTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    vocab = {token: index for index, token in enumerate(specials)}
+    vocab |= {symbol: len(specials) + index for index, symbol in enumerate(_bytes_to_unicode())}
+    vocab["<mask>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer = BartTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    assert len(tokenizer) == len(vocab) + 1, f"BART tokenizer came out with {len(tokenizer)} entries"
+    return tokenizer
+
+
+# What the tiny captioner says of every photo: a detailed caption as Florence-2 writes them, so the
+# tests see real generated text go through the rewriting (``fastbackend.captions.personalize``).
+TINY_CAPTION = (
+    "The image shows a man with short brown hair and a beard, wearing a blue shirt, standing in front of a brick wall."
+)
+
+
+def _teach(model, processor, caption: str) -> None:
+    """Train the random model until it writes ``caption`` (about 200 Adam steps, a few seconds)."""
+    import torch
+    from PIL import Image
+
+    inputs = processor(
+        text=["<DETAILED_CAPTION>"], images=[Image.new("RGB", (64, 64), (90, 60, 40))], return_tensors="pt"
+    )
+    labels = processor.tokenizer([caption], return_tensors="pt").input_ids
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(400):
+        loss = model(**inputs, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.01:
+            break
+    model.eval()
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=120, num_beams=3, do_sample=False)
+    said = processor.batch_decode(out, skip_special_tokens=True)[0]
+    assert said == caption, f"the tiny captioner learned to say {said!r}"
+
+
+def build_captioner(folder: Path) -> Path:
+    """A 120k-parameter random-weight Florence-2 (DaViT vision tower, BART text model) and its processor,
+    saved as the hub's ``florence-community`` checkpoints are: loaded by path with the real classes."""
+    import torch
+    from transformers import CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer = bart_tokenizer()
+    image_processor = CLIPImageProcessor(
+        size={"height": 64, "width": 64}, do_center_crop=False, image_seq_length=5, crop_size=None
+    )
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    vision = {
+        "depths": [1, 1, 1, 1],
+        "embed_dim": [8, 16, 32, 32],
+        "num_heads": [1, 1, 2, 2],
+        "num_groups": [1, 1, 2, 2],
+        "window_size": 2,
+        "projection_dim": 32,
+    }
+    text = {
+        "vocab_size": len(tokenizer),
+        "d_model": 32,
+        "encoder_layers": 1,
+        "decoder_layers": 1,
+        "encoder_attention_heads": 2,
+        "decoder_attention_heads": 2,
+        "encoder_ffn_dim": 64,
+        "decoder_ffn_dim": 64,
+        "max_position_embeddings": 128,
+    }
+    config = Florence2Config(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id)
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(config)
+    _teach(model, processor, TINY_CAPTION)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

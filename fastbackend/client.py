@@ -80,8 +80,9 @@ class Client:
             time.sleep(POLL_INTERVAL_S)
         raise WorkerError(f"job {job_id} did not finish within {self.timeout_s:.0f}s")
 
-    def upload_folder(self, name: str, folder: Path, mode: str = "append") -> dict:
-        """Every image in ``folder`` with its ``.txt`` caption, in as many requests as the limit needs."""
+    def upload_folder(self, name: str, folder: Path, mode: str = "append", auto_caption: bool = False) -> dict:
+        """Every image in ``folder`` with its ``.txt`` caption, in as many requests as the limit needs;
+        with ``auto_caption`` the worker captions the images that have no ``.txt``."""
         answers = []
         for index, batch in enumerate(batches(folder)):
             payload = {
@@ -90,15 +91,19 @@ class Client:
                 "files": batch,
                 "mode": mode if index == 0 else "append",
             }
-            answers.append(self.call(payload))
+            answers.append(self.call(payload | ({"auto_caption": True} if auto_caption else {})))
         if not answers:
             raise WorkerError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
         last = answers[-1]
-        return last | {
-            "uploaded_files": [f for a in answers for f in a["uploaded_files"]],
-            "skipped": [s for a in answers for s in a["skipped"]],
-            "requests": len(answers),
-        }
+        return (
+            last
+            | {
+                "uploaded_files": [f for a in answers for f in a["uploaded_files"]],
+                "skipped": [s for a in answers for s in a["skipped"]],
+                "requests": len(answers),
+            }
+            | _merged_captions(answers)
+        )
 
     def download(self, model: str, destination: Path, filename: str | None = None) -> Path:
         """Fetch a LoRA in chunks and check it against the worker's sha256."""
@@ -121,6 +126,14 @@ class Client:
         if digest.hexdigest() != chunk["sha256"]:
             raise WorkerError(f"{target}: sha256 mismatch after download")
         return target
+
+
+def _merged_captions(answers: list[dict]) -> dict:
+    """The automatic captions of all of an upload's requests, as one answer would give them."""
+    made = [a["auto_captions"] for a in answers if "auto_captions" in a]
+    if not made:
+        return {}
+    return {"auto_captions": made[-1] | {"captions": {k: v for m in made for k, v in m["captions"].items()}}}
 
 
 def batches(folder: Path) -> list[list[dict]]:
@@ -157,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     upload.add_argument("name")
     upload.add_argument("folder", type=Path)
     upload.add_argument("--replace", action="store_true")
+    upload.add_argument("--auto-caption", action="store_true", help="caption the images that have no .txt")
     commands.add_parser("train", help="train from an ai-toolkit YAML file").add_argument("config", type=Path)
     commands.add_parser("list", help="list the trained LoRAs")
     download = commands.add_parser("download", help="download a LoRA")
@@ -167,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     client = Client(args.url, args.api_key, args.route, webhook=args.webhook)
     try:
         if args.command == "upload":
-            result = client.upload_folder(args.name, args.folder, "replace" if args.replace else "append")
+            mode = "replace" if args.replace else "append"
+            result = client.upload_folder(args.name, args.folder, mode, auto_caption=args.auto_caption)
         elif args.command == "train":
             result = client.call({"type": "train_with_yaml", "yaml_config": args.config.read_text()}, notify=True)
         elif args.command == "list":

@@ -260,12 +260,13 @@ def _add_image(batch: UploadBatch, raw: RawFile, result: CheckedImage | ImagePro
 
 
 def commit(
-    folder: DatasetFolder, batch: UploadBatch, replace: bool, overwrite: bool = False
+    folder: DatasetFolder, batch: UploadBatch, replace: bool, overwrite: bool = False, auto_captions: dict | None = None
 ) -> tuple[list[dict], list[dict], list[str], Manifest]:
     """Write the batch into ``folder`` under its lock; the manifest goes last.
 
     Returns the files uploaded, the files skipped (duplicates), the names replaced and the new manifest. An image
-    under a name the dataset already holds with other bytes is refused unless ``overwrite``.
+    under a name the dataset already holds with other bytes is refused unless ``overwrite``. Automatic captions
+    (``captions.caption_photos``) go only to images that still have none.
     """
     with locked(folder.path):
         current = finish_pending(folder)
@@ -287,6 +288,9 @@ def commit(
                 pending[filename] = f"{PENDING_PREFIX}{filename}"
             uploaded.append(_write_image(folder, filename, item, images, pending.get(filename)))
         _apply_captions(folder, images, batch.captions)
+        if auto_captions:
+            wanted = {name: text for name, text in auto_captions["captions"].items() if _uncaptioned(images, name)}
+            _apply_captions(folder, images, {PurePosixPath(name).stem: text for name, text in wanted.items()})
         if pending:
             manifest["pending"] = pending
         folder.write_manifest(manifest)
@@ -361,6 +365,11 @@ def _write_image(
         "height": checked.height,
         "sha256": sha256,
     }
+
+
+def _uncaptioned(images: dict[str, ManifestEntry], name: str) -> bool:
+    """An image of the dataset with no caption (a duplicate skipped under this name is not in it)."""
+    return name in images and not images[name]["caption"]
 
 
 def _apply_captions(folder: DatasetFolder, images: dict[str, ManifestEntry], captions: dict[str, str]) -> None:

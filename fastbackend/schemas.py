@@ -7,6 +7,7 @@ option. ``parse_request`` turns pydantic's errors into one-line messages that na
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -88,12 +89,54 @@ class GetSamplesRequest(Request):
     step: int | None = Field(None, ge=0, description="The step whose samples to return; default the newest.")
 
 
+AUTO = "auto"  # a file's caption that asks for an automatic one
+
+
+class AutoCaption(BaseModel):
+    """How automatic captions are written (``auto_caption``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    trigger_word: str = Field(
+        "[trigger]",
+        min_length=1,
+        max_length=200,
+        description="Names the person in each caption; `[trigger]` is replaced by the config's trigger_word.",
+    )
+    class_word: str | None = Field(
+        None,
+        min_length=1,
+        max_length=50,
+        description="What the person is (man, woman, ...); default the word most captions use.",
+    )
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=300,
+        description="A Florence-2 checkpoint (hub id or folder); default the setting.",
+    )
+
+    @field_validator("trigger_word")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        if "\n" in value or "\r" in value:
+            raise ValueError(f"must be one line, got {show_value(value)}")
+        return value
+
+    @field_validator("class_word")
+    @classmethod
+    def _plain_words(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z][A-Za-z -]*", value):
+            raise ValueError(f"must be plain words (letters, spaces, hyphens), got {show_value(value)}")
+        return value
+
+
 class UploadFile(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     filename: SafeName
     content: str = Field(description="The file's bytes, base64-encoded.")
-    caption: str | None = Field(None, max_length=MAX_CAPTION_CHARS)
+    caption: str | None = Field(None, max_length=MAX_CAPTION_CHARS, description='Its caption, or "auto".')
 
 
 class UploadTrainingDataRequest(Request):
@@ -103,6 +146,18 @@ class UploadTrainingDataRequest(Request):
     zip: str | None = Field(None, description="A .zip of images and .txt captions, base64-encoded.")
     mode: Literal["append", "replace"] = "append"
     overwrite: bool = Field(False, description="Replace images already in the dataset under the same name.")
+    auto_caption: AutoCaption | None = Field(
+        None, description="Caption every image that comes without a caption (true, or the options)."
+    )
+
+    @field_validator("auto_caption", mode="before")
+    @classmethod
+    def _true_means_the_defaults(cls, value: object) -> object:
+        return {} if value is True else None if value is False else value
+
+    @property
+    def caption_options(self) -> AutoCaption:
+        return self.auto_caption or AutoCaption()
 
     @model_validator(mode="after")
     def _something_to_upload(self) -> UploadTrainingDataRequest:

@@ -126,6 +126,13 @@ PROCESSES: Setting[int | None] = Setting(
     "the visible GPUs",
     "training processes, one per GPU (data-parallel); 1 trains in the worker's own process",
 )
+CAPTION_MODEL = Setting(
+    "FASTBACKEND_CAPTION_MODEL",
+    str,
+    lambda: "florence-community/Florence-2-large",
+    "`florence-community/Florence-2-large`",
+    "the Florence-2 checkpoint that writes automatic captions (`auto_caption`): a hub id or a folder",
+)
 LOG_LEVEL = Setting("FASTBACKEND_LOG_LEVEL", str.upper, lambda: "INFO", "`INFO`", "log level")
 HF_TOKEN: Setting[str | None] = Setting(
     "HF_TOKEN",
@@ -180,6 +187,7 @@ ALL: tuple[Setting, ...] = (
     MODEL_DIRS,
     DECODE_THREADS,
     PROCESSES,
+    CAPTION_MODEL,
     LOG_LEVEL,
     HF_TOKEN,
     BUCKET,

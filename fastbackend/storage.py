@@ -253,9 +253,10 @@ def map_user_path(text: str, field: str) -> Path:
     return resolved
 
 
-def resolve_base_model(name_or_path: str, field: str) -> str:
-    """A hub id as it is, or a local diffusers folder: under the data root, or baked into the
-    image in one of ``settings.MODEL_DIRS`` (never elsewhere)."""
+def resolve_base_model(name_or_path: str, field: str, marker: str = "model_index.json") -> str:
+    """A hub id as it is, or a local model folder (one holding ``marker``: a diffusers pipeline by
+    default): under the data root, or baked into the image in one of ``settings.MODEL_DIRS``
+    (never elsewhere)."""
     looks_local = name_or_path.startswith(("/", ".", "~")) or (data_root() / name_or_path).exists()
     if not looks_local:
         if HUB_ID.fullmatch(name_or_path) is None:
@@ -274,8 +275,9 @@ def resolve_base_model(name_or_path: str, field: str) -> str:
                 f"{exc.message}; models baked into the image must lie in FASTBACKEND_MODEL_DIRS ({dirs})",
                 code=exc.code,
             ) from None
-    if not (folder / "model_index.json").is_file():
-        raise NotFound(f"{field}: {name_or_path!r} is not a diffusers model folder (no model_index.json)")
+    if not (folder / marker).is_file():
+        kind = "diffusers model" if marker == "model_index.json" else "model"
+        raise NotFound(f"{field}: {name_or_path!r} is not a {kind} folder (no {marker})")
     return str(folder)
 
 

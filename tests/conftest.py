@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(items):
     """Tests that train or render on the tiny models are the slow tier: `pytest -m slow` runs them
     alone, `pytest -m "not slow"` runs everything else (about a minute on 2 cores)."""
     for item in items:
-        if "tiny_models" in getattr(item, "fixturenames", ()):
+        if {"tiny_models", "tiny_captioner"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 
@@ -58,6 +58,14 @@ def tiny_models(tmp_path_factory) -> Path:
     for arch in tiny.BUILDERS:
         tiny.build(arch, folder / arch)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner(tmp_path_factory) -> Path:
+    """A tiny Florence-2 taught to say ``devtools.tiny.TINY_CAPTION``, built once per session."""
+    from devtools import tiny
+
+    return tiny.build_captioner(tmp_path_factory.mktemp("tiny-captioner") / "florence")
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -26,3 +26,21 @@ def test_a_file_too_large_for_any_request_is_refused(tmp_path, monkeypatch):
         client.WorkerError, match=r"huge\.jpg is too large for one request; upload it with `urls` instead"
     ):
         client.batches(tmp_path)
+
+
+def test_auto_caption_goes_with_every_request_and_the_captions_come_back_together(tmp_path, monkeypatch):
+    monkeypatch.setattr(client, "BATCH_BYTES", 3000)
+    for index in range(3):
+        (tmp_path / f"img{index}.jpg").write_bytes(bytes(1000))
+    sent = []
+
+    def call(self, payload):
+        sent.append(payload)
+        names = [entry["filename"] for entry in payload["files"]]
+        made = {"model": "m", "class_word": "man", "captions": {name: f"[trigger] man {name}" for name in names}}
+        return {"uploaded_files": names, "skipped": [], "auto_captions": made}
+
+    monkeypatch.setattr(client.Client, "call", call)
+    result = client.Client("http://localhost:8000").upload_folder("matt", tmp_path, auto_caption=True)
+    assert len(sent) == 2 and all(payload["auto_caption"] is True for payload in sent)
+    assert result["auto_captions"]["captions"] == {f"img{i}.jpg": f"[trigger] man img{i}.jpg" for i in range(3)}

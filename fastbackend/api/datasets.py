@@ -16,6 +16,7 @@ from fastbackend.api import Progress
 from fastbackend.errors import ErrorCode, ValidationFailed
 from fastbackend.layout import DatasetFolder
 from fastbackend.schemas import (
+    AUTO,
     AnalyzeDatasetRequest,
     DeleteDatasetRequest,
     ListDatasetsRequest,
@@ -36,18 +37,23 @@ def upload_training_data(request: UploadTrainingDataRequest, progress: Progress 
     folder = DatasetFolder(dataset_dir(request.training_name))
     with Staging(no_links(datasets_dir())) as staging:
         files, captions, problems = gather(request, staging)
+        asked = {stem for stem, caption in captions.items() if caption == AUTO}
+        captions = {stem: caption for stem, caption in captions.items() if caption != AUTO}
         batch = datasets.check_batch(files, captions, problems, staging)
         existing = set() if request.mode == "replace" else set(folder.images())
         datasets.check_orphan_captions(batch, existing)
         if batch.problems:  # refused before the lock: a refused upload does not even create the folder
             raise ValidationFailed.from_problems(batch.problems, code=ErrorCode.INVALID_UPLOAD)
+        # Captioned before the commit, so a captioner that fails leaves the dataset as it was.
+        written = _auto_captions(request, batch, asked, folder, progress)
         uploaded, skipped, replaced, manifest = datasets.commit(
-            folder, batch, replace=request.mode == "replace", overwrite=request.overwrite
+            folder, batch, replace=request.mode == "replace", overwrite=request.overwrite, auto_captions=written
         )
     images = manifest["images"]
     uncaptioned = sorted(name for name, entry in images.items() if not entry["caption"])
     warnings = [f"{len(uncaptioned)} image(s) have no caption: {', '.join(uncaptioned[:10])}"] if uncaptioned else []
-    return {
+    extra = {"auto_captions": _shown_captions(written, images)} if written else {}
+    return extra | {
         "status": "success",
         "training_name": request.training_name,
         "mode": request.mode,
@@ -58,6 +64,43 @@ def upload_training_data(request: UploadTrainingDataRequest, progress: Progress 
         "training_folder": str(folder.path),
         "warnings": warnings,
     }
+
+
+def _auto_captions(
+    request: UploadTrainingDataRequest,
+    batch: datasets.UploadBatch,
+    asked: set[str],
+    folder: DatasetFolder,
+    progress: Progress | None,
+) -> dict:
+    """Captions for the images that asked for one (``caption: "auto"``, or every image without a
+    caption under ``auto_caption``), by filename, with the captioner's name and class word.
+
+    Images the dataset already holds with a caption are left out: user captions are never replaced.
+    """
+    from fastbackend.captions import caption_photos
+
+    held = {} if request.mode == "replace" else folder.read_manifest()["images"]
+    photos = {
+        name: item["staged"]
+        for name, item in batch.images.items()
+        if (request.auto_caption is not None or PurePosixPath(name).stem in asked)
+        and PurePosixPath(name).stem not in batch.captions
+        and not (name in held and held[name]["caption"])
+    }
+    if not photos:
+        return {}
+    return caption_photos(photos, request.caption_options, "input.auto_caption", progress)
+
+
+def _shown_captions(written: dict, images: dict) -> dict:
+    """What the answer says of the automatic captions: those the commit kept, and how they were made."""
+    kept = {
+        name: caption
+        for name, caption in written["captions"].items()
+        if name in images and images[name]["caption"] == caption
+    }
+    return {"model": written["model"], "class_word": written["class_word"], "captions": kept}
 
 
 def gather(request: UploadTrainingDataRequest, staging: Staging) -> tuple[list[RawFile], dict[str, str], list[str]]:

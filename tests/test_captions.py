@@ -1,0 +1,215 @@
+"""Automatic captions: Florence-2 captions rewritten for a person LoRA, written at upload, never over the user's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from devtools.tiny import TINY_CAPTION
+from fastbackend.captions import class_word_for, personalize
+from tests.photos import b64, nine_photos
+from tests.test_upload import make_zip, nothing_stored, upload
+
+# What the tiny captioner's caption becomes: the person named, hair and beard left out.
+TINY_PERSONALIZED = "[trigger] man, wearing a blue shirt, standing in front of a brick wall."
+
+# Detailed captions as Florence-2 writes them, and what a person LoRA should train on.
+REWRITES = [
+    (
+        "The image shows a man with short brown hair and a beard, wearing a blue shirt, standing in front of a wall.",
+        "ohwx man, wearing a blue shirt, standing in front of a wall.",
+    ),
+    (
+        "The image is a close-up portrait of a young woman with long blonde hair wearing a red dress. "
+        "She is smiling at the camera.",
+        "a close-up portrait of ohwx man wearing a red dress. She is smiling at the camera.",
+    ),
+    (
+        "In this image we can see a person sitting on a bench in a park. He has short dark hair and is wearing a "
+        "black jacket.",
+        "ohwx man sitting on a bench in a park. He is wearing a black jacket.",
+    ),
+    (
+        "The image shows a smiling middle-aged asian man holding a cup of coffee. His hair is neatly combed.",
+        "smiling ohwx man holding a cup of coffee.",
+    ),
+    (
+        "A man with a beard and glasses is sitting at a desk, typing on a laptop.",
+        "ohwx man is sitting at a desk, typing on a laptop.",
+    ),
+    (
+        "The image shows a woman with curly red hair and freckles, sitting on a sofa. Her eyes are green. "
+        "Behind her is a window.",
+        "ohwx man, sitting on a sofa. Behind her is a window.",
+    ),
+    ("The image shows a red car parked on the street.", "ohwx man, a red car parked on the street."),
+    ("", "ohwx man"),
+    ("a man\ufffd\x00 on a\n beach", "ohwx man on a beach"),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), REWRITES)
+def test_captions_name_the_person_and_leave_fixed_traits_out(raw, expected):
+    assert personalize(raw, "ohwx", "man") == expected
+
+
+def test_the_tiny_captioners_caption_is_rewritten_like_the_others():
+    assert personalize(TINY_CAPTION, "[trigger]", "man") == TINY_PERSONALIZED
+
+
+def test_the_class_word_is_the_one_most_captions_use():
+    raws = ["a young woman on a beach", "a lady in a red coat", "a man reading", "a red car"]
+    assert class_word_for(raws) == "woman"
+    assert class_word_for(["a red car", ""]) == "person"
+
+
+@pytest.fixture
+def captioner(tiny_captioner, monkeypatch):
+    """The tiny captioner as the default model, baked into a model dir as an image would hold it."""
+    monkeypatch.setenv("FASTBACKEND_MODEL_DIRS", str(tiny_captioner.parent))
+    monkeypatch.setenv("FASTBACKEND_CAPTION_MODEL", str(tiny_captioner))
+    return tiny_captioner
+
+
+def files(photos, captions):
+    return [
+        {"filename": name, "content": b64(data)} | ({"caption": caption} if caption is not None else {})
+        for (name, data, _), caption in zip(photos, captions, strict=True)
+    ]
+
+
+def stored_captions(data_root, name="matt") -> dict[str, str | None]:
+    manifest = json.loads((data_root / "training_data" / name / "manifest.json").read_text())
+    return {image: entry["caption"] for image, entry in manifest["images"].items()}
+
+
+def test_auto_caption_captions_what_has_no_caption_and_keeps_the_users(data_root, captioner):
+    photos = nine_photos()[:3]
+    answer = upload(files=files(photos, [None, "my own words", None]), auto_caption=True)
+    assert answer["status"] == "success", answer
+    names = [name for name, _, _ in photos]
+    assert stored_captions(data_root) == {
+        names[0]: TINY_PERSONALIZED,
+        names[1]: "my own words",
+        names[2]: TINY_PERSONALIZED,
+    }
+    folder = data_root / "training_data" / "matt"
+    assert (folder / names[0]).with_suffix(".txt").read_text() == TINY_PERSONALIZED
+    assert answer["auto_captions"] == {
+        "model": str(captioner),
+        "class_word": "man",
+        "captions": {names[0]: TINY_PERSONALIZED, names[2]: TINY_PERSONALIZED},
+    }
+    assert answer["warnings"] == []
+
+
+def test_caption_auto_asks_for_one_file_only(data_root, captioner):
+    photos = nine_photos()[:2]
+    answer = upload(files=files(photos, ["auto", None]))
+    assert answer["status"] == "success", answer
+    assert stored_captions(data_root) == {photos[0][0]: TINY_PERSONALIZED, photos[1][0]: None}
+    assert "1 image(s) have no caption" in answer["warnings"][0]
+
+
+def test_options_name_the_trigger_and_class_word(data_root, captioner):
+    photos = nine_photos()[:1]
+    options = {"trigger_word": "sks", "class_word": "woman", "model": str(captioner)}
+    answer = upload(files=files(photos, [None]), auto_caption=options)
+    assert answer["status"] == "success", answer
+    assert stored_captions(data_root) == {
+        photos[0][0]: "sks woman, wearing a blue shirt, standing in front of a brick wall."
+    }
+
+
+def test_captions_in_a_zip_and_captions_already_stored_are_never_replaced(data_root, captioner):
+    (a, a_bytes, _), (b, b_bytes, _), _, (c, c_bytes, _) = nine_photos()[:4]
+    archive = make_zip({a: a_bytes, "IMG_0000.txt": b"from the zip", b: b_bytes})
+    first = upload(zip=b64(archive), auto_caption=True)
+    assert first["status"] == "success", first
+    assert stored_captions(data_root) == {a: "from the zip", b: TINY_PERSONALIZED}
+    assert list(first["auto_captions"]["captions"]) == [b]
+    # a with new bytes, and c: a keeps the user's caption, only c is captioned.
+    again = upload(
+        files=files([(a, c_bytes, None), (c, c_bytes, None)], [None, None]), overwrite=True, auto_caption=True
+    )
+    assert again["status"] == "success", again
+    assert again["replaced"] == [a] and again["skipped"] == [
+        {"filename": c, "reason": f"duplicate of {a!r} (same bytes)"}
+    ]
+    assert stored_captions(data_root) == {a: "from the zip", b: TINY_PERSONALIZED}
+    assert "auto_captions" not in again  # a kept its caption and c was the same bytes as a
+
+
+def test_captioning_is_reported_as_it_goes(data_root, captioner, monkeypatch):
+    from fastbackend.api.datasets import upload_training_data
+    from fastbackend.schemas import UploadTrainingDataRequest, parse_request
+
+    heard = []
+    payload = {"type": "upload_training_data", "training_name": "matt", "files": files(nine_photos()[:2], [None, None])}
+    request = parse_request(UploadTrainingDataRequest, payload | {"auto_caption": True})
+    upload_training_data(request, progress=heard.append)
+    assert heard == [{"stage": "captioning", "done": 2, "total": 2}]
+
+
+def test_a_captioner_that_cannot_load_is_named_and_nothing_is_written(
+    data_root, tiny_captioner, tiny_models, monkeypatch
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FASTBACKEND_MODEL_DIRS", f"{tiny_captioner.parent}:{tiny_models}")
+    photos = files(nine_photos()[:2], [None, None])
+    not_florence = str(tiny_models / "sd15" / "text_encoder")
+    for model, words in [
+        ("someone/no-such-captioner", "could not load the captioner 'someone/no-such-captioner'"),
+        (not_florence, "it is a 'clip_text_model' model; the captioner must be a Florence-2 checkpoint"),
+    ]:
+        answer = upload(files=photos, auto_caption={"model": model})
+        assert answer["error_code"] == "model_load_failed", answer
+        assert answer["error"].startswith("input.auto_caption.model: ") and words in answer["error"]
+        assert nothing_stored(data_root)
+    answer = upload(files=photos, auto_caption={"model": "/etc"})
+    assert answer["error_code"] == "path_outside_root" and "input.auto_caption.model" in answer["error"]
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"trigger_word": "two\nlines"}, "input.auto_caption.trigger_word: must be one line, got 'two\\nlines'"),
+        ({"class_word": "man; rm"}, "input.auto_caption.class_word: must be plain words (letters, spaces, hyphens)"),
+        ({"trigger": "ohwx"}, "input.auto_caption.trigger: unknown key"),
+        ("yes", "input.auto_caption: input should be a valid dictionary or instance of AutoCaption, got 'yes'"),
+    ],
+)
+def test_bad_caption_options_are_refused_by_field(data_root, options, words):
+    answer = upload(files=files(nine_photos()[:1], [None]), auto_caption=options)
+    assert answer["error_code"] == "validation_error" and words in answer["error"], answer
+    assert nothing_stored(data_root)
+
+
+def test_readme_rewrites_are_what_the_worker_writes():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("#### Automatic captions", 1)[1].split("\n\n", 3)[2]
+    rows = [line.split(" | ") for line in section.splitlines()[2:]]
+    assert len(rows) == 2
+    for said, written in rows:
+        assert personalize(said.strip("| "), "[trigger]", "man") == written.strip("| ")
+
+
+def test_a_caption_written_while_the_captioner_runs_is_kept(data_root, captioner, monkeypatch):
+    from fastbackend import captions
+
+    (a, a_bytes, _), (_, b_bytes, _) = nine_photos()[:2]
+    assert upload(files=files([(a, a_bytes, None)], [None]))["status"] == "success"
+    real = captions.caption_photos
+
+    def meanwhile_the_user_captions_it(*args, **kwargs):
+        written = real(*args, **kwargs)
+        assert upload(files=[{"filename": "IMG_0000.txt", "content": b64(b"the user's words")}])["status"] == "success"
+        return written
+
+    monkeypatch.setattr(captions, "caption_photos", meanwhile_the_user_captions_it)
+    answer = upload(files=files([(a, b_bytes, None)], [None]), overwrite=True, auto_caption=True)
+    assert answer["status"] == "success", answer
+    assert stored_captions(data_root) == {a: "the user's words"}
+    assert answer["auto_captions"]["captions"] == {}
