@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastbackend import settings
 from fastbackend.errors import ErrorCode, FastBackendError
@@ -145,8 +146,8 @@ def tidy(text: str) -> str:
 class Captioner:
     """A loaded Florence-2 model and its processor."""
 
-    model: object
-    processor: object
+    model: Any  # Florence2ForConditionalGeneration
+    processor: Any  # Florence2Processor
     device: str
 
     def __call__(self, images: list) -> list[str]:
