@@ -24,6 +24,17 @@ TINY_FLUX_TRANSFORMER = {
     "guidance_embeds": True,
     "axes_dims_rope": (4, 6, 6),  # sums to attention_head_dim
 }
+TINY_QWEN_HIDDEN = 32
+TINY_ZIMAGE_TRANSFORMER = {
+    "in_channels": 4,  # the tiny VAE's latent channels
+    "dim": 32,
+    "n_layers": 2,
+    "n_refiner_layers": 1,
+    "n_heads": 2,
+    "n_kv_heads": 2,
+    "cap_feat_dim": TINY_QWEN_HIDDEN,
+    "axes_dims": [4, 6, 6],  # sums to the head dim (32 / 2)
+}
 # What the SD 1.5 and SDXL UNets share: two levels, one layer each, 4 latent channels.
 TINY_UNET = {
     "block_out_channels": (32, 64),
@@ -217,11 +228,79 @@ def build_flux(folder: Path, guidance_embeds: bool = True) -> Path:
     return folder
 
 
+def qwen_tokenizer():
+    """A Qwen2-style byte-level BPE tokenizer over the 256 byte symbols, no merges, with the chat
+    markers and a plain chat template (Z-Image and FLUX.2 [klein] put each prompt in one user turn)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {symbol: index for index, symbol in enumerate(_bytes_to_unicode())}
+    vocab |= {token: len(vocab) + index for index, token in enumerate(specials)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        chat_template=template,
+        model_max_length=512,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    assert len(tokenizer) == len(vocab), f"Qwen tokenizer came out with {len(tokenizer)} entries"
+    return tokenizer
+
+
+def qwen3_text_encoder(layers: int = 2, seed: int = 0):
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=len(qwen_tokenizer()),
+        hidden_size=TINY_QWEN_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=512,
+    )
+    return Qwen3Model(config)
+
+
+def build_zimage(folder: Path) -> Path:
+    """Z-Image shaped: a single-stream transformer over 2x2 latent patches and Qwen3 caption features."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(**TINY_ZIMAGE_TRANSFORMER)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    pipe = ZImagePipeline(
+        scheduler=scheduler,
+        vae=vae(flux=True),
+        text_encoder=qwen3_text_encoder(),
+        tokenizer=qwen_tokenizer(),
+        transformer=transformer,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
 BUILDERS = {
     "sd15": build_sd15,
     "sdxl": build_sdxl,
     "flux": build_flux,
     "flux_schnell": lambda folder: build_flux(folder, guidance_embeds=False),
+    "zimage": build_zimage,
 }
 
 

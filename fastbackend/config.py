@@ -38,8 +38,16 @@ DEFAULT_RANK = 4
 MAX_SEED = 2**32 - 1
 # The families this worker trains (training/families registers the same names; a test compares),
 # ai-toolkit's other names for them, and its flags for families it does not train yet.
-ARCHES = ("flux", "sdxl", "sd15")
+ARCHES = ("flux", "sdxl", "sd15", "zimage")
+# The families trained by flow matching (the rest learn DDPM noise), and those whose text encoders
+# can take a LoRA.
+FLOW_MATCHING = ("flux", "zimage")
+TRAINABLE_TEXT_ENCODERS = ("sdxl", "sd15")
+SHOWN_ARCH = {"flux": "FLUX", "sdxl": "SDXL", "sd15": "SD 1.5", "zimage": "Z-Image"}  # in messages
 ARCH_ALIASES = {"sd1": "sd15", "flex1": "flux", "ssd": "sdxl", "vega": "sdxl"}
+# ai-toolkit's zimage:turbo trains Z-Image-Turbo through its training adapter (a LoRA merged into the
+# base and cancelled for samples); training Turbo without it undoes the distillation.
+UNSUPPORTED_VARIANTS = {"zimage:turbo": "its training adapter is not applied yet; use arch zimage with Z-Image (base)"}
 UNSUPPORTED_FLAGS = ("is_v2", "is_v3", "is_pixart", "is_pixart_sigma", "is_auraflow", "is_lumina2")
 DTYPES = Literal["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"]
 # ai-toolkit's other spellings of the same dtypes (toolkit/train_tools.py get_torch_dtype).
@@ -501,7 +509,7 @@ class ModelConfig(Section):
     }
     name_or_path: str = Field(min_length=1, max_length=300, description="A hub id or a local diffusers folder.")
     arch: str | None = Field(
-        None, description="flux (or flex1), sdxl, sd15 (or sd1); ai-toolkit's `arch:tag` form too."
+        None, description="flux (or flex1), sdxl, sd15 (or sd1), zimage; ai-toolkit's `arch:tag` form too."
     )
     is_flux: bool = False
     is_xl: bool = False
@@ -525,8 +533,12 @@ class ModelConfig(Section):
     def _known_arch(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        name = value.split(":", 1)[0]  # ai-toolkit's `arch:tag` (zimage:turbo) names a variant of `arch`
+        name = value.split(":", 1)[0]  # ai-toolkit's `arch:tag` names a variant of `arch`
         name = ARCH_ALIASES.get(name, name)
+        if value in UNSUPPORTED_VARIANTS:
+            raise ValueError(
+                f"architecture {value!r} is not supported by this worker yet: {UNSUPPORTED_VARIANTS[value]}"
+            )
         if name not in ARCHES:
             raise ValueError(
                 f"architecture {value!r} is not supported by this worker yet; supported: {', '.join(ARCHES)} "
@@ -830,17 +842,23 @@ def parse_training_config(source: str | dict) -> tuple[TrainingConfig, list[str]
 def unused_for_arch(process: ProcessConfig) -> list[tuple[str, str]]:
     """Keys that are set but that the chosen architecture's objective does not use."""
     train, arch = process.train, process.model.resolved_arch
-    if arch == "flux":
+    if arch in FLOW_MATCHING:
         candidates = [
-            ("train.noise_offset", train.noise_offset > 0, "an SD 1.5 / SDXL setting; FLUX uses flow matching"),
+            (
+                "train.noise_offset",
+                train.noise_offset > 0,
+                f"an SD 1.5 / SDXL setting; {SHOWN_ARCH[arch]} uses flow matching",
+            ),
             ("train.min_snr_gamma", train.min_snr_gamma is not None, "an SD 1.5 / SDXL setting"),
             ("model.is_v_pred", process.model.is_v_pred, "an SD 1.5 / SDXL setting"),
-            ("sample.neg", bool(process.sample and process.sample.negative_prompt), "FLUX samples take no negative"),
         ]
+        if arch == "flux":
+            negative = bool(process.sample and process.sample.negative_prompt)
+            candidates.append(("sample.neg", negative, "FLUX samples take no negative"))
     else:
         candidates = [
-            ("train.timestep_type", train.timestep_type is not None, "a FLUX setting; timesteps are uniform"),
-            ("train.linear_timesteps", train.linear_timesteps, "a FLUX setting; timesteps are uniform"),
+            ("train.timestep_type", train.timestep_type is not None, "a flow-matching setting; timesteps are uniform"),
+            ("train.linear_timesteps", train.linear_timesteps, "a flow-matching setting; timesteps are uniform"),
         ]
     return [(path, why) for path, is_set, why in candidates if is_set]
 
@@ -879,8 +897,12 @@ def semantic_warnings(config: TrainingConfig) -> list[str]:
     """Settings that are valid but will not do what they might seem to."""
     process = config.process
     notes = []
-    if process.train.train_text_encoder and process.model.resolved_arch == "flux":
-        notes.append(f"{PREFIX}.train.train_text_encoder: ignored (FLUX text encoders stay frozen, as in ai-toolkit)")
+    arch = process.model.resolved_arch
+    if process.train.train_text_encoder and arch not in TRAINABLE_TEXT_ENCODERS:
+        notes.append(
+            f"{PREFIX}.train.train_text_encoder: ignored "
+            f"({SHOWN_ARCH[arch]} text encoders stay frozen, as in ai-toolkit)"
+        )
     if process.save.push_to_hub:
         notes.append(f"{PREFIX}.save.push_to_hub: ignored (download the LoRA with download_model)")
     notes += [f"{PREFIX}.{path}: ignored ({why})" for path, why in unused_for_arch(process)]
@@ -890,7 +912,7 @@ def semantic_warnings(config: TrainingConfig) -> list[str]:
             f"{PREFIX}.network: missing; ai-toolkit would fine-tune the whole model, this worker trains a LoRA "
             f"(rank {process.network.rank}, alpha {process.network.alpha:g})"
         )
-    objective = "flowmatch" if process.model.resolved_arch == "flux" else "ddpm"
+    objective = "flowmatch" if arch in FLOW_MATCHING else "ddpm"
     if process.sample is not None and (process.sample.sampler == "flowmatch") != (objective == "flowmatch"):
         notes.append(
             f"{PREFIX}.sample.sampler: {process.sample.sampler!r} does not fit {process.model.resolved_arch}; "

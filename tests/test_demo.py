@@ -5,13 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_demo_runs_the_whole_flow_offline(data_root):
+@pytest.mark.parametrize("arch", ["sdxl", "zimage"])
+def test_demo_runs_the_whole_flow_offline(arch, data_root):
     env = dict(os.environ, FASTBACKEND_DATA_DIR=str(data_root))
     result = subprocess.run(
-        [sys.executable, "-m", "devtools.demo", "--arch", "sdxl", "--steps", "3"],
+        [sys.executable, "-m", "devtools.demo", "--arch", arch, "--steps", "3"],
         cwd=REPO,
         env=env,
         capture_output=True,

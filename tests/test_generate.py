@@ -3,6 +3,7 @@
 import base64
 import io
 
+import pytest
 from PIL import Image
 
 from handler_fast import handler
@@ -31,10 +32,12 @@ def decode(answer):
     return [Image.open(io.BytesIO(base64.b64decode(image["content"]))) for image in answer["images"]]
 
 
-def test_generate_uses_the_lora_and_its_base_model(tiny_models, data_root):
-    model_path = install_model(tiny_models, data_root, "flux")
+@pytest.mark.parametrize("arch", ["flux", "zimage"])
+def test_generate_uses_the_lora_and_its_base_model(arch, tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, arch)
     upload_photos()
-    assert train(user_yaml(model_path, steps=3, replacements={"lr: 0.0001": "lr: 0.01"}))["status"] == "success"
+    trained = train(user_yaml(model_path, arch, steps=3, replacements={"lr: 0.0001": "lr: 0.01"}))
+    assert trained["status"] == "success", trained
     with_lora = generate(num_images=2)
     assert with_lora["status"] == "success", with_lora
     assert with_lora["base_model"] == model_path and [i["seed"] for i in with_lora["images"]] == [0, 1]

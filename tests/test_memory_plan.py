@@ -22,6 +22,8 @@ PUBLISHED = {
     },
     "sdxl": {"denoiser": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "vae": 83_653_863},
     "sd15": {"denoiser": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863},
+    # Counted from the published configs (the cards say 6B and Qwen3-4B's 4.0B; its VAE is FLUX.1's).
+    "zimage": {"denoiser": 6_154_908_736, "text_encoder": 4_022_468_096, "vae": 83_819_683},
 }
 
 
@@ -89,17 +91,18 @@ def test_the_8bit_part_is_what_quantize_really_swaps(tiny_models, arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["flux", "sdxl", "sd15"])
+@pytest.mark.parametrize("arch", ["flux", "sdxl", "sd15", "zimage"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_constants_match_what_autograd_keeps(arch, checkpointing):
     """Measured again at another size than the constants were (FLUX: 256 image and 256 text
-    tokens, one block of each kind; the UNets: 256 px): the family's estimate is within 10% of
-    the bytes autograd keeps and, with checkpointing, of the largest block's."""
+    tokens, one block of each kind; Z-Image: two blocks, 512 caption tokens; the UNets: 256 px):
+    the family's estimate is within 10% of the bytes autograd keeps and, with checkpointing, of the
+    largest block's."""
     from devtools.memory import measure, published_denoiser
 
-    shallow = {"num_layers": 1, "num_single_layers": 1} if arch == "flux" else {}
+    shallow = {"flux": {"num_layers": 1, "num_single_layers": 1}, "zimage": {"n_layers": 2}}.get(arch, {})
     config, model = published_denoiser(arch, **shallow)
-    measured = measure(arch, model, 256, 256, checkpointing)
+    measured = measure(arch, model, 256, 512 if arch == "zimage" else 256, checkpointing)
     if arch == "flux":
         config |= {"guidance_embeds": False}  # what the estimate reads for 256 text tokens (schnell's)
     estimate = family_for(arch).activation_bytes(config, 256, 256, checkpointing)
@@ -154,6 +157,7 @@ PLAN_MODELS = {
     "flux": "black-forest-labs/FLUX.1-dev",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "zimage": "Tongyi-MAI/Z-Image-Turbo",
 }
 
 

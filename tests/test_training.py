@@ -19,7 +19,7 @@ from safetensors import safe_open
 from handler_fast import handler
 from tests.training_helpers import USER_CONFIG, install_model, train, upload_photos, user_yaml
 
-ARCHES = ["flux", "flux_schnell", "sdxl", "sd15"]
+ARCHES = ["flux", "flux_schnell", "sdxl", "sd15", "zimage"]
 
 
 def read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -100,6 +100,8 @@ def test_user_yaml_trains_a_lora_that_loads_in_diffusers_and_changes_the_output(
     if family == "flux":
         assert all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in tensors)
         assert any(k.startswith("transformer.single_transformer_blocks.") for k in tensors)
+    elif family == "zimage":  # ai-toolkit's keys: diffusion_model.<module>, alpha folded into lora_B
+        assert all(k.startswith("diffusion_model.layers.") and (".lora_A." in k or ".lora_B." in k) for k in tensors)
     else:
         assert all(k.startswith("lora_unet_") for k in tensors)
         alphas = [v for k, v in tensors.items() if k.endswith(".alpha")]
@@ -125,17 +127,18 @@ def test_user_yaml_trains_a_lora_that_loads_in_diffusers_and_changes_the_output(
     assert (render(folder, answer["lora_path"], arch, scale=0.0) == before).all()  # scale 0: the base model
 
 
-def test_fixed_batch_learns(tiny_models, data_root):
+@pytest.mark.parametrize("arch", ["sd15", "zimage"])
+def test_fixed_batch_learns(arch, tiny_models, data_root):
     """With the batch, noise and timesteps fixed, the loss must fall: the LoRA learns."""
     from fastbackend.config import parse_training_config
     from fastbackend.training import trainer
 
-    model_path = install_model(tiny_models, data_root, "sd15")
+    model_path = install_model(tiny_models, data_root, arch)
     upload_photos(count=1)
     config, _ = parse_training_config(
         user_yaml(
             model_path,
-            "sd15",
+            arch,
             replacements={
                 "lr: 0.0001": "lr: 0.01",
                 "caption_dropout_rate: 0.05": "caption_dropout_rate: 0.0",
@@ -146,7 +149,7 @@ def test_fixed_batch_learns(tiny_models, data_root):
     )
     job = trainer.TrainJob(
         config,
-        str(data_root / "models" / "sd15"),
+        str(data_root / "models" / arch),
         [data_root / "training_data" / "matt_training_test"],
         data_root / "output" / "fixed",
         resume=False,
@@ -202,13 +205,15 @@ def test_step_saves_keep_the_newest(tiny_models, data_root):
     assert (output / "config.yaml").exists() and (output / "metadata.json").exists()
 
 
-def test_a_crashed_run_resumes_from_its_last_save(tiny_models, data_root, monkeypatch):
+@pytest.mark.parametrize("arch", ["flux", "zimage"])
+def test_a_crashed_run_resumes_from_its_last_save(arch, tiny_models, data_root, monkeypatch):
     from fastbackend.training import trainer
 
-    model_path = install_model(tiny_models, data_root, "flux")
+    model_path = install_model(tiny_models, data_root, arch)
     upload_photos()
     yaml_text = user_yaml(
         model_path,
+        arch,
         steps=5,
         replacements={"save_every: 2000": "save_every: 2", "sample_every: 100": "sample_every: 1000"},
     )

@@ -217,7 +217,9 @@ def test_keys_the_architecture_does_not_use_are_warned_about():
         .replace("dtype: bf16", "dtype: bf16\n      timestep_type: shift")
     )
     _, sd_warnings = parse_training_config(sd_text)
-    assert "config.process[0].train.timestep_type: ignored (a FLUX setting; timesteps are uniform)" in sd_warnings
+    assert (
+        "config.process[0].train.timestep_type: ignored (a flow-matching setting; timesteps are uniform)" in sd_warnings
+    )
 
 
 def test_model_revision_and_token_reach_the_hub_loader(data_root, monkeypatch):
@@ -247,12 +249,22 @@ def test_model_revision_and_token_reach_the_hub_loader(data_root, monkeypatch):
     assert "hf_secret_token" not in str(answer)
 
 
-@pytest.mark.parametrize("arch", ["flux_kontext", "chroma", "flux2", "qwen_image", "zimage:turbo"])
+@pytest.mark.parametrize("arch", ["flux_kontext", "chroma", "flux2", "qwen_image"])
 def test_architectures_not_supported_yet_are_refused_with_the_list(arch):
     text = fixture_yaml().replace("is_flux: true", f"arch: {arch}")
     with pytest.raises(ValidationFailed) as refused:
         parse_training_config(text)
     assert refused.value.message.startswith(
         f"config.process[0].model.arch: architecture '{arch}' is not supported by this worker yet; "
-        "supported: flux, sdxl, sd15"
+        "supported: flux, sdxl, sd15, zimage"
+    )
+
+
+def test_zimage_turbo_is_refused_until_its_training_adapter_is_applied():
+    text = fixture_yaml().replace("is_flux: true", "arch: zimage:turbo")
+    with pytest.raises(ValidationFailed) as refused:
+        parse_training_config(text)
+    assert refused.value.message.startswith(
+        "config.process[0].model.arch: architecture 'zimage:turbo' is not supported by this worker yet: its training "
+        "adapter is not applied yet; use arch zimage with Z-Image (base)"
     )

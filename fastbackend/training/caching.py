@@ -49,11 +49,13 @@ class TextCache:
         """Encode the sample prompts now, while the text encoders are on the device."""
         for prompt in prompts:
             encoded = self.family.encode_for_sampling(self.pipe, prompt, negative_prompt, guidance_scale)
-            self.samples[prompt] = {key: value.cpu() for key, value in encoded.items()}
+            self.samples[prompt] = {key: data.to_device(value, "cpu") for key, value in encoded.items()}
 
     def batch(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The captions' conditioning stacked; sequences of different lengths (Z-Image's captions are
+        as long as their tokens) padded with zeros at the end, masks included."""
         conds = [self.get(caption) for caption in captions]
-        return {key: torch.cat([data.staged(c[key], self.device) for c in conds]) for key in conds[0]}
+        return {key: data.pad_cat([data.staged(c[key], self.device) for c in conds]) for key in conds[0]}
 
 
 def prepare_data(

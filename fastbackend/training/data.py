@@ -112,6 +112,24 @@ def staged(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return pinned(tensor).to(device, non_blocking=True)
 
 
+def pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``tensors`` joined along the batch dimension, each first padded with zeros at the end of
+    dimension 1 to the longest (caption sequences of different lengths; a mask pads with 0s)."""
+    if tensors[0].dim() < 2 or len({t.shape[1] for t in tensors}) == 1:
+        return torch.cat(tensors)
+    longest = max(t.shape[1] for t in tensors)
+    padded = []
+    for tensor in tensors:
+        padding = [0, 0] * (tensor.dim() - 2) + [0, longest - tensor.shape[1]]
+        padded.append(torch.nn.functional.pad(tensor, padding))
+    return torch.cat(padded)
+
+
+def to_device(value: torch.Tensor | list[torch.Tensor], device) -> torch.Tensor | list[torch.Tensor]:
+    """A tensor, or a list of them (Z-Image's prompt embeddings), on ``device``."""
+    return [item.to(device) for item in value] if isinstance(value, list) else value.to(device)
+
+
 def sample_prompt(prompt: str, trigger_word: str | None) -> str:
     """A sample prompt as the pipeline gets it: ``[trigger]`` replaced, nothing added."""
     return apply_trigger(prompt, trigger_word, add_if_missing=False)

@@ -79,7 +79,7 @@ def to_file_format(family: Family, states: States, rank: int, alpha: float) -> d
     if family.file_format == "diffusers":
         scale = alpha / rank
         return {
-            f"transformer.{key}": value * scale if ".lora_B." in key else value
+            f"{family.file_prefix}{key}": value * scale if ".lora_B." in key else value
             for key, value in states["transformer"].items()
         }
     from diffusers.utils import convert_state_dict_to_kohya

@@ -220,7 +220,7 @@ def estimate(process: ProcessConfig, family: Family, shapes: Shapes, gpu_gb: flo
     sample = process.sample
     if sample is not None and process.sample_prompts:
         pixels = sample.width * sample.height
-        guided = family.classifier_free_guidance and sample.guidance_scale > 1
+        guided = family.guided(sample.guidance_scale)
         inference = family.activation_bytes(shapes.denoiser_config, sample.width, sample.height, True)
         phases["sampling"] = {  # the prompts were encoded before training unless the encoders stay anyway
             "denoiser": denoiser,

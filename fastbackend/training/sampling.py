@@ -52,14 +52,14 @@ def sample(run: Run, should_stop: Callable[[], bool] = lambda: False) -> list[Pa
                 seed = sample_cfg.seed + index if sample_cfg.walk_seed else sample_cfg.seed
                 text = data.sample_prompt(prompt, run.process.trigger_word)
                 if text in cached:
-                    prompt_arguments = {key: value.to(device) for key, value in cached[text].items()}
+                    prompt_arguments = {key: data.to_device(value, device) for key, value in cached[text].items()}
                 else:
                     negative = sample_cfg.negative_prompt
                     prompt_arguments = {"prompt": text, **run.family.sample_kwargs(run.pipe, negative)}
                 image = run.pipe(
                     **prompt_arguments,
                     num_inference_steps=sample_cfg.sample_steps,
-                    guidance_scale=sample_cfg.guidance_scale,
+                    guidance_scale=run.family.pipeline_guidance(sample_cfg.guidance_scale),
                     width=width,
                     height=height,
                     generator=torch.Generator("cpu").manual_seed(seed),

@@ -10,8 +10,9 @@ from fastbackend.training.families.base import Family, LossOptions, TrainingBatc
 from fastbackend.training.families.flux import Flux
 from fastbackend.training.families.sd15 import SD15
 from fastbackend.training.families.sdxl import SDXL
+from fastbackend.training.families.zimage import ZImage
 
-FAMILIES: dict[str, type[Family]] = {family.name: family for family in (SD15, SDXL, Flux)}
+FAMILIES: dict[str, type[Family]] = {family.name: family for family in (SD15, SDXL, Flux, ZImage)}
 
 
 def family_for(name: str, v_prediction: bool = False) -> Family:

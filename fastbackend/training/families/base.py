@@ -107,6 +107,7 @@ class Family(ABC):
     # How its LoRA files are keyed: "diffusers" (`transformer.<module>.lora_A/B`, alpha folded into
     # lora_B) or "kohya" (`lora_unet_<module>.lora_down/up` + `.alpha`), as ai-toolkit writes them.
     file_format: ClassVar[Literal["diffusers", "kohya"]]
+    file_prefix: ClassVar[str] = "transformer."  # diffusers-format keys: `<file_prefix><module>.lora_A.weight`
     kohya_base_version: ClassVar[str]  # header `ss_base_model_version`
     modelspec_architecture: ClassVar[str]  # header `modelspec.architecture`
     # Kohya files: the key prefix of each text encoder's LoRA, by pipeline name.
@@ -230,9 +231,17 @@ class Family(ABC):
         """What the pipeline call needs beyond the prompt."""
         return {"negative_prompt": negative_prompt or None}
 
+    def pipeline_guidance(self, guidance_scale: float) -> float:
+        """The pipeline's ``guidance_scale`` for a config's or request's (the usual CFG scale: 1 is none)."""
+        return guidance_scale
+
+    def guided(self, guidance_scale: float) -> bool:
+        """Whether the pipeline renders a second, unconditional image each step (classifier-free guidance)."""
+        return self.classifier_free_guidance and self.pipeline_guidance(guidance_scale) > 1
+
     def encode_for_sampling(self, pipe, prompt: str, negative_prompt: str, guidance_scale: float) -> dict:
         """The pipeline call's prompt arguments, encoded now (cached before training, so that samples
         need no text encoder on the device); as the pipeline would encode them itself."""
-        guided = guidance_scale > 1  # the pipeline's classifier-free guidance
+        guided = self.guided(guidance_scale)
         embeds, negative = pipe.encode_prompt(prompt, pipe.text_encoder.device, 1, guided, negative_prompt or None)
         return {"prompt_embeds": embeds} | ({"negative_prompt_embeds": negative} if guided else {})

@@ -32,7 +32,7 @@ class SDXL(SD15):
         return {"prompt_embeds": embeds.float(), "pooled": pooled.float()}
 
     def encode_for_sampling(self, pipe, prompt: str, negative_prompt: str, guidance_scale: float) -> dict:
-        guided = guidance_scale > 1
+        guided = self.guided(guidance_scale)
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt,
             device=pipe.text_encoder.device,
