@@ -25,7 +25,7 @@ from fastbackend import settings
 from fastbackend.errors import ErrorCode, FastBackendError
 from fastbackend.images import open_upright
 from fastbackend.schemas import MAX_CAPTION_CHARS, AutoCaption
-from fastbackend.storage import HUB_ID, hf_cache_dir, resolve_base_model
+from fastbackend.storage import hf_cache_dir, resolve_base_model
 
 TASK = "<DETAILED_CAPTION>"  # Florence-2's task token for a few sentences about the whole image
 BATCH = 8
@@ -72,32 +72,52 @@ LEAD_IN = re.compile(
 )
 NOT_ADJECTIVE = r"(?!(?:a|an|the|of|with|in|on|at|and|or|is|are|who|that|his|her|their)\b)"
 SUBJECT = re.compile(
-    rf"\b(?:a|an|the)\s+((?:{NOT_ADJECTIVE}[\w-]+\s+){{0,3}}?)({'|'.join(PERSON_NOUNS)})\b", re.IGNORECASE
+    rf"\b(?:a|an|the)\s+((?:{NOT_ADJECTIVE}[\w-]+\s+){{0,3}}?)({'|'.join(PERSON_NOUNS)})(?![\w-])", re.IGNORECASE
 )
-# "with short brown hair and a beard" right after the subject, up to the next clause.
-WITH_TRAITS = re.compile(
-    rf"^\s*,?\s*with\s+[^,.;]*?\b{TRAIT_NOUNS}\b[^,.;]*?"
-    r"(?=[,.;]|\s+(?:is|are|was|who|that|and\s+(?:is|are|wearing))\b|\s+\w+ing\b|$)",
+# Nouns that are often adjectives ("a baby elephant", "a male lion"): a person only when no noun follows.
+AMBIGUOUS = frozenset({"baby", "male", "female", "kid"})
+FOLLOWERS = re.compile(
+    r"\s*(?:[,.;]|$)|\s+(?:with|in|on|at|by|next|and|is|was|who|that|wearing|holding|\w+ing)\b", re.IGNORECASE
+)
+PRONOUN_START = re.compile(r"^(?:he|she|they)\b", re.IGNORECASE)
+TRAIT_NOUN = re.compile(rf"\b{TRAIT_NOUNS}\b", re.IGNORECASE)
+WITH = re.compile(r"^\s*,?\s*with\s+", re.IGNORECASE)
+# Where a "with ..." phrase after the person ends: a stop, a place, a relative clause or a verb.
+WITH_END = re.compile(
+    r"[.;]|,?\s+(?:in|on|at|against|near|by|behind|under|inside|outside|next|beside|who|that|is|are|was|\w+ing)\b",
     re.IGNORECASE,
 )
-# Whole sentences about fixed looks: "His hair is short and dark." "She has blue eyes."
+WITH_ITEMS = re.compile(r"\s*,\s*(?:and\s+)?|\s+and\b\s*", re.IGNORECASE)
+# Whole sentences about fixed looks: "His hair is short." "She has blue eyes."
 TRAIT_SENTENCE = re.compile(
     rf"^(?:(?:his|her|their|the (?:man|woman|person)'s)\s+(?:\w+\s+)?{TRAIT_NOUNS}\b"
     rf"|(?:he|she|they)\s+(?:has|have)\s+[^.]*\b{TRAIT_NOUNS}\b)",
     re.IGNORECASE,
 )
+# "His hair is short and he is wearing a suit." -> two pieces, the second kept.
+AND_PRONOUN = re.compile(r",?\s+and\s+(?=(?:he|she|they)\b)", re.IGNORECASE)
 # "He has short hair and is wearing a suit." keeps "He is wearing a suit."
 HAS_TRAITS_AND = re.compile(
-    rf"^((?:he|she|they)\s+)(?:has|have)\s+[^.]*?\b{TRAIT_NOUNS}\b[^.]*?\s+and\s+((?:is|are)\s+)", re.IGNORECASE
+    rf"^((?:he|she|they)\s+)(?:has|have)\s+[^.]*?\b{TRAIT_NOUNS}\b[^.]*?\s+and\s+"
+    r"((?:is|are|wears|wear|holds|hold|stands|sits|looks)\b)",
+    re.IGNORECASE,
 )
 
 
 # ---------------------------------------------------------------- the words
 
 
+def _subject(text: str) -> re.Match | None:
+    """The first phrase naming a person ("a young man"), not an adjective use ("a baby elephant")."""
+    for match in SUBJECT.finditer(text):
+        if match.group(2).lower() not in AMBIGUOUS or FOLLOWERS.match(text, match.end()):
+            return match
+    return None
+
+
 def subject_word(raw: str) -> str | None:
     """The class word of the first person a caption names ("a young man" -> "man"), or None."""
-    match = SUBJECT.search(raw)
+    match = _subject(raw)
     return PERSON_NOUNS[match.group(2).lower()] if match else None
 
 
@@ -111,21 +131,48 @@ def personalize(raw: str, trigger: str, class_word: str) -> str:
     """A raw caption as a person LoRA wants it: the person named ``<trigger> <class_word>``, fixed
     traits left out, the lead-in ("The image shows") dropped."""
     text = LEAD_IN.sub("", clean(raw), count=1)
-    match = SUBJECT.search(text)
-    if match is None:
-        named = f"{trigger} {class_word}, {text}" if text else f"{trigger} {class_word}"
-    else:
+    sentences = [_without_traits(s) for s in re.split(r"(?<=[.!?])\s+", text)]
+    text = " ".join(s for s in sentences if s)
+    match = _subject(text)
+    if match is not None:
         kept = [word for word in match.group(1).split() if word.lower() not in TRAIT_WORDS]
-        rest = WITH_TRAITS.sub("", text[match.end() :], count=1)
-        named = text[: match.start()] + " ".join([*kept, trigger, class_word]) + rest
-    sentences = [_without_traits(s) for s in re.split(r"(?<=[.!?])\s+", named)]
-    return tidy(" ".join(s for s in sentences if s))[:MAX_CAPTION_CHARS]
+        person = " ".join([*kept, trigger, class_word])
+        named = text[: match.start()] + person + _without_trait_with(text[match.end() :])
+    elif PRONOUN_START.match(text):  # "He is wearing a suit."
+        named = PRONOUN_START.sub(f"{trigger} {class_word}", text, count=1)
+    else:
+        named = f"{trigger} {class_word}, {text}" if text else f"{trigger} {class_word}"
+    return tidy(named)[:MAX_CAPTION_CHARS]
+
+
+def _without_trait_with(rest: str) -> str:
+    """``rest`` (what follows the person) without the traits of a "with ..." phrase right after
+    them: "with short hair and a blue shirt in a park" -> "with a blue shirt in a park"."""
+    opening = WITH.match(rest)
+    if opening is None:
+        return rest
+    end = WITH_END.search(rest, opening.end())
+    stop = end.start() if end else len(rest)
+    items = [item for item in WITH_ITEMS.split(rest[opening.end() : stop]) if item]
+    kept = [item for item in items if not TRAIT_NOUN.search(item)]
+    if len(kept) == len(items):
+        return rest
+    tail = rest[stop:]
+    if not kept:  # and a clause about the traits goes with them: "that falls over his shoulders"
+        return re.sub(r"^\s+that\b[^,.;]*", "", tail, flags=re.IGNORECASE)
+    return " with " + " and ".join(kept) + tail
 
 
 def _without_traits(sentence: str) -> str:
+    """A sentence without its statements of fixed looks (empty when that is all it says)."""
     if HAS_TRAITS_AND.match(sentence):
         return HAS_TRAITS_AND.sub(r"\1\2", sentence, count=1)
-    return "" if TRAIT_SENTENCE.match(sentence) else sentence
+    pieces = AND_PRONOUN.split(sentence)
+    kept = [piece for piece in pieces if not TRAIT_SENTENCE.match(piece)]
+    if len(kept) == len(pieces):
+        return sentence
+    text = " and ".join(kept)
+    return text[:1].upper() + text[1:]  # "he is wearing ..." now starts the sentence
 
 
 def clean(text: str) -> str:
@@ -179,9 +226,15 @@ def load_captioner(reference: str | None, field: str) -> Captioner:
             raise ValueError(f"it is a {kind!r} model; the captioner must be a Florence-2 checkpoint")
         processor = AutoProcessor.from_pretrained(source, **options)
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model = Florence2ForConditionalGeneration.from_pretrained(source, dtype=dtype, **options)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        model, info = Florence2ForConditionalGeneration.from_pretrained(
+            source, dtype=dtype, output_loading_info=True, **options
+        )
+        # Weights of another layout (the remote-code checkpoints) load as random layers: refuse them.
+        unfit = [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())]
+        if unfit:
+            raise ValueError(f"its weights do not fit Florence-2 ({len(unfit)} missing or mismatched)")
+    except Exception as exc:  # a checkpoint can fail in many ways (bad files, configs, tokenizers)
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise FastBackendError(
             f"{field}: could not load the captioner {shown!r} ({reason})", code=ErrorCode.MODEL_LOAD_FAILED
         ) from None
@@ -189,8 +242,7 @@ def load_captioner(reference: str | None, field: str) -> Captioner:
 
 
 def _local_or_hub(reference: str, field: str) -> str:
-    if HUB_ID.fullmatch(reference) and not reference.startswith("."):
-        return reference
+    """A hub id, or a folder under the data root or a model dir (never one relative to the process)."""
     return resolve_base_model(reference, field, marker="config.json")
 
 

@@ -83,7 +83,8 @@ class Client:
     def upload_folder(self, name: str, folder: Path, mode: str = "append", auto_caption: bool = False) -> dict:
         """Every image in ``folder`` with its ``.txt`` caption, in as many requests as the limit needs;
         with ``auto_caption`` the worker captions the images that have no ``.txt``."""
-        answers = []
+        answers: list[dict] = []
+        options: dict = {}
         for index, batch in enumerate(batches(folder)):
             payload = {
                 "type": "upload_training_data",
@@ -91,7 +92,9 @@ class Client:
                 "files": batch,
                 "mode": mode if index == 0 else "append",
             }
-            answers.append(self.call(payload | ({"auto_caption": True} if auto_caption else {})))
+            answers.append(self.call(payload | ({"auto_caption": options or True} if auto_caption else {})))
+            if "auto_captions" in answers[-1]:  # one class word for the whole dataset: the first request's
+                options = {"class_word": answers[-1]["auto_captions"]["class_word"]}
         if not answers:
             raise WorkerError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
         last = answers[-1]

@@ -368,8 +368,10 @@ def _write_image(
 
 
 def _uncaptioned(images: dict[str, ManifestEntry], name: str) -> bool:
-    """An image of the dataset with no caption (a duplicate skipped under this name is not in it)."""
-    return name in images and not images[name]["caption"]
+    """An image of the dataset (a duplicate skipped under this name is not in it) whose caption file
+    holds no caption yet: images sharing a stem (a.jpg, a.png) share ``a.txt``."""
+    stem = PurePosixPath(name).stem
+    return name in images and not any(e["caption"] for n, e in images.items() if PurePosixPath(n).stem == stem)
 
 
 def _apply_captions(folder: DatasetFolder, images: dict[str, ManifestEntry], captions: dict[str, str]) -> None:

@@ -121,6 +121,8 @@ class AutoCaption(BaseModel):
     def _one_line(cls, value: str) -> str:
         if "\n" in value or "\r" in value:
             raise ValueError(f"must be one line, got {show_value(value)}")
+        if not any(c.isalnum() for c in value):
+            raise ValueError(f"must contain a letter or digit, got {show_value(value)}")
         return value
 
     @field_validator("class_word")

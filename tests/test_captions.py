@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,28 @@ REWRITES = [
     ),
     (
         "A man with a beard and glasses is sitting at a desk, typing on a laptop.",
-        "ohwx man is sitting at a desk, typing on a laptop.",
+        "ohwx man with glasses is sitting at a desk, typing on a laptop.",
     ),
+    # What goes on after the traits stays: places, clothes, what they do.
+    ("a man with a beard in front of a brick wall.", "ohwx man in front of a brick wall."),
+    ("a man with dark hair in a white shirt.", "ohwx man in a white shirt."),
+    ("a man with brown hair and a blue shirt.", "ohwx man with a blue shirt."),
+    ("a man with a red hat and long hair walking down the street.", "ohwx man with a red hat walking down the street."),
+    (
+        "a man with short hair, a beard, and a mustache, wearing a suit and tie.",
+        "ohwx man, wearing a suit and tie.",
+    ),
+    ("a man with long hair that falls over his shoulders.", "ohwx man."),
+    ("a man with a guitar.", "ohwx man with a guitar."),
+    # Sentences: the traits go, the rest stays.
+    ("His hair is short and he is wearing a white shirt.", "ohwx man is wearing a white shirt."),
+    ("He has a beard, and he is wearing a hat.", "ohwx man is wearing a hat."),
+    ("He has brown hair and wears a suit.", "ohwx man wears a suit."),
+    ("He is wearing a black suit.", "ohwx man is wearing a black suit."),
+    # Words that are not a person here.
+    ("a man-made lake in a park.", "ohwx man, a man-made lake in a park."),
+    ("a baby elephant walking.", "ohwx man, a baby elephant walking."),
+    ("A baby sitting on a blanket.", "ohwx man sitting on a blanket."),
     (
         "The image shows a woman with curly red hair and freckles, sitting on a sofa. Her eyes are green. "
         "Behind her is a window.",
@@ -213,3 +234,73 @@ def test_a_caption_written_while_the_captioner_runs_is_kept(data_root, captioner
     assert answer["status"] == "success", answer
     assert stored_captions(data_root) == {a: "the user's words"}
     assert answer["auto_captions"]["captions"] == {}
+
+
+def test_an_image_sharing_a_captioned_stem_is_not_captioned(data_root, captioner):
+    """a.jpg and a.png share a.txt: an automatic caption for a.png would replace a.jpg's."""
+    (_, jpg, _), (_, png, _) = nine_photos()[1:3]  # a JPEG and a PNG
+    assert (
+        upload(files=[{"filename": "a.jpg", "content": b64(jpg), "caption": "the user's words"}])["status"] == "success"
+    )
+    answer = upload(files=[{"filename": "a.png", "content": b64(png), "caption": "auto"}])
+    assert answer["status"] == "success", answer
+    assert (data_root / "training_data" / "matt" / "a.txt").read_text() == "the user's words"
+    assert "auto_captions" not in answer
+
+
+def test_a_captioner_folder_under_the_data_root_is_found_by_its_relative_path(data_root, tiny_captioner):
+    shutil.copytree(tiny_captioner, data_root / "models" / "florence")
+    answer = upload(files=files(nine_photos()[:1], [None]), auto_caption={"model": "models/florence"})
+    assert answer["status"] == "success", answer
+    assert answer["auto_captions"]["captions"] == {"IMG_0000.jpg": TINY_PERSONALIZED}
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        ("truncated", "could not load the captioner 'models/broken'"),
+        ("renamed", "its weights do not fit Florence-2"),
+        ("no_tokenizer", "could not load the captioner 'models/broken'"),
+    ],
+)
+def test_a_damaged_captioner_is_model_load_failed_and_nothing_is_written(data_root, tiny_captioner, damage, words):
+    from safetensors.torch import load_file, save_file
+
+    folder = data_root / "models" / "broken"
+    shutil.copytree(tiny_captioner, folder)
+    weights = folder / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "renamed":  # another weight layout: every tensor under other names
+        save_file({f"legacy.{key}": value for key, value in load_file(weights).items()}, weights)
+    else:
+        (folder / "tokenizer.json").unlink()
+        (folder / "tokenizer_config.json").unlink()
+    answer = upload(files=files(nine_photos()[:1], [None]), auto_caption={"model": "models/broken"})
+    assert answer["error_code"] == "model_load_failed", answer
+    assert answer["error"].startswith("input.auto_caption.model: ") and words in answer["error"]
+    assert not (data_root / "training_data" / "matt").exists()
+
+
+def test_each_photo_gets_its_own_caption_across_batches(tmp_path):
+    from PIL import Image
+
+    from fastbackend import captions
+
+    photos = {}
+    for index in range(captions.BATCH + 2):  # two batches
+        photos[f"p{index:02d}.png"] = tmp_path / f"p{index:02d}.png"
+        Image.new("RGB", (32, 32), (index * 10, 0, 0)).save(photos[f"p{index:02d}.png"])
+
+    def by_colour(images):  # a captioner that says what it sees
+        return [f"a man in a shirt of red {image.getpixel((0, 0))[0]}" for image in images]
+
+    heard = []
+    written, word = captions.write_captions(photos, by_colour, "ohwx", None, lambda done, total: heard.append(done))
+    assert word == "man" and heard == [captions.BATCH, captions.BATCH + 2]
+    assert written == {name: f"ohwx man in a shirt of red {int(name[1:3]) * 10}" for name in photos}
+
+
+def test_a_blank_trigger_word_is_refused(data_root):
+    answer = upload(files=files(nine_photos()[:1], [None]), auto_caption={"trigger_word": " , "})
+    assert answer["error"].startswith("input.auto_caption.trigger_word: must contain a letter or digit, got ' , '")

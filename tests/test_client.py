@@ -42,5 +42,6 @@ def test_auto_caption_goes_with_every_request_and_the_captions_come_back_togethe
 
     monkeypatch.setattr(client.Client, "call", call)
     result = client.Client("http://localhost:8000").upload_folder("matt", tmp_path, auto_caption=True)
-    assert len(sent) == 2 and all(payload["auto_caption"] is True for payload in sent)
+    assert len(sent) == 2 and sent[0]["auto_caption"] is True
+    assert sent[1]["auto_caption"] == {"class_word": "man"}  # the first request's, for the whole dataset
     assert result["auto_captions"]["captions"] == {f"img{i}.jpg": f"[trigger] man img{i}.jpg" for i in range(3)}

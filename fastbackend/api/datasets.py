@@ -81,12 +81,12 @@ def _auto_captions(
     from fastbackend.captions import caption_photos
 
     held = {} if request.mode == "replace" else folder.read_manifest()["images"]
+    captioned = set(batch.captions) | {PurePosixPath(name).stem for name, entry in held.items() if entry["caption"]}
     photos = {
         name: item["staged"]
         for name, item in batch.images.items()
         if (request.auto_caption is not None or PurePosixPath(name).stem in asked)
-        and PurePosixPath(name).stem not in batch.captions
-        and not (name in held and held[name]["caption"])
+        and PurePosixPath(name).stem not in captioned  # a.jpg's caption is a.png's too (a.txt)
     }
     if not photos:
         return {}
