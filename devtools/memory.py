@@ -103,6 +103,9 @@ def measure(arch: str, model, size: int, text_tokens: int, checkpointing: bool) 
     if arch == "flux":
         cond = {"prompt_embeds": torch.randn(1, text_tokens, 4096), "pooled": torch.randn(1, 768)}
         scheduler, channels = FlowMatchEulerDiscreteScheduler(shift=3.0), 16
+    elif arch == "qwen_image":
+        cond = {"prompt_embeds": torch.randn(1, text_tokens, 3584), "prompt_mask": torch.ones(1, text_tokens)}
+        scheduler, channels = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True), 16
     elif arch == "zimage":
         cond = {"prompt_embeds": torch.randn(1, text_tokens, 2560), "prompt_mask": torch.ones(1, text_tokens)}
         scheduler, channels = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False), 16

@@ -35,6 +35,28 @@ TINY_ZIMAGE_TRANSFORMER = {
     "cap_feat_dim": TINY_QWEN_HIDDEN,
     "axes_dims": [4, 6, 6],  # sums to the head dim (32 / 2)
 }
+TINY_QWEN_IMAGE_TRANSFORMER = {
+    "patch_size": 2,
+    "in_channels": 16,  # 2x2 patches of the tiny VAE's 4 latent channels
+    "out_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": TINY_QWEN_HIDDEN,
+    "axes_dims_rope": (4, 6, 6),
+}
+# Qwen/Qwen-Image's scheduler_config.json.
+QWEN_IMAGE_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 0.9,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 8192,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+}
 # What the SD 1.5 and SDXL UNets share: two levels, one layer each, 4 latent channels.
 TINY_UNET = {
     "block_out_channels": (32, 64),
@@ -295,12 +317,59 @@ def build_zimage(folder: Path) -> Path:
     return folder
 
 
+def build_qwen_image(folder: Path) -> Path:
+    """Qwen-Image shaped: a dual-stream transformer over 2x2 latent patches, Qwen2.5-VL's last hidden
+    states as captions, and its video-style VAE (one frame), with the published scheduler settings."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    tokenizer = qwen_tokenizer()
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": TINY_QWEN_HIDDEN,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 2048,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},  # sums to half the head dim
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32}
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+    vae_model = AutoencoderKLQwenImage(
+        base_dim=16,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, False, False],  # three downsamples: 8x, as the real one
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.8, 1.2, 1.0],
+    )
+    transformer = QwenImageTransformer2DModel(**TINY_QWEN_IMAGE_TRANSFORMER)
+    scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
+    pipe = QwenImagePipeline(
+        scheduler=scheduler, vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
 BUILDERS = {
     "sd15": build_sd15,
     "sdxl": build_sdxl,
     "flux": build_flux,
     "flux_schnell": lambda folder: build_flux(folder, guidance_embeds=False),
     "zimage": build_zimage,
+    "qwen_image": build_qwen_image,
 }
 
 

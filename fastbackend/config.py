@@ -38,12 +38,18 @@ DEFAULT_RANK = 4
 MAX_SEED = 2**32 - 1
 # The families this worker trains (training/families registers the same names; a test compares),
 # ai-toolkit's other names for them, and its flags for families it does not train yet.
-ARCHES = ("flux", "sdxl", "sd15", "zimage")
+ARCHES = ("flux", "sdxl", "sd15", "zimage", "qwen_image")
 # The families trained by flow matching (the rest learn DDPM noise), and those whose text encoders
 # can take a LoRA.
-FLOW_MATCHING = ("flux", "zimage")
+FLOW_MATCHING = ("flux", "zimage", "qwen_image")
 TRAINABLE_TEXT_ENCODERS = ("sdxl", "sd15")
-SHOWN_ARCH = {"flux": "FLUX", "sdxl": "SDXL", "sd15": "SD 1.5", "zimage": "Z-Image"}  # in messages
+SHOWN_ARCH = {
+    "flux": "FLUX",
+    "sdxl": "SDXL",
+    "sd15": "SD 1.5",
+    "zimage": "Z-Image",
+    "qwen_image": "Qwen-Image",
+}  # in messages
 ARCH_ALIASES = {"sd1": "sd15", "flex1": "flux", "ssd": "sdxl", "vega": "sdxl"}
 # ai-toolkit's zimage:turbo trains Z-Image-Turbo through its training adapter (a LoRA merged into the
 # base and cancelled for samples); training Turbo without it undoes the distillation.
@@ -509,7 +515,7 @@ class ModelConfig(Section):
     }
     name_or_path: str = Field(min_length=1, max_length=300, description="A hub id or a local diffusers folder.")
     arch: str | None = Field(
-        None, description="flux (or flex1), sdxl, sd15 (or sd1), zimage; ai-toolkit's `arch:tag` form too."
+        None, description="flux (or flex1), sdxl, sd15 (or sd1), zimage, qwen_image; ai-toolkit's `arch:tag` form too."
     )
     is_flux: bool = False
     is_xl: bool = False

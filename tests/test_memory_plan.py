@@ -24,6 +24,8 @@ PUBLISHED = {
     "sd15": {"denoiser": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863},
     # Counted from the published configs (the cards say 6B and Qwen3-4B's 4.0B; its VAE is FLUX.1's).
     "zimage": {"denoiser": 6_154_908_736, "text_encoder": 4_022_468_096, "vae": 83_819_683},
+    # Counted from the published configs (the cards say 20B and Qwen2.5-VL-7B's 8.29B).
+    "qwen_image": {"denoiser": 20_430_401_088, "text_encoder": 8_292_166_656, "vae": 126_892_531},
 }
 
 
@@ -91,7 +93,7 @@ def test_the_8bit_part_is_what_quantize_really_swaps(tiny_models, arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["flux", "sdxl", "sd15", "zimage"])
+@pytest.mark.parametrize("arch", ["flux", "sdxl", "sd15", "zimage", "qwen_image"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_constants_match_what_autograd_keeps(arch, checkpointing):
     """Measured again at another size than the constants were (FLUX: 256 image and 256 text
@@ -100,7 +102,11 @@ def test_activation_constants_match_what_autograd_keeps(arch, checkpointing):
     largest block's."""
     from devtools.memory import measure, published_denoiser
 
-    shallow = {"flux": {"num_layers": 1, "num_single_layers": 1}, "zimage": {"n_layers": 2}}.get(arch, {})
+    shallow = {
+        "flux": {"num_layers": 1, "num_single_layers": 1},
+        "zimage": {"n_layers": 2},
+        "qwen_image": {"num_layers": 2},
+    }.get(arch, {})
     config, model = published_denoiser(arch, **shallow)
     measured = measure(arch, model, 256, 512 if arch == "zimage" else 256, checkpointing)
     if arch == "flux":
@@ -158,6 +164,7 @@ PLAN_MODELS = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "zimage": "Tongyi-MAI/Z-Image-Turbo",
+    "qwen_image": "Qwen/Qwen-Image",
 }
 
 

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from handler_fast import handler
 from tests.training_helpers import USER_CONFIG, install_model, train, upload_photos, user_yaml
 
-ARCHES = ["flux", "flux_schnell", "sdxl", "sd15", "zimage"]
+ARCHES = ["flux", "flux_schnell", "sdxl", "sd15", "zimage", "qwen_image"]
 
 
 def read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -100,8 +100,9 @@ def test_user_yaml_trains_a_lora_that_loads_in_diffusers_and_changes_the_output(
     if family == "flux":
         assert all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in tensors)
         assert any(k.startswith("transformer.single_transformer_blocks.") for k in tensors)
-    elif family == "zimage":  # ai-toolkit's keys: diffusion_model.<module>, alpha folded into lora_B
-        assert all(k.startswith("diffusion_model.layers.") and (".lora_A." in k or ".lora_B." in k) for k in tensors)
+    elif family in ("zimage", "qwen_image"):  # ai-toolkit's keys: diffusion_model.<module>, alpha in lora_B
+        blocks = "diffusion_model.layers." if family == "zimage" else "diffusion_model.transformer_blocks."
+        assert all(k.startswith(blocks) and (".lora_A." in k or ".lora_B." in k) for k in tensors)
     else:
         assert all(k.startswith("lora_unet_") for k in tensors)
         alphas = [v for k, v in tensors.items() if k.endswith(".alpha")]
@@ -127,7 +128,7 @@ def test_user_yaml_trains_a_lora_that_loads_in_diffusers_and_changes_the_output(
     assert (render(folder, answer["lora_path"], arch, scale=0.0) == before).all()  # scale 0: the base model
 
 
-@pytest.mark.parametrize("arch", ["sd15", "zimage"])
+@pytest.mark.parametrize("arch", ["sd15", "zimage", "qwen_image"])
 def test_fixed_batch_learns(arch, tiny_models, data_root):
     """With the batch, noise and timesteps fixed, the loss must fall: the LoRA learns."""
     from fastbackend.config import parse_training_config
@@ -205,7 +206,7 @@ def test_step_saves_keep_the_newest(tiny_models, data_root):
     assert (output / "config.yaml").exists() and (output / "metadata.json").exists()
 
 
-@pytest.mark.parametrize("arch", ["flux", "zimage"])
+@pytest.mark.parametrize("arch", ["flux", "zimage", "qwen_image"])
 def test_a_crashed_run_resumes_from_its_last_save(arch, tiny_models, data_root, monkeypatch):
     from fastbackend.training import trainer
 

@@ -68,7 +68,7 @@ def render(family: Family, pipe, request: GenerateRequest) -> list:
     return pipe(
         [request.prompt] * request.num_images,
         num_inference_steps=request.steps,
-        guidance_scale=family.pipeline_guidance(request.guidance_scale),
+        **family.guidance_arguments(request.guidance_scale),
         width=width,
         height=height,
         generator=generators,

@@ -59,7 +59,7 @@ def sample(run: Run, should_stop: Callable[[], bool] = lambda: False) -> list[Pa
                 image = run.pipe(
                     **prompt_arguments,
                     num_inference_steps=sample_cfg.sample_steps,
-                    guidance_scale=run.family.pipeline_guidance(sample_cfg.guidance_scale),
+                    **run.family.guidance_arguments(sample_cfg.guidance_scale),
                     width=width,
                     height=height,
                     generator=torch.Generator("cpu").manual_seed(seed),

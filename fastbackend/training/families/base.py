@@ -232,8 +232,12 @@ class Family(ABC):
         return {"negative_prompt": negative_prompt or None}
 
     def pipeline_guidance(self, guidance_scale: float) -> float:
-        """The pipeline's ``guidance_scale`` for a config's or request's (the usual CFG scale: 1 is none)."""
+        """The pipeline's guidance for a config's or request's ``guidance_scale`` (the usual CFG scale: 1 is none)."""
         return guidance_scale
+
+    def guidance_arguments(self, guidance_scale: float) -> dict:
+        """The pipeline call's guidance argument(s) for a config's or request's ``guidance_scale``."""
+        return {"guidance_scale": self.pipeline_guidance(guidance_scale)}
 
     def guided(self, guidance_scale: float) -> bool:
         """Whether the pipeline renders a second, unconditional image each step (classifier-free guidance)."""

@@ -1,4 +1,4 @@
-"""Z-Image: files keyed as ai-toolkit writes them (and ComfyUI maps them), its alpha honoured, its guidance."""
+"""Z-Image and Qwen-Image: files keyed as ai-toolkit writes them (and ComfyUI maps them), alpha honoured, guidance."""
 
 from __future__ import annotations
 
@@ -20,26 +20,39 @@ COMFYUI_BLOCK_KEY = re.compile(
 )
 
 
-def test_files_are_keyed_as_ai_toolkit_writes_them_with_alpha_folded_in(tiny_models, data_root):
-    model_path = install_model(tiny_models, data_root, "zimage")
+# ComfyUI's Qwen-Image model keeps diffusers' module names: `diffusion_model.<name>` maps directly.
+COMFYUI_KEYS = {
+    "zimage": (COMFYUI_BLOCK_KEY, "layers.", "ZImageTransformer2DModel"),
+    "qwen_image": (
+        re.compile(r"diffusion_model\.transformer_blocks\.\d+\.[\w.]+\.lora_[AB]\.weight"),
+        "transformer_blocks.",
+        "QwenImageTransformer2DModel",
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(COMFYUI_KEYS))
+def test_files_are_keyed_as_ai_toolkit_writes_them_with_alpha_folded_in(arch, tiny_models, data_root):
+    import diffusers
+
+    model_path = install_model(tiny_models, data_root, arch)
     upload_photos(count=1)
     replacements = {
         "linear: 16": "linear: 4",
         "linear_alpha: 16": "linear_alpha: 8",
         "sample_every: 100": "sample_every: 1000",
     }
-    answer = train(user_yaml(model_path, "zimage", steps=2, replacements=replacements))
+    answer = train(user_yaml(model_path, arch, steps=2, replacements=replacements))
     assert answer["status"] == "success", answer
     with safe_open(answer["lora_path"], framework="pt") as handle:
         keys = set(handle.keys())
         metadata = handle.metadata()
-    assert all(COMFYUI_BLOCK_KEY.fullmatch(key) for key in keys), sorted(keys)[:5]
-    from diffusers import ZImageTransformer2DModel
-
-    transformer = ZImageTransformer2DModel.from_pretrained(data_root / "models" / "zimage" / "transformer")
-    linears = {n for n, m in transformer.named_modules() if n.startswith("layers.") and isinstance(m, torch.nn.Linear)}
+    pattern, blocks, class_name = COMFYUI_KEYS[arch]
+    assert all(pattern.fullmatch(key) for key in keys), sorted(keys)[:5]
+    transformer = getattr(diffusers, class_name).from_pretrained(data_root / "models" / arch / "transformer")
+    linears = {n for n, m in transformer.named_modules() if n.startswith(blocks) and isinstance(m, torch.nn.Linear)}
     assert {key.removeprefix("diffusion_model.").rsplit(".lora_", 1)[0] for key in keys} == linears
-    # linear_alpha is honoured (ai-toolkit ignores it for Z-Image) and folded into lora_B: no alpha keys.
+    # linear_alpha is honoured (ai-toolkit ignores it for these families) and folded into lora_B: no alpha keys.
     assert metadata["ss_network_alpha"] == "8.0" and not any(key.endswith(".alpha") for key in keys)
     assert not any("linear_alpha" in warning for warning in answer["warnings"])
 
@@ -76,3 +89,11 @@ def test_guidance_is_the_usual_scale_and_the_pipeline_gets_it_minus_one(scale, p
 
     family = family_for("zimage")
     assert family.pipeline_guidance(scale) == pipeline and family.guided(scale) is guided
+
+
+def test_qwen_image_guidance_is_true_cfg_against_an_empty_negative():
+    from fastbackend.training.families import family_for
+
+    family = family_for("qwen_image")
+    assert family.guidance_arguments(4.0) == {"true_cfg_scale": 4.0} and family.guided(4.0)
+    assert not family.guided(1.0) and family.sample_kwargs(None, "") == {"negative_prompt": " "}
