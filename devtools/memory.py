@@ -106,6 +106,9 @@ def measure(arch: str, model, size: int, text_tokens: int, checkpointing: bool) 
     elif arch == "qwen_image":
         cond = {"prompt_embeds": torch.randn(1, text_tokens, 3584), "prompt_mask": torch.ones(1, text_tokens)}
         scheduler, channels = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True), 16
+    elif arch.startswith("flux2"):
+        cond = {"prompt_embeds": torch.randn(1, text_tokens, model.config.joint_attention_dim)}
+        scheduler, channels = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), 128
     elif arch == "zimage":
         cond = {"prompt_embeds": torch.randn(1, text_tokens, 2560), "prompt_mask": torch.ones(1, text_tokens)}
         scheduler, channels = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False), 16
@@ -114,8 +117,9 @@ def measure(arch: str, model, size: int, text_tokens: int, checkpointing: bool) 
         if arch == "sdxl":
             cond["pooled"] = torch.randn(1, 1280)
         scheduler, channels = DDPMScheduler(), 4
+    side = size // 16 if arch.startswith("flux2") else size // 8  # FLUX.2's latents come in 2x2 patches
     batch = TrainingBatch(
-        latents=torch.randn(1, channels, size // 8, size // 8).bfloat16(),
+        latents=torch.randn(1, channels, side, side).bfloat16(),
         cond={key: value.bfloat16() for key, value in cond.items()},
         sizes=torch.tensor([[size, size, 0, 0, size, size]]),
     )

@@ -57,6 +57,19 @@ QWEN_IMAGE_SCHEDULER = {
     "shift_terminal": 0.02,
     "time_shift_type": "exponential",
 }
+TINY_KLEIN_TEXT_HIDDEN = 16
+TINY_FLUX2_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 16,  # the tiny VAE's 4 latent channels in 2x2 patches
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 3 * TINY_KLEIN_TEXT_HIDDEN,  # three hidden layers side by side
+    "timestep_guidance_channels": 32,
+    "axes_dims_rope": (4, 4, 4, 4),  # sums to the head dim
+    "guidance_embeds": False,
+}
 # What the SD 1.5 and SDXL UNets share: two levels, one layer each, 4 latent channels.
 TINY_UNET = {
     "block_out_channels": (32, 64),
@@ -363,6 +376,50 @@ def build_qwen_image(folder: Path) -> Path:
     return folder
 
 
+def build_flux2_klein(folder: Path) -> Path:
+    """FLUX.2 [klein] shaped: double- and single-stream blocks over the VAE's 2x2-patchified latents, and
+    Qwen3's hidden states of layers 9, 18 and 27 side by side (so the tiny Qwen3 has 28 layers)."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = qwen_tokenizer()
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=TINY_KLEIN_TEXT_HIDDEN,
+            intermediate_size=32,
+            num_hidden_layers=28,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        )
+    )
+    vae_model = AutoencoderKLFlux2(
+        block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=32
+    )
+    transformer = Flux2Transformer2DModel(**TINY_FLUX2_TRANSFORMER)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    pipe = Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae_model,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=False,  # the base checkpoints LoRAs are trained on
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
 BUILDERS = {
     "sd15": build_sd15,
     "sdxl": build_sdxl,
@@ -370,6 +427,7 @@ BUILDERS = {
     "flux_schnell": lambda folder: build_flux(folder, guidance_embeds=False),
     "zimage": build_zimage,
     "qwen_image": build_qwen_image,
+    "flux2_klein_4b": build_flux2_klein,
 }
 
 

@@ -38,10 +38,10 @@ DEFAULT_RANK = 4
 MAX_SEED = 2**32 - 1
 # The families this worker trains (training/families registers the same names; a test compares),
 # ai-toolkit's other names for them, and its flags for families it does not train yet.
-ARCHES = ("flux", "sdxl", "sd15", "zimage", "qwen_image")
+ARCHES = ("flux", "sdxl", "sd15", "zimage", "qwen_image", "flux2_klein_4b", "flux2_klein_9b")
 # The families trained by flow matching (the rest learn DDPM noise), and those whose text encoders
 # can take a LoRA.
-FLOW_MATCHING = ("flux", "zimage", "qwen_image")
+FLOW_MATCHING = ("flux", "zimage", "qwen_image", "flux2_klein_4b", "flux2_klein_9b")
 TRAINABLE_TEXT_ENCODERS = ("sdxl", "sd15")
 SHOWN_ARCH = {
     "flux": "FLUX",
@@ -49,6 +49,8 @@ SHOWN_ARCH = {
     "sd15": "SD 1.5",
     "zimage": "Z-Image",
     "qwen_image": "Qwen-Image",
+    "flux2_klein_4b": "FLUX.2 [klein]",
+    "flux2_klein_9b": "FLUX.2 [klein]",
 }  # in messages
 ARCH_ALIASES = {"sd1": "sd15", "flex1": "flux", "ssd": "sdxl", "vega": "sdxl"}
 # ai-toolkit's zimage:turbo trains Z-Image-Turbo through its training adapter (a LoRA merged into the
@@ -515,7 +517,8 @@ class ModelConfig(Section):
     }
     name_or_path: str = Field(min_length=1, max_length=300, description="A hub id or a local diffusers folder.")
     arch: str | None = Field(
-        None, description="flux (or flex1), sdxl, sd15 (or sd1), zimage, qwen_image; ai-toolkit's `arch:tag` form too."
+        None,
+        description=f"{', '.join(ARCHES)} (also {', '.join(ARCH_ALIASES)}); ai-toolkit's `arch:tag` form too.",
     )
     is_flux: bool = False
     is_xl: bool = False
@@ -858,9 +861,9 @@ def unused_for_arch(process: ProcessConfig) -> list[tuple[str, str]]:
             ("train.min_snr_gamma", train.min_snr_gamma is not None, "an SD 1.5 / SDXL setting"),
             ("model.is_v_pred", process.model.is_v_pred, "an SD 1.5 / SDXL setting"),
         ]
-        if arch == "flux":
+        if arch == "flux" or arch.startswith("flux2"):
             negative = bool(process.sample and process.sample.negative_prompt)
-            candidates.append(("sample.neg", negative, "FLUX samples take no negative"))
+            candidates.append(("sample.neg", negative, f"{SHOWN_ARCH[arch]} samples take no negative"))
     else:
         candidates = [
             ("train.timestep_type", train.timestep_type is not None, "a flow-matching setting; timesteps are uniform"),

@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("arch", ["sdxl", "zimage", "qwen_image"])
+@pytest.mark.parametrize("arch", ["sdxl", "zimage", "qwen_image", "flux2_klein_4b"])
 def test_demo_runs_the_whole_flow_offline(arch, data_root):
     env = dict(os.environ, FASTBACKEND_DATA_DIR=str(data_root))
     result = subprocess.run(

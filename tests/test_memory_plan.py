@@ -26,6 +26,9 @@ PUBLISHED = {
     "zimage": {"denoiser": 6_154_908_736, "text_encoder": 4_022_468_096, "vae": 83_819_683},
     # Counted from the published configs (the cards say 20B and Qwen2.5-VL-7B's 8.29B).
     "qwen_image": {"denoiser": 20_430_401_088, "text_encoder": 8_292_166_656, "vae": 126_892_531},
+    # Counted from the published configs (the names say 4B and 9B; Qwen3-4B's and Qwen3-8B's cards 4.0B and 8.2B).
+    "flux2_klein_4b": {"denoiser": 3_875_544_576, "text_encoder": 4_022_468_096, "vae": 84_046_115},
+    "flux2_klein_9b": {"denoiser": 9_078_581_248, "text_encoder": 8_190_735_360, "vae": 84_046_115},
 }
 
 
@@ -93,7 +96,7 @@ def test_the_8bit_part_is_what_quantize_really_swaps(tiny_models, arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["flux", "sdxl", "sd15", "zimage", "qwen_image"])
+@pytest.mark.parametrize("arch", ["flux", "sdxl", "sd15", "zimage", "qwen_image", "flux2_klein_4b"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_constants_match_what_autograd_keeps(arch, checkpointing):
     """Measured again at another size than the constants were (FLUX: 256 image and 256 text
@@ -106,9 +109,10 @@ def test_activation_constants_match_what_autograd_keeps(arch, checkpointing):
         "flux": {"num_layers": 1, "num_single_layers": 1},
         "zimage": {"n_layers": 2},
         "qwen_image": {"num_layers": 2},
+        "flux2_klein_4b": {"num_layers": 1, "num_single_layers": 1},
     }.get(arch, {})
     config, model = published_denoiser(arch, **shallow)
-    measured = measure(arch, model, 256, 512 if arch == "zimage" else 256, checkpointing)
+    measured = measure(arch, model, 256, 512 if arch in ("zimage", "flux2_klein_4b") else 256, checkpointing)
     if arch == "flux":
         config |= {"guidance_embeds": False}  # what the estimate reads for 256 text tokens (schnell's)
     estimate = family_for(arch).activation_bytes(config, 256, 256, checkpointing)
@@ -165,6 +169,8 @@ PLAN_MODELS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "zimage": "Tongyi-MAI/Z-Image-Turbo",
     "qwen_image": "Qwen/Qwen-Image",
+    "flux2_klein_4b": "black-forest-labs/FLUX.2-klein-base-4B",
+    "flux2_klein_9b": "black-forest-labs/FLUX.2-klein-base-9B",
 }
 
 

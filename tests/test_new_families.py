@@ -97,3 +97,49 @@ def test_qwen_image_guidance_is_true_cfg_against_an_empty_negative():
     family = family_for("qwen_image")
     assert family.guidance_arguments(4.0) == {"true_cfg_scale": 4.0} and family.guided(4.0)
     assert not family.guided(1.0) and family.sample_kwargs(None, "") == {"negative_prompt": " "}
+
+
+# BFL's module names in a FLUX.2 block, as ComfyUI's FLUX.2 model and ai-toolkit name them.
+FLUX2_KEY = re.compile(
+    r"diffusion_model\.(double_blocks\.\d+\.(img_attn\.(qkv|proj)|txt_attn\.(qkv|proj)|img_mlp\.[02]|txt_mlp\.[02])"
+    r"|single_blocks\.\d+\.linear[12])\.lora_[AB]\.weight"
+)
+
+
+def test_flux2_files_fuse_qkv_and_load_in_diffusers_to_the_same_output(tiny_models):
+    """Each block's q, k and v LoRAs are written as one fused qkv LoRA (A stacked, B block-diagonal):
+    diffusers' loader splits it back, and the transformer's output is the trained one."""
+    from diffusers import Flux2KleinPipeline
+
+    from fastbackend.training import lora_io
+    from fastbackend.training.families import family_for
+
+    family = family_for("flux2_klein_4b")
+    pipe = Flux2KleinPipeline.from_pretrained(tiny_models / "flux2_klein_4b")
+    transformer = pipe.transformer
+    lora_io.add_lora(transformer, family.lora_targets(transformer), rank=4, alpha=8, dropout=0.0)
+    torch.manual_seed(1)
+    for name, parameter in transformer.named_parameters():
+        if "lora_B" in name:  # trained: no longer zero
+            parameter.data.normal_(0, 0.05)
+    states = lora_io.lora_state({"transformer": transformer})
+    keyed = lora_io.to_file_format(family, states, rank=4, alpha=8)
+    assert all(FLUX2_KEY.fullmatch(key) for key in keyed), sorted(keyed)[:5]
+    assert keyed["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"].shape[0] == 12  # 3 x rank 4
+
+    def output(model):
+        torch.manual_seed(0)
+        hidden, text = torch.randn(1, 16, 16), torch.randn(1, 8, 48)
+        ids = Flux2KleinPipeline._prepare_latent_ids(torch.zeros(1, 16, 4, 4))
+        return model(
+            hidden, text, torch.tensor([0.5]), ids, Flux2KleinPipeline._prepare_text_ids(text), return_dict=False
+        )[0]
+
+    with torch.no_grad():
+        trained = output(transformer)
+        fresh = Flux2KleinPipeline.from_pretrained(tiny_models / "flux2_klein_4b")
+        base = output(fresh.transformer)
+        fresh.load_lora_weights({key: value.clone() for key, value in keyed.items()})
+        loaded = output(fresh.transformer)
+    assert not torch.allclose(trained, base, atol=1e-4)
+    assert torch.allclose(trained, loaded, atol=1e-5)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from handler_fast import handler
 from tests.training_helpers import USER_CONFIG, install_model, train, upload_photos, user_yaml
 
-ARCHES = ["flux", "flux_schnell", "sdxl", "sd15", "zimage", "qwen_image"]
+ARCHES = ["flux", "flux_schnell", "sdxl", "sd15", "zimage", "qwen_image", "flux2_klein_4b"]
 
 
 def read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -37,7 +37,8 @@ def loaded_lora_layers(pipe, adapter: str) -> int:
 
 
 def lora_layers_in_file(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(1 for key in tensors if key.endswith((".lora_A.weight", ".lora_down.weight")))
+    """LoRA layers a file holds; FLUX.2's fused qkv is three layers of the diffusers model."""
+    return sum(3 if ".qkv." in key else 1 for key in tensors if key.endswith((".lora_A.weight", ".lora_down.weight")))
 
 
 def render(pipeline_folder: str, lora_path: str | None, arch: str, scale: float = 1.0):
@@ -56,7 +57,7 @@ def render(pipeline_folder: str, lora_path: str | None, arch: str, scale: float 
         pipe.set_adapters(["trained"], adapter_weights=[scale])
     options = {"max_sequence_length": 32} if arch.startswith("flux") else {}
     return pipe(
-        "Matt, photo",
+        prompt="Matt, photo",
         num_inference_steps=2,
         height=64,
         width=64,
@@ -78,7 +79,7 @@ def test_repository_copy_of_the_user_config_is_the_users_file_byte_for_byte():
 def test_user_yaml_trains_a_lora_that_loads_in_diffusers_and_changes_the_output(arch, tiny_models, data_root):
     model_path = install_model(tiny_models, data_root, arch)
     upload_photos()
-    family = "flux" if arch.startswith("flux") else arch
+    family = "flux" if arch in ("flux", "flux_schnell") else arch
     answer = train(
         user_yaml(
             model_path,
@@ -100,9 +101,12 @@ def test_user_yaml_trains_a_lora_that_loads_in_diffusers_and_changes_the_output(
     if family == "flux":
         assert all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in tensors)
         assert any(k.startswith("transformer.single_transformer_blocks.") for k in tensors)
-    elif family in ("zimage", "qwen_image"):  # ai-toolkit's keys: diffusion_model.<module>, alpha in lora_B
-        blocks = "diffusion_model.layers." if family == "zimage" else "diffusion_model.transformer_blocks."
-        assert all(k.startswith(blocks) and (".lora_A." in k or ".lora_B." in k) for k in tensors)
+    elif family in ("zimage", "qwen_image", "flux2_klein_4b"):  # ai-toolkit's: diffusion_model.<module>
+        blocks = {"zimage": ("layers.",), "qwen_image": ("transformer_blocks.",)}.get(
+            family, ("double_blocks.", "single_blocks.")
+        )
+        prefixes = tuple(f"diffusion_model.{block}" for block in blocks)
+        assert all(k.startswith(prefixes) and (".lora_A." in k or ".lora_B." in k) for k in tensors)
     else:
         assert all(k.startswith("lora_unet_") for k in tensors)
         alphas = [v for k, v in tensors.items() if k.endswith(".alpha")]
@@ -128,7 +132,7 @@ def test_user_yaml_trains_a_lora_that_loads_in_diffusers_and_changes_the_output(
     assert (render(folder, answer["lora_path"], arch, scale=0.0) == before).all()  # scale 0: the base model
 
 
-@pytest.mark.parametrize("arch", ["sd15", "zimage", "qwen_image"])
+@pytest.mark.parametrize("arch", ["sd15", "zimage", "qwen_image", "flux2_klein_4b"])
 def test_fixed_batch_learns(arch, tiny_models, data_root):
     """With the batch, noise and timesteps fixed, the loss must fall: the LoRA learns."""
     from fastbackend.config import parse_training_config
@@ -206,7 +210,7 @@ def test_step_saves_keep_the_newest(tiny_models, data_root):
     assert (output / "config.yaml").exists() and (output / "metadata.json").exists()
 
 
-@pytest.mark.parametrize("arch", ["flux", "zimage", "qwen_image"])
+@pytest.mark.parametrize("arch", ["flux", "zimage", "qwen_image", "flux2_klein_4b"])
 def test_a_crashed_run_resumes_from_its_last_save(arch, tiny_models, data_root, monkeypatch):
     from fastbackend.training import trainer
 

@@ -66,7 +66,7 @@ def render(family: Family, pipe, request: GenerateRequest) -> list:
     if isinstance(extra.get("negative_prompt"), str):  # one per prompt, as the pipelines want a list
         extra["negative_prompt"] = [extra["negative_prompt"]] * request.num_images
     return pipe(
-        [request.prompt] * request.num_images,
+        prompt=[request.prompt] * request.num_images,  # by name: FLUX.2 [klein]'s first argument is an image
         num_inference_steps=request.steps,
         **family.guidance_arguments(request.guidance_scale),
         width=width,

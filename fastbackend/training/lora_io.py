@@ -78,10 +78,9 @@ def to_file_format(family: Family, states: States, rank: int, alpha: float) -> d
     """peft-named weights -> the keys ai-toolkit writes for ``family``."""
     if family.file_format == "diffusers":
         scale = alpha / rank
-        return {
-            f"{family.file_prefix}{key}": value * scale if ".lora_B." in key else value
-            for key, value in states["transformer"].items()
-        }
+        return family.file_tensors(
+            {key: value * scale if ".lora_B." in key else value for key, value in states["transformer"].items()}
+        )
     from diffusers.utils import convert_state_dict_to_kohya
 
     kohya: dict[str, torch.Tensor] = {}

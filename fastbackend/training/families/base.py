@@ -231,6 +231,11 @@ class Family(ABC):
         """What the pipeline call needs beyond the prompt."""
         return {"negative_prompt": negative_prompt or None}
 
+    def file_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A diffusers-format file's tensors from the denoiser's peft-named LoRA weights (scale already
+        folded into ``lora_B``): keyed ``<file_prefix><module>.lora_A/B.weight``."""
+        return {f"{self.file_prefix}{key}": value for key, value in state.items()}
+
     def pipeline_guidance(self, guidance_scale: float) -> float:
         """The pipeline's guidance for a config's or request's ``guidance_scale`` (the usual CFG scale: 1 is none)."""
         return guidance_scale

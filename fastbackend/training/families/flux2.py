@@ -1,0 +1,175 @@
+"""FLUX.2 [klein] 4B and 9B (the base checkpoints): double- and single-stream blocks over the VAE's
+latents in 2x2 patches, conditioned on Qwen3's hidden states of layers 9, 18 and 27 side by side.
+
+Its pipeline (diffusers' Flux2KleinPipeline) patchifies the VAE's latents to 4x the channels,
+normalises them with the VAE's batch-norm statistics, feeds the transformer ``sigma`` (``t / 1000``)
+with no guidance embedding, and steps with its output as FLUX.1 does: the target is the velocity
+``noise - latents``. Captions are padded to 512 tokens by the pipeline, so all have one length.
+
+Files are keyed as ai-toolkit keys them, with BFL's original module names: the diffusers model
+has separate q, k and v projections where the original has one fused ``qkv``, so each block's three
+LoRAs are written as one of three times the rank (``lora_A`` stacked, ``lora_B`` block-diagonal): the
+same product, exactly, and the form both ComfyUI (fused) and diffusers (which copies ``lora_A`` to
+each projection and splits ``lora_B`` in three) load.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastbackend.training.families.base import (
+    ActivationBytes,
+    Family,
+    LossOptions,
+    TrainingBatch,
+    module_names,
+    noise_level_indices,
+    weighted_mean,
+)
+from fastbackend.training.families.flux import bell_weights, sigma_table
+
+MAX_SEQUENCE = 512  # the pipeline pads every caption to this
+# The LoRA's modules: every Linear of both kinds of block, as ai-toolkit targets them; the shared
+# modulation layers, the embedders and the output layers stay frozen.
+BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+# diffusers' module names inside a double block -> BFL's; q, k, v of each stream are fused.
+DOUBLE_BLOCK_NAMES = {
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.linear_in": "img_mlp.0",
+    "ff.linear_out": "img_mlp.2",
+    "ff_context.linear_in": "txt_mlp.0",
+    "ff_context.linear_out": "txt_mlp.2",
+}
+FUSED_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+             "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}  # fmt: skip
+SINGLE_BLOCK_NAMES = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
+# What a step keeps for the backward pass, per token per hidden unit, in bf16 sizes: measured with
+# devtools/memory.py on klein 4B's published shapes (3,072 wide, rank-16 LoRA, bf16 autocast), one and
+# two blocks of each kind at 256 and 512 px with 128 caption tokens (double 28.7 and 27.6, single 25.7
+# and 25.3). Not yet checked against a GPU's allocator.
+KEPT_PER_DOUBLE_BLOCK = 28.2
+KEPT_PER_SINGLE_BLOCK = 25.5
+KEPT_OUTSIDE_BLOCKS = 0.15
+KEPT_CHECKPOINTED_BLOCK = 1.0  # its inputs: the image and caption tokens
+KEPT_CHECKPOINTED_OUTSIDE = 1.15
+LARGEST_BLOCK = 27.6  # a double block, re-run in the backward pass
+
+
+class Flux2Klein(Family):
+    name = "flux2_klein_4b"
+    pipeline_class_name = "Flux2KleinPipeline"
+    denoiser_name = "transformer"
+    denoiser_class_name = "Flux2Transformer2DModel"
+    file_format = "diffusers"
+    file_prefix = "diffusion_model."
+    kohya_base_version = "flux2_klein"
+    modelspec_architecture = "flux-2-klein/lora"
+    reference_model = "black-forest-labs/FLUX.2-klein-base-4B"
+    compiled_blocks = ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")
+    classifier_free_guidance = True
+
+    def lora_targets(self, denoiser: torch.nn.Module) -> list[str]:
+        return module_names(denoiser, lambda name, m: name.startswith(BLOCKS) and isinstance(m, torch.nn.Linear))
+
+    def pixel_multiple(self, pipe) -> int:
+        return pipe.vae_scale_factor * 2  # 2x2 latent patches
+
+    def activation_bytes(self, config: dict, width: int, height: int, checkpointing: bool) -> ActivationBytes:
+        hidden = config["num_attention_heads"] * config["attention_head_dim"]
+        unit = ((width // 16) * (height // 16) + MAX_SEQUENCE) * hidden * 2
+        doubles, singles = config["num_layers"], config["num_single_layers"]
+        if checkpointing:
+            kept = KEPT_CHECKPOINTED_OUTSIDE + KEPT_CHECKPOINTED_BLOCK * (doubles + singles)
+        else:
+            kept = KEPT_OUTSIDE_BLOCKS + KEPT_PER_DOUBLE_BLOCK * doubles + KEPT_PER_SINGLE_BLOCK * singles
+        return ActivationBytes(kept=round(kept * unit), largest_block=round(LARGEST_BLOCK * unit))
+
+    def encode_prompt(self, pipe, text: str) -> dict[str, torch.Tensor]:
+        embeds, _ = pipe.encode_prompt(prompt=text, device=pipe.text_encoder.device, max_sequence_length=MAX_SEQUENCE)
+        return {"prompt_embeds": embeds.float()}
+
+    def scale_latents(self, pipe, raw: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents in 2x2 patches, normalised by its batch-norm statistics (the pipeline's own)."""
+        patched = pipe._patchify_latents(raw)
+        bn = pipe.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(raw.device, raw.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(raw.device, raw.dtype)
+        return (patched - mean) / std
+
+    def sample_kwargs(self, pipe, negative_prompt: str) -> dict:
+        return {}  # the pipeline guides against an empty prompt and takes no negative
+
+    def encode_for_sampling(self, pipe, prompt: str, negative_prompt: str, guidance_scale: float) -> dict:
+        device = pipe.text_encoder.device
+        embeds, _ = pipe.encode_prompt(prompt=prompt, device=device, max_sequence_length=MAX_SEQUENCE)
+        encoded = {"prompt_embeds": embeds}
+        if self.guided(guidance_scale) and not pipe.config.is_distilled:
+            negative, _ = pipe.encode_prompt(prompt="", device=device, max_sequence_length=MAX_SEQUENCE)
+            encoded["negative_prompt_embeds"] = negative
+        return encoded
+
+    def training_scheduler(self, pipe):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    def file_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self.file_prefix + key: value for key, value in to_original_names(state).items()}
+
+    def loss(self, pipe, denoiser, batch: TrainingBatch, options: LossOptions) -> torch.Tensor:
+        from diffusers import Flux2KleinPipeline
+
+        latents = batch.latents  # (B, 4C, H/16, W/16): patched and normalised
+        b, _, h, w = latents.shape
+        noise = torch.randn_like(latents)
+        index = noise_level_indices(b, options.content_or_style, latents.device)
+        sigmas = sigma_table(options, image_seq_len=h * w, device=latents.device)[index]
+        s = sigmas.view(b, 1, 1, 1).to(latents.dtype)
+        noisy = Flux2KleinPipeline._pack_latents((1 - s) * latents + s * noise)
+        text = batch.cond["prompt_embeds"]
+        prediction = denoiser(
+            hidden_states=noisy,
+            timestep=sigmas.to(latents.dtype),
+            guidance=None,
+            encoder_hidden_states=text,
+            txt_ids=Flux2KleinPipeline._prepare_text_ids(text).to(latents.device),
+            img_ids=Flux2KleinPipeline._prepare_latent_ids(latents).to(latents.device),
+            return_dict=False,
+        )[0]
+        target = Flux2KleinPipeline._pack_latents(noise - latents)
+        weights = None
+        if batch.loss_weights is not None:  # per VAE latent cell: one per 2x2 patch here, on every channel
+            cells = F.avg_pool2d(batch.loss_weights, 2) if batch.loss_weights.shape[-1] == 2 * w else batch.loss_weights
+            weights = Flux2KleinPipeline._pack_latents(cells.expand(-1, latents.shape[1], -1, -1))
+        per_item = weighted_mean(F.mse_loss(prediction.float(), target.float(), reduction="none"), weights)
+        if options.linear_timesteps:
+            per_item = per_item * bell_weights(latents.device)[index]
+        return per_item.mean()
+
+
+class Flux2Klein9B(Flux2Klein):
+    name = "flux2_klein_9b"
+    reference_model = "black-forest-labs/FLUX.2-klein-base-9B"
+
+
+def to_original_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers-named FLUX.2 LoRA (``transformer_blocks.N.attn.to_q.lora_A.weight``, scale already
+    in ``lora_B``) under BFL's names, each stream's q, k and v fused into one ``qkv`` LoRA."""
+    state, renamed = dict(state), {}
+    blocks = {key.split(".")[1] for key in state if key.startswith("transformer_blocks.")}
+    for block in sorted(blocks, key=int):
+        inside = f"transformer_blocks.{block}."
+        for fused, parts in FUSED_QKV.items():
+            a = [state.pop(f"{inside}{part}.lora_A.weight") for part in parts]
+            b = [state.pop(f"{inside}{part}.lora_B.weight") for part in parts]
+            renamed[f"double_blocks.{block}.{fused}.lora_A.weight"] = torch.cat(a)
+            renamed[f"double_blocks.{block}.{fused}.lora_B.weight"] = torch.block_diag(*b)
+    for key, value in state.items():
+        kind, block, rest = key.split(".", 2)
+        module, tail = rest.rsplit(".lora_", 1)
+        names = DOUBLE_BLOCK_NAMES if kind == "transformer_blocks" else SINGLE_BLOCK_NAMES
+        prefix = "double_blocks" if kind == "transformer_blocks" else "single_blocks"
+        renamed[f"{prefix}.{block}.{names[module]}.lora_{tail}"] = value
+    return renamed
