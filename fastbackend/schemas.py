@@ -195,8 +195,13 @@ class GenerateRequest(Request):
     negative_prompt: str = Field("", max_length=2000, description="SD 1.5 / SDXL only.")
     width: int = Field(1024, ge=64, le=2048)
     height: int = Field(1024, ge=64, le=2048)
-    steps: int = Field(20, gt=0, le=100)
-    guidance_scale: float = Field(4.0, ge=0, le=30)
+    steps: int | None = Field(None, gt=0, le=100, description="Denoising steps; default the pipeline's own.")
+    guidance_scale: float | None = Field(
+        None,
+        ge=0,
+        le=30,
+        description="The usual CFG scale (FLUX.1: its embedded guidance); default the pipeline's own.",
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1)
     num_images: int = Field(1, gt=0, le=4)
     lora_scale: float = Field(1.0, ge=0, le=2)

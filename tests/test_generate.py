@@ -102,3 +102,22 @@ def test_the_base_pipeline_is_loaded_once_for_several_jobs(tiny_models, data_roo
     for seed in (0, 1, 2):
         assert generate(seed=seed)["status"] == "success"
     assert loads == [str(data_root / "models" / "sdxl")]
+
+
+@pytest.mark.parametrize(
+    ("arch", "steps", "guidance"), [("sd15", 50, {"guidance_scale": 7.5}), ("flux", 28, {"guidance_scale": 3.5})]
+)
+def test_steps_and_guidance_default_to_the_pipelines_own(arch, steps, guidance, tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, arch)
+    upload_photos(count=1)
+    assert train(user_yaml(model_path, arch, steps=1))["status"] == "success"
+    default = handler(
+        {
+            "id": "g",
+            "input": {"type": "generate", "model": "nowy_dataset_1.3", "prompt": "Matt", "width": 64, "height": 64},
+        }
+    )
+    assert default["status"] == "success", default
+    assert default["steps"] == steps and default["guidance"] == guidance
+    named = generate(guidance_scale=2.0)
+    assert named["steps"] == 2 and named["guidance"] == {"guidance_scale": 2.0}

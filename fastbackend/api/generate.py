@@ -8,6 +8,7 @@ the request names only the model. The base pipeline stays loaded between jobs
 from __future__ import annotations
 
 import base64
+import inspect
 import io
 
 import torch
@@ -55,7 +56,8 @@ def generate(request: GenerateRequest, progress: Progress | None = None) -> dict
             pipe.delete_adapters([ADAPTER])
     encoded = [encode(image, request.format) | {"seed": request.seed + i} for i, image in enumerate(images)]
     check_result_size(encoded, "images", "ask for fewer or smaller images, or format jpg")
-    return {"status": "success", "model": request.model, "filename": lora.name, "base_model": base, "images": encoded}
+    answer = {"status": "success", "model": request.model, "filename": lora.name, "base_model": base}
+    return answer | render_settings(family, pipe, request) | {"images": encoded}
 
 
 @torch.no_grad()
@@ -65,15 +67,32 @@ def render(family: Family, pipe, request: GenerateRequest) -> list:
     extra = family.sample_kwargs(pipe, request.negative_prompt)
     if isinstance(extra.get("negative_prompt"), str):  # one per prompt, as the pipelines want a list
         extra["negative_prompt"] = [extra["negative_prompt"]] * request.num_images
+    named = {"num_inference_steps": request.steps} if request.steps is not None else {}
+    if request.guidance_scale is not None:
+        named |= family.guidance_arguments(request.guidance_scale)
     return pipe(
         prompt=[request.prompt] * request.num_images,  # by name: FLUX.2 [klein]'s first argument is an image
-        num_inference_steps=request.steps,
-        **family.guidance_arguments(request.guidance_scale),
         width=width,
         height=height,
         generator=generators,
+        **named,
         **extra,
     ).images
+
+
+def render_settings(family: Family, pipe, request: GenerateRequest) -> dict:
+    """The steps and guidance the pipeline ran with: the request's, else the pipeline's own defaults.
+    ``guidance`` is as the pipeline took it (Z-Image's is the usual scale minus 1, Qwen-Image's is
+    ``true_cfg_scale``)."""
+    parameters = inspect.signature(pipe.__call__).parameters
+
+    def default(name: str):
+        return parameters[name].default if name in parameters else None
+
+    steps = request.steps if request.steps is not None else default("num_inference_steps")
+    if request.guidance_scale is not None:
+        return {"steps": steps, "guidance": family.guidance_arguments(request.guidance_scale)}
+    return {"steps": steps, "guidance": {name: default(name) for name in family.guidance_arguments(1.0)}}
 
 
 def encode(image, fmt: str) -> dict:
