@@ -1,7 +1,7 @@
 """The whole flow a user runs, end to end through ``handler``: upload photos, train, list, locate the LoRA.
 
     python -m devtools.demo                      # tiny FLUX-shaped model, CPU, offline, ~1 minute
-    python -m devtools.demo --arch sdxl          # or sd15, zimage, qwen_image, flux2_klein_4b
+    python -m devtools.demo --arch sdxl          # or sd15, zimage, qwen_image, flux2_klein_4b, flux2
     python -m devtools.demo --model black-forest-labs/FLUX.1-dev --steps 2000   # the real thing, on a GPU
 
 With no ``--model`` it builds a tiny random-weight pipeline on the volume and trains it with
@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Upload, train, list: the whole flow through the handler.")
     parser.add_argument(
         "--arch",
-        choices=["flux", "sdxl", "sd15", "zimage", "qwen_image", "flux2_klein_4b"],
+        choices=["flux", "sdxl", "sd15", "zimage", "qwen_image", "flux2_klein_4b", "flux2"],
         default="flux",
         help="tiny model architecture",
     )

@@ -420,6 +420,46 @@ def build_flux2_klein(folder: Path) -> Path:
     return folder
 
 
+def build_flux2_dev(folder: Path) -> Path:
+    """FLUX.2 [dev] shaped: klein's transformer with a guidance embedding, and Mistral Small 3.1's hidden
+    states of layers 10, 20 and 30 (the tiny Mistral has 31). The real pipeline's tokenizer is a Pixtral
+    processor (it needs torchvision); a plain tokenizer with a chat template encodes text the same way."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    tokenizer = qwen_tokenizer()
+    tokenizer.chat_template = (  # message content as the pipeline sends it: a list of text parts
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for part in message['content'] %}"
+        "{{ part['text'] }}{% endfor %}<|im_end|>\n{% endfor %}"
+    )
+    text = {
+        "model_type": "mistral",
+        "vocab_size": len(tokenizer),
+        "hidden_size": TINY_KLEIN_TEXT_HIDDEN,
+        "intermediate_size": 32,
+        "num_hidden_layers": 31,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "max_position_embeddings": 1024,
+    }
+    vision = {"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    vision |= {"num_attention_heads": 2, "head_dim": 8, "image_size": 64, "patch_size": 16}
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision))
+    vae_model = AutoencoderKLFlux2(
+        block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=32
+    )
+    transformer = Flux2Transformer2DModel(**TINY_FLUX2_TRANSFORMER | {"guidance_embeds": True})
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    pipe = Flux2Pipeline(
+        scheduler=scheduler, vae=vae_model, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
 BUILDERS = {
     "sd15": build_sd15,
     "sdxl": build_sdxl,
@@ -428,6 +468,7 @@ BUILDERS = {
     "zimage": build_zimage,
     "qwen_image": build_qwen_image,
     "flux2_klein_4b": build_flux2_klein,
+    "flux2": build_flux2_dev,
 }
 
 

@@ -38,10 +38,10 @@ DEFAULT_RANK = 4
 MAX_SEED = 2**32 - 1
 # The families this worker trains (training/families registers the same names; a test compares),
 # ai-toolkit's other names for them, and its flags for families it does not train yet.
-ARCHES = ("flux", "sdxl", "sd15", "zimage", "qwen_image", "flux2_klein_4b", "flux2_klein_9b")
+ARCHES = ("flux", "sdxl", "sd15", "zimage", "qwen_image", "flux2", "flux2_klein_4b", "flux2_klein_9b")
 # The families trained by flow matching (the rest learn DDPM noise), and those whose text encoders
 # can take a LoRA.
-FLOW_MATCHING = ("flux", "zimage", "qwen_image", "flux2_klein_4b", "flux2_klein_9b")
+FLOW_MATCHING = ("flux", "zimage", "qwen_image", "flux2", "flux2_klein_4b", "flux2_klein_9b")
 TRAINABLE_TEXT_ENCODERS = ("sdxl", "sd15")
 SHOWN_ARCH = {
     "flux": "FLUX",
@@ -49,6 +49,7 @@ SHOWN_ARCH = {
     "sd15": "SD 1.5",
     "zimage": "Z-Image",
     "qwen_image": "Qwen-Image",
+    "flux2": "FLUX.2 [dev]",
     "flux2_klein_4b": "FLUX.2 [klein]",
     "flux2_klein_9b": "FLUX.2 [klein]",
 }  # in messages

@@ -410,8 +410,8 @@ def test_ai_toolkits_configs_train_with_only_paths_and_sizes_changed(example, ti
 
 
 def test_an_architecture_not_trained_yet_is_refused_by_name():
-    text = fixture_yaml().replace("is_flux: true", "arch: flux2")
-    refused = r"model\.arch: .*'flux2' is not supported by this worker yet; supported: flux, sdxl, sd15, zimage"
+    text = fixture_yaml().replace("is_flux: true", "arch: chroma")
+    refused = r"model\.arch: .*'chroma' is not supported by this worker yet; supported: flux, sdxl, sd15, zimage"
     with pytest.raises(ValidationFailed, match=refused):
         parse_training_config(text)
 

@@ -32,7 +32,7 @@ def decode(answer):
     return [Image.open(io.BytesIO(base64.b64decode(image["content"]))) for image in answer["images"]]
 
 
-@pytest.mark.parametrize("arch", ["flux", "zimage", "qwen_image", "flux2_klein_4b"])
+@pytest.mark.parametrize("arch", ["flux", "zimage", "qwen_image", "flux2_klein_4b", "flux2"])
 def test_generate_uses_the_lora_and_its_base_model(arch, tiny_models, data_root):
     model_path = install_model(tiny_models, data_root, arch)
     upload_photos()

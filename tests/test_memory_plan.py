@@ -29,6 +29,8 @@ PUBLISHED = {
     # Counted from the published configs (the names say 4B and 9B; Qwen3-4B's and Qwen3-8B's cards 4.0B and 8.2B).
     "flux2_klein_4b": {"denoiser": 3_875_544_576, "text_encoder": 4_022_468_096, "vae": 84_046_115},
     "flux2_klein_9b": {"denoiser": 9_078_581_248, "text_encoder": 8_190_735_360, "vae": 84_046_115},
+    # FLUX.2 [dev]: 32B, and Mistral Small 3.1 "24B" (its text model and Pixtral vision tower as configured).
+    "flux2": {"denoiser": 32_223_281_152, "text_encoder": 23_340_272_640, "vae": 84_046_115},
 }
 
 
@@ -171,6 +173,7 @@ PLAN_MODELS = {
     "qwen_image": "Qwen/Qwen-Image",
     "flux2_klein_4b": "black-forest-labs/FLUX.2-klein-base-4B",
     "flux2_klein_9b": "black-forest-labs/FLUX.2-klein-base-9B",
+    "flux2": "black-forest-labs/FLUX.2-dev",
 }
 
 

@@ -11,7 +11,7 @@ from tests.training_helpers import install_model, train, upload_photos, user_yam
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["flux", "sdxl", "sd15", "zimage", "qwen_image", "flux2_klein_4b"])
+@pytest.mark.parametrize("arch", ["flux", "sdxl", "sd15", "zimage", "qwen_image", "flux2_klein_4b", "flux2"])
 def test_samples_from_cached_prompts_match_and_use_no_text_encoder(arch, tiny_models, data_root, monkeypatch):
     from fastbackend.training import sampling, trainer
 

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from handler_fast import handler
 from tests.training_helpers import USER_CONFIG, install_model, train, upload_photos, user_yaml
 
-ARCHES = ["flux", "flux_schnell", "sdxl", "sd15", "zimage", "qwen_image", "flux2_klein_4b"]
+ARCHES = ["flux", "flux_schnell", "sdxl", "sd15", "zimage", "qwen_image", "flux2_klein_4b", "flux2"]
 
 
 def read_lora(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -101,7 +101,7 @@ def test_user_yaml_trains_a_lora_that_loads_in_diffusers_and_changes_the_output(
     if family == "flux":
         assert all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in tensors)
         assert any(k.startswith("transformer.single_transformer_blocks.") for k in tensors)
-    elif family in ("zimage", "qwen_image", "flux2_klein_4b"):  # ai-toolkit's: diffusion_model.<module>
+    elif family in ("zimage", "qwen_image", "flux2_klein_4b", "flux2"):  # ai-toolkit's: diffusion_model.<module>
         blocks = {"zimage": ("layers.",), "qwen_image": ("transformer_blocks.",)}.get(
             family, ("double_blocks.", "single_blocks.")
         )
@@ -132,7 +132,7 @@ def test_user_yaml_trains_a_lora_that_loads_in_diffusers_and_changes_the_output(
     assert (render(folder, answer["lora_path"], arch, scale=0.0) == before).all()  # scale 0: the base model
 
 
-@pytest.mark.parametrize("arch", ["sd15", "zimage", "qwen_image", "flux2_klein_4b"])
+@pytest.mark.parametrize("arch", ["sd15", "zimage", "qwen_image", "flux2_klein_4b", "flux2"])
 def test_fixed_batch_learns(arch, tiny_models, data_root):
     """With the batch, noise and timesteps fixed, the loss must fall: the LoRA learns."""
     from fastbackend.config import parse_training_config
@@ -210,7 +210,7 @@ def test_step_saves_keep_the_newest(tiny_models, data_root):
     assert (output / "config.yaml").exists() and (output / "metadata.json").exists()
 
 
-@pytest.mark.parametrize("arch", ["flux", "zimage", "qwen_image", "flux2_klein_4b"])
+@pytest.mark.parametrize("arch", ["flux", "zimage", "qwen_image", "flux2_klein_4b", "flux2"])
 def test_a_crashed_run_resumes_from_its_last_save(arch, tiny_models, data_root, monkeypatch):
     from fastbackend.training import trainer
 

@@ -249,14 +249,14 @@ def test_model_revision_and_token_reach_the_hub_loader(data_root, monkeypatch):
     assert "hf_secret_token" not in str(answer)
 
 
-@pytest.mark.parametrize("arch", ["flux_kontext", "chroma", "flux2", "hidream"])
+@pytest.mark.parametrize("arch", ["flux_kontext", "chroma", "hidream", "wan21"])
 def test_architectures_not_supported_yet_are_refused_with_the_list(arch):
     text = fixture_yaml().replace("is_flux: true", f"arch: {arch}")
     with pytest.raises(ValidationFailed) as refused:
         parse_training_config(text)
     assert refused.value.message.startswith(
         f"config.process[0].model.arch: architecture '{arch}' is not supported by this worker yet; "
-        "supported: flux, sdxl, sd15, zimage, qwen_image, flux2_klein_4b, flux2_klein_9b"
+        "supported: flux, sdxl, sd15, zimage, qwen_image, flux2, flux2_klein_4b, flux2_klein_9b"
     )
 
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from fastbackend.training.families.base import Family, LossOptions, TrainingBatch
 from fastbackend.training.families.flux import Flux
-from fastbackend.training.families.flux2 import Flux2Klein, Flux2Klein9B
+from fastbackend.training.families.flux2 import Flux2Dev, Flux2Klein, Flux2Klein9B
 from fastbackend.training.families.qwen_image import QwenImage
 from fastbackend.training.families.sd15 import SD15
 from fastbackend.training.families.sdxl import SDXL
 from fastbackend.training.families.zimage import ZImage
 
 FAMILIES: dict[str, type[Family]] = {
-    family.name: family for family in (SD15, SDXL, Flux, ZImage, QwenImage, Flux2Klein, Flux2Klein9B)
+    family.name: family for family in (SD15, SDXL, Flux, ZImage, QwenImage, Flux2Dev, Flux2Klein, Flux2Klein9B)
 }
 
 

@@ -1,5 +1,6 @@
-"""FLUX.2 [klein] 4B and 9B (the base checkpoints): double- and single-stream blocks over the VAE's
-latents in 2x2 patches, conditioned on Qwen3's hidden states of layers 9, 18 and 27 side by side.
+"""FLUX.2 [klein] 4B and 9B (the base checkpoints) and FLUX.2 [dev]: double- and single-stream blocks over
+the VAE's latents in 2x2 patches, conditioned on Qwen3's hidden states of layers 9, 18 and 27 side by
+side (klein) or Mistral Small 3.1's of layers 10, 20 and 30 ([dev], which also embeds its guidance).
 
 Its pipeline (diffusers' Flux2KleinPipeline) patchifies the VAE's latents to 4x the channels,
 normalises them with the VAE's batch-norm statistics, feeds the transformer ``sigma`` (``t / 1000``)
@@ -129,10 +130,12 @@ class Flux2Klein(Family):
         s = sigmas.view(b, 1, 1, 1).to(latents.dtype)
         noisy = Flux2KleinPipeline._pack_latents((1 - s) * latents + s * noise)
         text = batch.cond["prompt_embeds"]
+        # FLUX.2 [dev] embeds its guidance: trained at 1, as ai-toolkit (train.cfg_scale's default).
+        guidance = torch.ones(b, device=latents.device) if denoiser.config.guidance_embeds else None
         prediction = denoiser(
             hidden_states=noisy,
             timestep=sigmas.to(latents.dtype),
-            guidance=None,
+            guidance=guidance,
             encoder_hidden_states=text,
             txt_ids=Flux2KleinPipeline._prepare_text_ids(text).to(latents.device),
             img_ids=Flux2KleinPipeline._prepare_latent_ids(latents).to(latents.device),
@@ -152,6 +155,18 @@ class Flux2Klein(Family):
 class Flux2Klein9B(Flux2Klein):
     name = "flux2_klein_9b"
     reference_model = "black-forest-labs/FLUX.2-klein-base-9B"
+
+
+class Flux2Dev(Flux2Klein):
+    """FLUX.2 [dev]: the same transformer, larger, with a guidance embedding (so no CFG pass), and Mistral
+    Small 3.1's hidden states of layers 10, 20 and 30 as captions."""
+
+    name = "flux2"
+    pipeline_class_name = "Flux2Pipeline"
+    kohya_base_version = "flux2_dev"
+    modelspec_architecture = "flux-2-dev/lora"
+    reference_model = "black-forest-labs/FLUX.2-dev"
+    classifier_free_guidance = False  # guidance_scale is embedded
 
 
 def to_original_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
