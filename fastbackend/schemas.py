@@ -192,7 +192,9 @@ class GenerateRequest(Request):
     model: SafeName = Field(description="A trained model (its folder under output/).")
     prompt: str = Field(min_length=1, max_length=2000)
     filename: SafeName | None = Field(None, description="A step save to use; default <model>.safetensors.")
-    negative_prompt: str = Field("", max_length=2000, description="SD 1.5 / SDXL only.")
+    negative_prompt: str = Field(
+        "", max_length=2000, description="SD 1.5, SDXL, Z-Image and Qwen-Image; the FLUX pipelines take none."
+    )
     width: int = Field(1024, ge=64, le=2048)
     height: int = Field(1024, ge=64, le=2048)
     steps: int | None = Field(None, gt=0, le=100, description="Denoising steps; default the pipeline's own.")

@@ -44,7 +44,7 @@ def test_the_face_box_in_latent_cells():
     assert data.face_in_latents(example, 8) is None
 
 
-@pytest.mark.parametrize("arch", ["flux", "sd15"])
+@pytest.mark.parametrize("arch", ["flux", "sd15", "zimage", "qwen_image", "flux2_klein_4b"])
 def test_the_weighted_loss_differs_from_the_plain_one_exactly_inside_the_mask(tiny_models, arch):
     """With the noise and timesteps fixed: L(1 + 2·I) - L(1) = 2·L(I), L(1 - I) = L(1) - L(I)."""
     from diffusers import DiffusionPipeline
@@ -55,7 +55,7 @@ def test_the_weighted_loss_differs_from_the_plain_one_exactly_inside_the_mask(ti
     pipe = DiffusionPipeline.from_pretrained(tiny_models / arch)
     options = LossOptions(scheduler=family.training_scheduler(pipe))
     torch.manual_seed(0)
-    latents = torch.randn(1, 4, 8, 8)
+    latents = torch.randn(1, 16 if arch.startswith("flux2") else 4, 8, 8)  # FLUX.2's come patched: 4x channels
     text = family.encode_prompt(pipe, "a photo")
     inside = torch.zeros(1, 1, 8, 8)
     inside[..., 2:6, 3:7] = 1.0
@@ -118,10 +118,13 @@ def test_flux_weights_land_on_their_own_latent_cells():
 def test_face_weights_cover_each_face_box_and_nothing_else():
     from types import SimpleNamespace
 
+    from fastbackend.training.families import family_for
     from fastbackend.training.trainer import face_weights
 
     run = SimpleNamespace(
-        process=SimpleNamespace(train=SimpleNamespace(face_loss_weight=3.0)), pipe=SimpleNamespace(vae_scale_factor=8)
+        process=SimpleNamespace(train=SimpleNamespace(face_loss_weight=3.0)),
+        pipe=SimpleNamespace(vae_scale_factor=8),
+        family=family_for("sd15"),
     )
     with_face = data.Example(data.Item(None, "a", "", (1000, 400), FACE), "", (96, 32), face_crop=True)
     with_face.sizes = (400, 1000, 0, 0, 320, 960)  # the face: latent cells x 1-9, y 0-8
@@ -162,3 +165,23 @@ def test_without_the_face_model_the_default_crop_centres_and_explicit_requests_f
     cached = {p.name for p in (data_root / "training_data" / "matt_training_test").rglob("*.safetensors")}
     assert cached and not any(name.endswith("_face.safetensors") for name in cached)
     assert cropped["error_code"] == weighted["error_code"] == "model_load_failed"
+
+
+def test_flux2_face_weights_are_per_patch_where_the_loss_sees_its_latents():
+    """FLUX.2 trains on 2x2-patched latents (16 px a cell): a face at pixels 48-80 of a 128 px photo is
+    patches 3 and 4, not the 8 px cells 6 and 7."""
+    from types import SimpleNamespace
+
+    from fastbackend.training.families import family_for
+    from fastbackend.training.trainer import face_weights
+
+    run = SimpleNamespace(
+        process=SimpleNamespace(train=SimpleNamespace(face_loss_weight=3.0)),
+        pipe=SimpleNamespace(vae_scale_factor=8),
+        family=family_for("flux2_klein_4b"),
+    )
+    example = data.Example(data.Item(None, "a", "", (128, 128), (48, 48, 80, 80)), "", (128, 128), face_crop=True)
+    example.sizes = (128, 128, 0, 0, 128, 128)
+    expected = torch.ones(1, 1, 8, 8)
+    expected[..., 3:5, 3:5] = 3.0
+    assert torch.equal(face_weights(run, [example], (8, 8)), expected)

@@ -143,3 +143,68 @@ def test_flux2_files_fuse_qkv_and_load_in_diffusers_to_the_same_output(tiny_mode
         loaded = output(fresh.transformer)
     assert not torch.allclose(trained, base, atol=1e-4)
     assert torch.allclose(trained, loaded, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["zimage", "qwen_image", "flux2_klein_4b", "flux2"])
+def test_the_training_target_is_what_the_pipelines_sampler_integrates(arch, tiny_models):
+    """A perfect denoiser that knows the clean latents x0 and answers with the trainer's target for what
+    it is fed: the trainer's loss is 0, and the pipeline's own sampler, run with it, hands the VAE exactly
+    the raw latents. A wrong sign, timestep, latent scaling or packing breaks one or the other."""
+    from diffusers import DiffusionPipeline
+
+    from fastbackend.training.families import LossOptions, TrainingBatch, family_for
+
+    family = family_for(arch)
+    pipe = DiffusionPipeline.from_pretrained(tiny_models / arch)
+    pipe.set_progress_bar_config(disable=True)
+    if arch.startswith("flux2"):  # batch-norm statistics other than 0 and 1
+        pipe.vae.bn.running_mean.copy_(torch.randn_like(pipe.vae.bn.running_mean))
+        pipe.vae.bn.running_var.copy_(torch.rand_like(pipe.vae.bn.running_var) * 3 + 0.2)
+    torch.manual_seed(0)
+    side = 64 // pipe.vae_scale_factor
+    raw = torch.randn(1, 4, side, side)  # the tiny VAE's latents of a 64 px image
+    x0 = family.scale_latents(pipe, raw)
+    denoiser = family.denoiser(pipe)
+    denoiser.forward = perfect_denoiser(arch, x0)
+    cond = family.encode_prompt(pipe, "a photo")
+    batch = TrainingBatch(latents=x0, cond=cond, sizes=torch.tensor([[64, 64, 0, 0, 64, 64]]))
+    options = LossOptions(scheduler=family.training_scheduler(pipe))
+    assert max(family.loss(pipe, denoiser, batch, options).item() for _ in range(5)) < 1e-8
+    decoded = {}
+    decode = pipe.vae.decode
+    pipe.vae.decode = lambda z, *args, **kwargs: (
+        decoded.setdefault("z", z.clone()) is not None and decode(z, *args, **kwargs)
+    )
+    pipe(prompt="a photo", num_inference_steps=3, height=64, width=64, **family.guidance_arguments(1.0))
+    z = decoded["z"][:, :, 0] if decoded["z"].dim() == 5 else decoded["z"]
+    assert torch.allclose(z, raw, atol=1e-4), (z - raw).abs().max()
+
+
+def perfect_denoiser(arch: str, x0: torch.Tensor):
+    """A transformer's forward that answers with the trainer's target for the clean latents ``x0``."""
+    if arch == "zimage":  # fed a list of (C, 1, H, W) images and 1 - sigma; answers latents - noise
+
+        def zimage(images, t, captions, **kwargs):
+            answers = []
+            for image, fed in zip(images, t, strict=True):
+                sigma, clean = 1 - fed, x0[0].unsqueeze(1)
+                noise = (image - (1 - sigma) * clean) / sigma
+                answers.append(clean - noise)
+            return (answers,)
+
+        return zimage
+    if arch == "qwen_image":
+        from diffusers import QwenImagePipeline
+
+        packed = QwenImagePipeline._pack_latents(x0, *x0.shape)
+    else:
+        from diffusers import Flux2KleinPipeline
+
+        packed = Flux2KleinPipeline._pack_latents(x0)
+
+    def velocity(hidden_states=None, timestep=None, **kwargs):  # fed sigma; answers noise - latents
+        sigma = timestep.view(-1, 1, 1)
+        noise = (hidden_states - (1 - sigma) * packed) / sigma
+        return (noise - packed,)
+
+    return velocity

@@ -214,7 +214,7 @@ def face_weights(run: Run, examples: list[data.Example], shape) -> torch.Tensor 
     weight = run.process.train.face_loss_weight
     if weight is None:
         return None
-    factor = run.pipe.vae_scale_factor
+    factor = run.family.latent_cell_pixels(run.pipe)
     weights = torch.ones(len(examples), 1, *shape)
     for index, example in enumerate(examples):
         box = data.face_in_latents(example, factor)

@@ -205,6 +205,10 @@ class Family(ABC):
         multiple = self.pixel_multiple(pipe)
         return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
 
+    def latent_cell_pixels(self, pipe) -> int:
+        """The side in pixels of one cell of the latents the loss sees (the face weights' grid)."""
+        return pipe.vae_scale_factor
+
     def pixel_multiple(self, pipe) -> int:
         """Image sides must be a multiple of this for the VAE and the denoiser."""
         unet = self.denoiser(pipe)

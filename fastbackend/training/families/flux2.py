@@ -77,6 +77,9 @@ class Flux2Klein(Family):
     def pixel_multiple(self, pipe) -> int:
         return pipe.vae_scale_factor * 2  # 2x2 latent patches
 
+    def latent_cell_pixels(self, pipe) -> int:
+        return pipe.vae_scale_factor * 2  # the loss sees the latents patched: one cell per 2x2 patch
+
     def activation_bytes(self, config: dict, width: int, height: int, checkpointing: bool) -> ActivationBytes:
         hidden = config["num_attention_heads"] * config["attention_head_dim"]
         unit = ((width // 16) * (height // 16) + MAX_SEQUENCE) * hidden * 2
@@ -143,9 +146,8 @@ class Flux2Klein(Family):
         )[0]
         target = Flux2KleinPipeline._pack_latents(noise - latents)
         weights = None
-        if batch.loss_weights is not None:  # per VAE latent cell: one per 2x2 patch here, on every channel
-            cells = F.avg_pool2d(batch.loss_weights, 2) if batch.loss_weights.shape[-1] == 2 * w else batch.loss_weights
-            weights = Flux2KleinPipeline._pack_latents(cells.expand(-1, latents.shape[1], -1, -1))
+        if batch.loss_weights is not None:  # one per patch (latent_cell_pixels), on each of its channels
+            weights = Flux2KleinPipeline._pack_latents(batch.loss_weights.expand(-1, latents.shape[1], -1, -1))
         per_item = weighted_mean(F.mse_loss(prediction.float(), target.float(), reduction="none"), weights)
         if options.linear_timesteps:
             per_item = per_item * bell_weights(latents.device)[index]
