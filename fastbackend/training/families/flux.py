@@ -142,10 +142,25 @@ class Flux(Family):
         )[0]
         target = FluxPipeline._pack_latents(noise - latents, b, c, h, w)
         weights = None if batch.loss_weights is None else packed_weights(batch.loss_weights, latents.shape)
-        per_item = weighted_mean(F.mse_loss(prediction.float(), target.float(), reduction="none"), weights)
-        if options.linear_timesteps:
-            per_item = per_item * bell_weights(latents.device)[index]
-        return per_item.mean()
+        return flow_loss(prediction, target, weights, options, index)
+
+
+def flow_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, options: LossOptions, index
+) -> torch.Tensor:
+    """The flow-matching families' loss: mean squared error per item (face-weighted when ``weights``),
+    with ``linear_timesteps``' bell weights over the noise levels drawn (``index``), averaged."""
+    per_item = weighted_mean(F.mse_loss(prediction.float(), target.float(), reduction="none"), weights)
+    if options.linear_timesteps:
+        per_item = per_item * bell_weights(prediction.device)[index]
+    return per_item.mean()
+
+
+def pipeline_scheduler(pipe):
+    """A fresh scheduler of the pipeline's own settings (its shift): what the newer families train with."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
 
 def packed_weights(weights: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -17,7 +17,6 @@ each projection and splits ``lora_B`` in three) load.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fastbackend.training.families.base import (
     ActivationBytes,
@@ -26,9 +25,8 @@ from fastbackend.training.families.base import (
     TrainingBatch,
     module_names,
     noise_level_indices,
-    weighted_mean,
 )
-from fastbackend.training.families.flux import bell_weights, sigma_table
+from fastbackend.training.families.flux import flow_loss, pipeline_scheduler, sigma_table
 
 MAX_SEQUENCE = 512  # the pipeline pads every caption to this
 # The LoRA's modules: every Linear of both kinds of block, as ai-toolkit targets them; the shared
@@ -115,9 +113,7 @@ class Flux2Klein(Family):
         return encoded
 
     def training_scheduler(self, pipe):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        return pipeline_scheduler(pipe)
 
     def file_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self.file_prefix + key: value for key, value in to_original_names(state).items()}
@@ -148,10 +144,7 @@ class Flux2Klein(Family):
         weights = None
         if batch.loss_weights is not None:  # one per patch (latent_cell_pixels), on each of its channels
             weights = Flux2KleinPipeline._pack_latents(batch.loss_weights.expand(-1, latents.shape[1], -1, -1))
-        per_item = weighted_mean(F.mse_loss(prediction.float(), target.float(), reduction="none"), weights)
-        if options.linear_timesteps:
-            per_item = per_item * bell_weights(latents.device)[index]
-        return per_item.mean()
+        return flow_loss(prediction, target, weights, options, index)
 
 
 class Flux2Klein9B(Flux2Klein):

@@ -14,7 +14,6 @@ drawn as for FLUX.1 and, for ``timestep_type: shift``, shifted by the scheduler'
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fastbackend.training.families.base import (
     ActivationBytes,
@@ -23,9 +22,8 @@ from fastbackend.training.families.base import (
     TrainingBatch,
     module_names,
     noise_level_indices,
-    weighted_mean,
 )
-from fastbackend.training.families.flux import bell_weights, packed_weights, sigma_table
+from fastbackend.training.families.flux import flow_loss, packed_weights, pipeline_scheduler, sigma_table
 
 # The LoRA's modules: every Linear of the transformer blocks (both streams' attention projections,
 # MLPs and modulation), as ai-toolkit targets QwenImageTransformerBlock; embedders and the output
@@ -106,9 +104,7 @@ class QwenImage(Family):
         return {key: value for key, value in encoded.items() if value is not None}
 
     def training_scheduler(self, pipe):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        return pipeline_scheduler(pipe)
 
     def loss(self, pipe, denoiser, batch: TrainingBatch, options: LossOptions) -> torch.Tensor:
         from diffusers import QwenImagePipeline
@@ -130,7 +126,4 @@ class QwenImage(Family):
         )[0]
         target = QwenImagePipeline._pack_latents(noise - latents, b, c, h, w)
         weights = None if batch.loss_weights is None else packed_weights(batch.loss_weights, latents.shape)
-        per_item = weighted_mean(F.mse_loss(prediction.float(), target.float(), reduction="none"), weights)
-        if options.linear_timesteps:
-            per_item = per_item * bell_weights(latents.device)[index]
-        return per_item.mean()
+        return flow_loss(prediction, target, weights, options, index)

@@ -12,7 +12,6 @@ shifted by the scheduler's fixed ``shift`` (3.0 in the published scheduler).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fastbackend.training.families.base import (
     ActivationBytes,
@@ -21,9 +20,8 @@ from fastbackend.training.families.base import (
     TrainingBatch,
     module_names,
     noise_level_indices,
-    weighted_mean,
 )
-from fastbackend.training.families.flux import bell_weights, sigma_table
+from fastbackend.training.families.flux import flow_loss, pipeline_scheduler, sigma_table
 
 MAX_SEQUENCE = 512  # the pipeline's default caption length
 # The LoRA's modules: every Linear of the main transformer blocks (``layers.N``: attention, feed
@@ -101,9 +99,7 @@ class ZImage(Family):
         return {"prompt_embeds": embeds} | ({"negative_prompt_embeds": negative} if guided else {})
 
     def training_scheduler(self, pipe):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        return pipeline_scheduler(pipe)
 
     def loss(self, pipe, denoiser, batch: TrainingBatch, options: LossOptions) -> torch.Tensor:
         latents = batch.latents
@@ -119,7 +115,4 @@ class ZImage(Family):
         out = denoiser(list(noisy.unsqueeze(2).unbind(0)), (1 - sigmas).to(latents.dtype), captions, return_dict=False)
         prediction = torch.stack(out[0]).squeeze(2)
         target = latents - noise  # the pipeline steps with minus the transformer's output
-        per_item = weighted_mean(F.mse_loss(prediction.float(), target.float(), reduction="none"), batch.loss_weights)
-        if options.linear_timesteps:
-            per_item = per_item * bell_weights(latents.device)[index]
-        return per_item.mean()
+        return flow_loss(prediction, target, batch.loss_weights, options, index)
