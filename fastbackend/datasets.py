@@ -289,7 +289,13 @@ def commit(
             uploaded.append(_write_image(folder, filename, item, images, pending.get(filename)))
         _apply_captions(folder, images, batch.captions)
         if auto_captions:
-            wanted = {name: text for name, text in auto_captions["captions"].items() if _uncaptioned(images, name)}
+            # Only where no caption arrived meanwhile (a duplicate skipped under this name is not in images).
+            taken = captioned_stems(images)
+            wanted = {
+                name: text
+                for name, text in auto_captions["captions"].items()
+                if name in images and PurePosixPath(name).stem not in taken
+            }
             _apply_captions(folder, images, {PurePosixPath(name).stem: text for name, text in wanted.items()})
         if pending:
             manifest["pending"] = pending
@@ -367,11 +373,9 @@ def _write_image(
     }
 
 
-def _uncaptioned(images: dict[str, ManifestEntry], name: str) -> bool:
-    """An image of the dataset (a duplicate skipped under this name is not in it) whose caption file
-    holds no caption yet: images sharing a stem (a.jpg, a.png) share ``a.txt``."""
-    stem = PurePosixPath(name).stem
-    return name in images and not any(e["caption"] for n, e in images.items() if PurePosixPath(n).stem == stem)
+def captioned_stems(images: dict[str, ManifestEntry]) -> set[str]:
+    """The stems whose caption file holds a caption: images sharing a stem (a.jpg, a.png) share ``a.txt``."""
+    return {PurePosixPath(name).stem for name, entry in images.items() if entry["caption"]}
 
 
 def _apply_captions(folder: DatasetFolder, images: dict[str, ManifestEntry], captions: dict[str, str]) -> None:

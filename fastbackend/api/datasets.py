@@ -81,7 +81,7 @@ def _auto_captions(
     from fastbackend.captions import caption_photos
 
     held = {} if request.mode == "replace" else folder.read_manifest()["images"]
-    captioned = set(batch.captions) | {PurePosixPath(name).stem for name, entry in held.items() if entry["caption"]}
+    captioned = set(batch.captions) | datasets.captioned_stems(held)
     photos = {
         name: item["staged"]
         for name, item in batch.images.items()

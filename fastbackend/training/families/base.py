@@ -55,6 +55,31 @@ class ActivationBytes:
 
 
 @dataclass(frozen=True)
+class PerToken:
+    """What a transformer's training step keeps for the backward pass, per token per hidden unit, as
+    multiples of bf16's size (measured with devtools/memory.py): per block of each kind (FLUX: double,
+    single), outside the blocks, and with gradient checkpointing, where a block keeps only its inputs
+    and one block's own activations come back while it re-runs."""
+
+    per_block: tuple[float, ...]
+    outside: float
+    checkpointed_block: float
+    checkpointed_outside: float
+    largest_block: float
+
+    def bytes(self, tokens: int, hidden: int, blocks: tuple[int, ...], checkpointing: bool) -> ActivationBytes:
+        """For ``tokens`` (image and caption) of ``hidden`` units through ``blocks`` blocks of each kind."""
+        unit = tokens * hidden * 2  # bf16
+        if checkpointing:
+            kept = self.checkpointed_outside + self.checkpointed_block * sum(blocks)
+        else:
+            kept = self.outside
+            for per_block, count in zip(self.per_block, blocks, strict=True):
+                kept += per_block * count
+        return ActivationBytes(kept=round(kept * unit), largest_block=round(self.largest_block * unit))
+
+
+@dataclass(frozen=True)
 class PerUnit:
     """Bytes as ``fixed + per_unit * units``: a straight line through two measured sizes."""
 

@@ -19,6 +19,7 @@ from fastbackend.training.families.base import (
     ActivationBytes,
     Family,
     LossOptions,
+    PerToken,
     TrainingBatch,
     module_names,
     noise_level_indices,
@@ -37,12 +38,10 @@ FLUX_BLOCKS = "transformer_blocks"  # matches single_transformer_blocks too
 # multiples of the weight dtype's size; measured with devtools/memory.py (benchmarks/activation_memory.py)
 # on the published shapes (3,072 hidden, rank-16 LoRA, bf16 autocast) at 1,024 + 128 tokens, and
 # linear in the token count within 7% from 320 tokens. Not yet checked against a GPU's allocator.
-KEPT_PER_DOUBLE_BLOCK = 27.8
-KEPT_PER_SINGLE_BLOCK = 24.4
-KEPT_OUTSIDE_BLOCKS = 0.24
-KEPT_CHECKPOINTED_BLOCK = 1.0  # its inputs: the image and text tokens
-KEPT_CHECKPOINTED_OUTSIDE = 1.1
-LARGEST_BLOCK = 27.9  # a double block, re-run in the backward pass
+# Checkpointed, a block keeps its inputs (the image and text tokens); the largest block is a double one.
+KEPT = PerToken(
+    per_block=(27.8, 24.4), outside=0.24, checkpointed_block=1.0, checkpointed_outside=1.1, largest_block=27.9
+)
 # The noise schedule training uses, whatever the checkpoint's own (FLUX.1-dev's scheduler_config.json).
 FLUX_TRAINING_SCHEDULER = {
     "num_train_timesteps": 1000,
@@ -76,13 +75,8 @@ class Flux(Family):
     def activation_bytes(self, config: dict, width: int, height: int, checkpointing: bool) -> ActivationBytes:
         hidden = config["num_attention_heads"] * config["attention_head_dim"]
         text = FLUX_DEV_MAX_SEQUENCE if config.get("guidance_embeds") else FLUX_SCHNELL_MAX_SEQUENCE
-        unit = ((width // 16) * (height // 16) + text) * hidden * 2  # 2x2 patches of 8x latents; bf16
-        doubles, singles = config["num_layers"], config["num_single_layers"]
-        if checkpointing:
-            kept = KEPT_CHECKPOINTED_OUTSIDE + KEPT_CHECKPOINTED_BLOCK * (doubles + singles)
-        else:
-            kept = KEPT_OUTSIDE_BLOCKS + KEPT_PER_DOUBLE_BLOCK * doubles + KEPT_PER_SINGLE_BLOCK * singles
-        return ActivationBytes(kept=round(kept * unit), largest_block=round(LARGEST_BLOCK * unit))
+        tokens = (width // 16) * (height // 16) + text  # 2x2 patches of 8x latents
+        return KEPT.bytes(tokens, hidden, (config["num_layers"], config["num_single_layers"]), checkpointing)
 
     def max_sequence_length(self, pipe) -> int:
         guided = self.denoiser(pipe).config.guidance_embeds

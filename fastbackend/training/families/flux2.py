@@ -22,6 +22,7 @@ from fastbackend.training.families.base import (
     ActivationBytes,
     Family,
     LossOptions,
+    PerToken,
     TrainingBatch,
     module_names,
     noise_level_indices,
@@ -48,12 +49,9 @@ SINGLE_BLOCK_NAMES = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2
 # devtools/memory.py on klein 4B's published shapes (3,072 wide, rank-16 LoRA, bf16 autocast), one and
 # two blocks of each kind at 256 and 512 px with 128 caption tokens (double 28.7 and 27.6, single 25.7
 # and 25.3). Not yet checked against a GPU's allocator.
-KEPT_PER_DOUBLE_BLOCK = 28.2
-KEPT_PER_SINGLE_BLOCK = 25.5
-KEPT_OUTSIDE_BLOCKS = 0.15
-KEPT_CHECKPOINTED_BLOCK = 1.0  # its inputs: the image and caption tokens
-KEPT_CHECKPOINTED_OUTSIDE = 1.15
-LARGEST_BLOCK = 27.6  # a double block, re-run in the backward pass
+KEPT = PerToken(
+    per_block=(28.2, 25.5), outside=0.15, checkpointed_block=1.0, checkpointed_outside=1.15, largest_block=27.6
+)
 
 
 class Flux2Klein(Family):
@@ -80,13 +78,8 @@ class Flux2Klein(Family):
 
     def activation_bytes(self, config: dict, width: int, height: int, checkpointing: bool) -> ActivationBytes:
         hidden = config["num_attention_heads"] * config["attention_head_dim"]
-        unit = ((width // 16) * (height // 16) + MAX_SEQUENCE) * hidden * 2
-        doubles, singles = config["num_layers"], config["num_single_layers"]
-        if checkpointing:
-            kept = KEPT_CHECKPOINTED_OUTSIDE + KEPT_CHECKPOINTED_BLOCK * (doubles + singles)
-        else:
-            kept = KEPT_OUTSIDE_BLOCKS + KEPT_PER_DOUBLE_BLOCK * doubles + KEPT_PER_SINGLE_BLOCK * singles
-        return ActivationBytes(kept=round(kept * unit), largest_block=round(LARGEST_BLOCK * unit))
+        tokens = (width // 16) * (height // 16) + MAX_SEQUENCE
+        return KEPT.bytes(tokens, hidden, (config["num_layers"], config["num_single_layers"]), checkpointing)
 
     def encode_prompt(self, pipe, text: str) -> dict[str, torch.Tensor]:
         embeds, _ = pipe.encode_prompt(prompt=text, device=pipe.text_encoder.device, max_sequence_length=MAX_SEQUENCE)

@@ -19,6 +19,7 @@ from fastbackend.training.families.base import (
     ActivationBytes,
     Family,
     LossOptions,
+    PerToken,
     TrainingBatch,
     module_names,
     noise_level_indices,
@@ -34,11 +35,8 @@ TEXT_TOKENS = 256  # the memory plan's caption length (captions here are far sho
 # devtools/memory.py on the published shapes (3,072 wide, rank-16 LoRA, bf16 autocast), one and two
 # blocks deep at 256 and 512 px with 128 caption tokens (31.1 and 29.8 a block). Not yet checked
 # against a GPU's allocator.
-KEPT_PER_BLOCK = 30.5
-KEPT_OUTSIDE_BLOCKS = 0.66
-KEPT_CHECKPOINTED_BLOCK = 1.0  # its inputs: the image and caption tokens
-KEPT_CHECKPOINTED_OUTSIDE = 0.75  # 0.54 to 0.97 of a unit measured: its middle
-LARGEST_BLOCK = 31.1  # one block's own activations, held again while it re-runs
+# Checkpointed outside the blocks: 0.54 to 0.97 of a unit measured, 0.75 its middle.
+KEPT = PerToken(per_block=(30.5,), outside=0.66, checkpointed_block=1.0, checkpointed_outside=0.75, largest_block=31.1)
 NO_NEGATIVE = " "  # the pipeline guides only against a negative prompt; an empty one is a space
 
 
@@ -63,13 +61,8 @@ class QwenImage(Family):
 
     def activation_bytes(self, config: dict, width: int, height: int, checkpointing: bool) -> ActivationBytes:
         hidden = config["num_attention_heads"] * config["attention_head_dim"]
-        unit = ((width // 16) * (height // 16) + TEXT_TOKENS) * hidden * 2
-        blocks = config["num_layers"]
-        if checkpointing:
-            kept = KEPT_CHECKPOINTED_OUTSIDE + KEPT_CHECKPOINTED_BLOCK * blocks
-        else:
-            kept = KEPT_OUTSIDE_BLOCKS + KEPT_PER_BLOCK * blocks
-        return ActivationBytes(kept=round(kept * unit), largest_block=round(LARGEST_BLOCK * unit))
+        tokens = (width // 16) * (height // 16) + TEXT_TOKENS
+        return KEPT.bytes(tokens, hidden, (config["num_layers"],), checkpointing)
 
     def encode_prompt(self, pipe, text: str) -> dict[str, torch.Tensor]:
         embeds, mask = pipe.encode_prompt(text, device=pipe.text_encoder.device)

@@ -17,6 +17,7 @@ from fastbackend.training.families.base import (
     ActivationBytes,
     Family,
     LossOptions,
+    PerToken,
     TrainingBatch,
     module_names,
     noise_level_indices,
@@ -32,11 +33,8 @@ BLOCKS = "layers."
 # measured with devtools/memory.py on the published shapes (3,840 wide, rank-16 LoRA, bf16 autocast)
 # one and two blocks deep at 256 and 512 px with 128 caption tokens (43.7 and 43.1 a block; the
 # refiners before the first LoRA layer keep nothing). Not yet checked against a GPU's allocator.
-KEPT_PER_BLOCK = 43.4
-KEPT_OUTSIDE_BLOCKS = 0.0
-KEPT_CHECKPOINTED_BLOCK = 1.06  # its input
-KEPT_CHECKPOINTED_OUTSIDE = 2.7  # 2.4 to 3.1 of a unit measured, by caption length
-LARGEST_BLOCK = 40.8  # one block's own activations, held again while it re-runs
+# Checkpointed outside the blocks: 2.4 to 3.1 of a unit measured, by caption length.
+KEPT = PerToken(per_block=(43.4,), outside=0.0, checkpointed_block=1.06, checkpointed_outside=2.7, largest_block=40.8)
 
 
 class ZImage(Family):
@@ -60,13 +58,7 @@ class ZImage(Family):
 
     def activation_bytes(self, config: dict, width: int, height: int, checkpointing: bool) -> ActivationBytes:
         tokens = (width // 16) * (height // 16) + MAX_SEQUENCE  # captions are shorter: an upper bound
-        unit = tokens * config["dim"] * 2
-        blocks = config["n_layers"]
-        if checkpointing:
-            kept = KEPT_CHECKPOINTED_OUTSIDE + KEPT_CHECKPOINTED_BLOCK * blocks
-        else:
-            kept = KEPT_OUTSIDE_BLOCKS + KEPT_PER_BLOCK * blocks
-        return ActivationBytes(kept=round(kept * unit), largest_block=round(LARGEST_BLOCK * unit))
+        return KEPT.bytes(tokens, config["dim"], (config["n_layers"],), checkpointing)
 
     def encode_prompt(self, pipe, text: str) -> dict[str, torch.Tensor]:
         (embeds,) = pipe._encode_prompt([text], device=pipe.text_encoder.device, max_sequence_length=MAX_SEQUENCE)
