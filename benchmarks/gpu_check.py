@@ -186,7 +186,7 @@ def denoiser(arch: str, device: str, smoke: bool, quantize: bool):
         torch.cuda.empty_cache()  # the bf16 weights' blocks go back: the trainer never holds them on the GPU
         quantize_8bit(model, family.lora_targets(model))
         model.to(device)
-    params = lora_io.add_lora(model, family.lora_targets(model), rank=16, alpha=16, dropout=0.0)
+    params = lora_io.add_lora(model, family.lora_targets(model), 16, 16, 0.0, family.shared_lora_down(model))
     return family, model, params
 
 

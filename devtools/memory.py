@@ -88,7 +88,7 @@ def published_denoiser(arch: str, **overrides):
         model = model_class(**config)
     finally:
         torch.set_default_dtype(torch.float32)
-    lora_io.add_lora(model, family.lora_targets(model), rank=16, alpha=16, dropout=0.0)
+    lora_io.add_lora(model, family.lora_targets(model), 16, 16, 0.0, family.shared_lora_down(model))
     model.train()
     return config, model
 

@@ -66,7 +66,7 @@ def test_flux_weights_follow_dtype_and_quantization(data_root):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["flux", "sdxl", "sd15"])
+@pytest.mark.parametrize("arch", ["flux", "sdxl", "sd15", "flux2_klein_4b"])
 def test_lora_parameters_counted_on_meta_equal_the_trained_ones(tiny_models, data_root, arch):
     """The plan's LoRA size (counted on the meta device) is what peft really adds, rank 16."""
     from diffusers import DiffusionPipeline
@@ -77,7 +77,8 @@ def test_lora_parameters_counted_on_meta_equal_the_trained_ones(tiny_models, dat
     shapes = count_shapes(family, tiny_models / arch, "own")
     pipe = DiffusionPipeline.from_pretrained(tiny_models / arch)
     denoiser = family.denoiser(pipe)
-    params = lora_io.add_lora(denoiser, family.lora_targets(denoiser), rank=16, alpha=16, dropout=0.0)
+    targets, shared = family.lora_targets(denoiser), family.shared_lora_down(denoiser)
+    params = lora_io.add_lora(denoiser, targets, rank=16, alpha=16, dropout=0.0, shared_down=shared)
     assert shapes.lora_per_rank * 16 == sum(p.numel() for p in params)
     assert shapes.denoiser == sum(p.numel() for n, p in denoiser.named_parameters() if "lora_" not in n)
 

@@ -106,9 +106,10 @@ FLUX2_KEY = re.compile(
 )
 
 
-def test_flux2_files_fuse_qkv_and_load_in_diffusers_to_the_same_output(tiny_models):
-    """Each block's q, k and v LoRAs are written as one fused qkv LoRA (A stacked, B block-diagonal):
-    diffusers' loader splits it back, and the transformer's output is the trained one."""
+def test_flux2_files_fuse_qkv_at_the_trained_rank_and_load_in_diffusers_to_the_same_output(tiny_models):
+    """q, k and v share one lora_A while training, as ai-toolkit's one LoRA on the fused qkv: the file
+    holds that LoRA at the trained rank (A once, the three B stacked), which ComfyUI and ai-toolkit load
+    on their fused layer; diffusers' loader splits it back, and the transformer's output is the trained one."""
     from diffusers import Flux2KleinPipeline
 
     from fastbackend.training import lora_io
@@ -117,15 +118,22 @@ def test_flux2_files_fuse_qkv_and_load_in_diffusers_to_the_same_output(tiny_mode
     family = family_for("flux2_klein_4b")
     pipe = Flux2KleinPipeline.from_pretrained(tiny_models / "flux2_klein_4b")
     transformer = pipe.transformer
-    lora_io.add_lora(transformer, family.lora_targets(transformer), rank=4, alpha=8, dropout=0.0)
+    targets, shared = family.lora_targets(transformer), family.shared_lora_down(transformer)
+    params = lora_io.add_lora(transformer, targets, rank=4, alpha=8, dropout=0.0, shared_down=shared)
+    attention = transformer.transformer_blocks[0].attn
+    assert attention.to_k.lora_A["fastbackend"].weight is attention.to_q.lora_A["fastbackend"].weight
+    assert attention.add_v_proj.lora_A["fastbackend"].weight is attention.add_q_proj.lora_A["fastbackend"].weight
+    assert sum(p is attention.to_q.lora_A["fastbackend"].weight for p in params) == 1  # trained once
     torch.manual_seed(1)
     for name, parameter in transformer.named_parameters():
-        if "lora_B" in name:  # trained: no longer zero
+        if "lora_" in name:  # trained: B no longer zero, A moved
             parameter.data.normal_(0, 0.05)
     states = lora_io.lora_state({"transformer": transformer})
     keyed = lora_io.to_file_format(family, states, rank=4, alpha=8)
     assert all(FLUX2_KEY.fullmatch(key) for key in keyed), sorted(keyed)[:5]
-    assert keyed["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"].shape[0] == 12  # 3 x rank 4
+    hidden = attention.to_q.in_features
+    assert keyed["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"].shape == (4, hidden)
+    assert keyed["diffusion_model.double_blocks.0.txt_attn.qkv.lora_B.weight"].shape == (3 * hidden, 4)
 
     def output(model):
         torch.manual_seed(0)

@@ -34,17 +34,28 @@ TORCH_DTYPES = {
 
 
 def add_lora(
-    module: torch.nn.Module, targets: list[str], rank: int, alpha: float, dropout: float
+    module: torch.nn.Module,
+    targets: list[str],
+    rank: int,
+    alpha: float,
+    dropout: float,
+    shared_down: list[tuple[str, ...]] = (),
 ) -> list[torch.nn.Parameter]:
-    """Inject LoRA layers into the modules named ``targets`` and return their parameters.
+    """Inject LoRA layers into the modules named ``targets`` and return their parameters (each once).
 
     Initialised as ai-toolkit does: ``lora_A`` Kaiming-uniform (a = sqrt(5), so |w| <= 1/sqrt(fan_in))
-    and ``lora_B`` zero, so the model starts unchanged (peft's default initialisation).
+    and ``lora_B`` zero, so the model starts unchanged (peft's default initialisation). Each group of
+    ``shared_down`` (layers the original model fuses into one, as FLUX.2's q, k and v) shares its first
+    layer's ``lora_A``: one LoRA of rank ``rank`` on the fused layer, as ai-toolkit trains it there.
     """
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, target_modules=targets)
     module.requires_grad_(False)
     module.add_adapter(config, adapter_name=ADAPTER)
-    params = [p for name, p in module.named_parameters() if "lora_" in name]
+    for first, *rest in shared_down:
+        down = module.get_submodule(first).lora_A[ADAPTER]
+        for name in rest:
+            module.get_submodule(name).lora_A[ADAPTER] = down
+    params = [p for name, p in module.named_parameters() if "lora_" in name]  # shared ones once
     for param in params:
         param.data = param.data.float()  # LoRA weights train in fp32 even over a bf16 base
         param.requires_grad_(True)

@@ -155,7 +155,7 @@ def _count_shapes(family_name: str, folder: Path, modified: tuple, source: str, 
         denoiser=parameters(denoiser),
         lora_targets=sum(layer.weight.numel() for layer in targets),
         lora_target_rows=sum(layer.weight.shape[0] for layer in targets),
-        lora_per_rank=sum(lora_width(layer) for layer in layers),
+        lora_per_rank=sum(lora_width(layer) for layer in layers) - shared_down_width(family, denoiser),
         text_encoders=text_encoders,
         text_encoder_lora_per_rank=text_encoder_lora,
         vae=parameters(build_on_meta(folder / "vae", *index["vae"])),
@@ -182,6 +182,12 @@ def build_on_meta(folder: Path, library: str, class_name: str) -> torch.nn.Modul
 
 def parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def shared_down_width(family: Family, denoiser: torch.nn.Module) -> int:
+    """LoRA parameters per unit of rank that layers sharing one ``lora_A`` do not have twice."""
+    groups = family.shared_lora_down(denoiser)
+    return sum(denoiser.get_submodule(name).in_features for first, *rest in groups for name in rest)
 
 
 def lora_width(layer: torch.nn.Module) -> int:

@@ -178,7 +178,8 @@ def lora_group(name: str, module: torch.nn.Module, family: Family, process: Proc
     is_denoiser = name == family.denoiser_name
     network = process.network
     targets = family.lora_targets(module) if is_denoiser else family.text_encoder_lora_targets(module)
-    params = lora_io.add_lora(module, targets, network.rank, process.lora_alpha, network.dropout or 0.0)
+    shared = family.shared_lora_down(module) if is_denoiser else []
+    params = lora_io.add_lora(module, targets, network.rank, process.lora_alpha, network.dropout or 0.0, shared)
     module.train()
     return {"params": params, "lr": process.train.lr}
 

@@ -260,6 +260,11 @@ class Family(ABC):
         """What the pipeline call needs beyond the prompt."""
         return {"negative_prompt": negative_prompt or None}
 
+    def shared_lora_down(self, denoiser: torch.nn.Module) -> list[tuple[str, ...]]:
+        """Groups of LoRA targets that share one ``lora_A``: layers the original model fuses into one
+        (its files then hold one LoRA of the trained rank on the fused layer). None by default."""
+        return []
+
     def file_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A diffusers-format file's tensors from the denoiser's peft-named LoRA weights (scale already
         folded into ``lora_B``): keyed ``<file_prefix><module>.lora_A/B.weight``."""

@@ -8,10 +8,11 @@ with no guidance embedding, and steps with its output as FLUX.1 does: the target
 ``noise - latents``. Captions are padded to 512 tokens by the pipeline, so all have one length.
 
 Files are keyed as ai-toolkit keys them, with BFL's original module names: the diffusers model
-has separate q, k and v projections where the original has one fused ``qkv``, so each block's three
-LoRAs are written as one of three times the rank (``lora_A`` stacked, ``lora_B`` block-diagonal): the
-same product, exactly, and the form both ComfyUI (fused) and diffusers (which copies ``lora_A`` to
-each projection and splits ``lora_B`` in three) load.
+has separate q, k and v projections where the original has one fused ``qkv``. ai-toolkit trains one
+LoRA of the network's rank on that fused layer, so here q, k and v share one ``lora_A`` while
+training (``shared_lora_down``) and are written as that one LoRA: the shared ``lora_A`` and the three
+``lora_B`` stacked. That is the same product, exactly, and the form ComfyUI and ai-toolkit load as it
+is and diffusers loads by copying ``lora_A`` to each projection and splitting ``lora_B`` in three.
 """
 
 from __future__ import annotations
@@ -108,6 +109,12 @@ class Flux2Klein(Family):
     def training_scheduler(self, pipe):
         return pipeline_scheduler(pipe)
 
+    def shared_lora_down(self, denoiser: torch.nn.Module) -> list[tuple[str, ...]]:
+        blocks = range(len(denoiser.transformer_blocks))
+        return [
+            tuple(f"transformer_blocks.{i}.{part}" for part in parts) for i in blocks for parts in FUSED_QKV.values()
+        ]
+
     def file_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self.file_prefix + key: value for key, value in to_original_names(state).items()}
 
@@ -159,16 +166,19 @@ class Flux2Dev(Flux2Klein):
 
 def to_original_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers-named FLUX.2 LoRA (``transformer_blocks.N.attn.to_q.lora_A.weight``, scale already
-    in ``lora_B``) under BFL's names, each stream's q, k and v fused into one ``qkv`` LoRA."""
+    in ``lora_B``) under BFL's names, each stream's q, k and v (one shared ``lora_A``) fused into one
+    ``qkv`` LoRA of the same rank."""
     state, renamed = dict(state), {}
     blocks = {key.split(".")[1] for key in state if key.startswith("transformer_blocks.")}
     for block in sorted(blocks, key=int):
         inside = f"transformer_blocks.{block}."
         for fused, parts in FUSED_QKV.items():
             a = [state.pop(f"{inside}{part}.lora_A.weight") for part in parts]
+            if not all(torch.equal(a[0], other) for other in a[1:]):  # a bug, never the user's doing
+                raise ValueError(f"{inside}{fused}: q, k and v do not share one lora_A")
+            renamed[f"double_blocks.{block}.{fused}.lora_A.weight"] = a[0]
             b = [state.pop(f"{inside}{part}.lora_B.weight") for part in parts]
-            renamed[f"double_blocks.{block}.{fused}.lora_A.weight"] = torch.cat(a)
-            renamed[f"double_blocks.{block}.{fused}.lora_B.weight"] = torch.block_diag(*b)
+            renamed[f"double_blocks.{block}.{fused}.lora_B.weight"] = torch.cat(b)
     for key, value in state.items():
         kind, block, rest = key.split(".", 2)
         module, tail = rest.rsplit(".lora_", 1)
