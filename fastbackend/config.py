@@ -54,9 +54,10 @@ SHOWN_ARCH = {
     "flux2_klein_9b": "FLUX.2 [klein]",
 }  # in messages
 ARCH_ALIASES = {"sd1": "sd15", "flex1": "flux", "ssd": "sdxl", "vega": "sdxl"}
-# ai-toolkit's zimage:turbo trains Z-Image-Turbo through its training adapter (a LoRA merged into the
-# base and cancelled for samples); training Turbo without it undoes the distillation.
-UNSUPPORTED_VARIANTS = {"zimage:turbo": "its training adapter is not applied yet; use arch zimage with Z-Image (base)"}
+# ai-toolkit's zimage:turbo trains Z-Image-Turbo through a training adapter: a LoRA on while training,
+# off for samples, so the LoRA learns the subject, not how to undo the distillation. Its UI writes this
+# one (v2); a config that names none gets it too.
+ZIMAGE_TURBO_ADAPTER = "ostris/zimage_turbo_training_adapter/zimage_turbo_training_adapter_v2.safetensors"
 UNSUPPORTED_FLAGS = ("is_v2", "is_v3", "is_pixart", "is_pixart_sigma", "is_auraflow", "is_lumina2")
 DTYPES = Literal["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"]
 # ai-toolkit's other spellings of the same dtypes (toolkit/train_tools.py get_torch_dtype).
@@ -475,7 +476,6 @@ class ModelConfig(Section):
         "qtype": "quantization is bitsandbytes 8-bit (LLM.int8), not ai-toolkit's qfloat8",
         "text_encoder_bits": "text encoders only run once, to cache embeddings",
         "dtype": "the base model's dtype follows `train.dtype`",
-        "assistant_lora_path": "not supported",
         "lora_path": "training starts from a fresh LoRA (or resumes its own)",
         "vae_path": "the base model's own VAE is used",
         "use_text_encoder_1": "both text encoders are used",
@@ -521,6 +521,13 @@ class ModelConfig(Section):
         None,
         description=f"{', '.join(ARCHES)} (also {', '.join(ARCH_ALIASES)}); ai-toolkit's `arch:tag` form too.",
     )
+    assistant_lora_path: str | None = Field(
+        None,
+        min_length=1,
+        max_length=300,
+        description="A training adapter (flow-matching families): a LoRA on while training and off for samples; "
+        "owner/repo/file.safetensors or owner/repo on the hub, or a file under the data root.",
+    )
     is_flux: bool = False
     is_xl: bool = False
     is_ssd: bool = False  # SSD-1B and Vega are distilled SDXL models: trained as SDXL
@@ -545,16 +552,19 @@ class ModelConfig(Section):
             return None
         name = value.split(":", 1)[0]  # ai-toolkit's `arch:tag` names a variant of `arch`
         name = ARCH_ALIASES.get(name, name)
-        if value in UNSUPPORTED_VARIANTS:
-            raise ValueError(
-                f"architecture {value!r} is not supported by this worker yet: {UNSUPPORTED_VARIANTS[value]}"
-            )
         if name not in ARCHES:
             raise ValueError(
                 f"architecture {value!r} is not supported by this worker yet; supported: {', '.join(ARCHES)} "
                 f"(also {', '.join(ARCH_ALIASES)})"
             )
         return name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _turbo_adapter(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("arch") == "zimage:turbo" and data.get("assistant_lora_path") is None:
+            return data | {"assistant_lora_path": ZIMAGE_TURBO_ADAPTER}
+        return data
 
     @model_validator(mode="after")
     def _one_arch(self) -> ModelConfig:
@@ -869,6 +879,7 @@ def unused_for_arch(process: ProcessConfig) -> list[tuple[str, str]]:
         candidates = [
             ("train.timestep_type", train.timestep_type is not None, "a flow-matching setting; timesteps are uniform"),
             ("train.linear_timesteps", train.linear_timesteps, "a flow-matching setting; timesteps are uniform"),
+            ("model.assistant_lora_path", process.model.assistant_lora_path is not None, "a flow-matching setting"),
         ]
     return [(path, why) for path, is_set, why in candidates if is_set]
 
@@ -897,6 +908,12 @@ def recipe_notes(process: ProcessConfig) -> list[str]:
         )
     if train.lr_scheduler in ("constant", "linear") and train.lr_warmup_steps:
         notes.append(f"{PREFIX}.train.lr_warmup_steps: ignored ({train.lr_scheduler} has no warm-up, as in ai-toolkit)")
+    adapter = process.model.assistant_lora_path
+    if adapter is not None and process.model.resolved_arch in FLOW_MATCHING:
+        notes.append(
+            f"{PREFIX}.model.assistant_lora_path: {adapter} is on while training and off for samples; "
+            "the saved LoRA holds only what was trained"
+        )
     warmup_given = train.lr_warmup_steps is not None or "num_warmup_steps" in train.lr_scheduler_params
     if train.lr_scheduler == "constant_with_warmup" and not warmup_given:
         notes.append(f"{PREFIX}.train.lr_scheduler: constant_with_warmup warms up over 1000 steps (ai-toolkit's)")

@@ -44,6 +44,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 # long, then answers `locked`: those jobs run for minutes to hours.
 BUSY_LOCK_TIMEOUT_S = 5
 TEMP_SUFFIX = ".tmp"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA file in a folder or repo
 READER_PREFIX = ".reader-"  # .reader-<model>: a run reading the folder, while it does
 NAME_RULE = "1-64 characters from A-Z a-z 0-9 . _ -, not starting with a dot"
 
@@ -279,6 +280,37 @@ def resolve_base_model(name_or_path: str, field: str, marker: str = "model_index
         kind = "diffusers model" if marker == "model_index.json" else "model"
         raise NotFound(f"{field}: {name_or_path!r} is not a {kind} folder (no {marker})")
     return str(folder)
+
+
+def resolve_lora_file(reference: str, field: str) -> str:
+    """A LoRA file a config names, in ai-toolkit's forms: ``owner/repo/file.safetensors`` or
+    ``owner/repo`` (its ``pytorch_lora_weights.safetensors``) on the hub, kept as named; or a file,
+    or a folder holding that file, under the data root or in ``settings.MODEL_DIRS`` (never elsewhere)."""
+    repo_id, filename = hub_file(reference)
+    # a file name where a hub repo's name would be: a local file (that may not exist)
+    named_file = filename == LORA_WEIGHTS_NAME and repo_id.endswith(".safetensors")
+    looks_local = reference.startswith(("/", ".", "~")) or named_file or (data_root() / reference).exists()
+    if not looks_local:
+        if HUB_ID.fullmatch(repo_id) is None or not filename.endswith(".safetensors") or ".." in filename.split("/"):
+            raise FastBackendError(
+                f"{field}: {reference!r} is neither a hub file (owner/repo/file.safetensors or owner/repo) "
+                "nor a file under the data root",
+                code=ErrorCode.INVALID_CONFIG,
+            )
+        return reference
+    path = baked_model_folder(reference) or map_user_path(reference, field)
+    if path.is_dir():
+        path = path / LORA_WEIGHTS_NAME
+    if not path.is_file():
+        raise NotFound(f"{field}: {reference!r} is not a LoRA file (nor a folder holding {LORA_WEIGHTS_NAME})")
+    return str(path)
+
+
+def hub_file(reference: str) -> tuple[str, str]:
+    """``owner/repo/path/file.safetensors`` -> (repo id, path in the repo); ``owner/repo`` names its
+    ``pytorch_lora_weights.safetensors``, as diffusers and ai-toolkit read it."""
+    parts = reference.split("/", 2)
+    return "/".join(parts[:2]), parts[2] if len(parts) == 3 else LORA_WEIGHTS_NAME
 
 
 def baked_model_folder(text: str) -> Path | None:

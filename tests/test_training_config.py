@@ -258,13 +258,3 @@ def test_architectures_not_supported_yet_are_refused_with_the_list(arch):
         f"config.process[0].model.arch: architecture '{arch}' is not supported by this worker yet; "
         "supported: flux, sdxl, sd15, zimage, qwen_image, flux2, flux2_klein_4b, flux2_klein_9b"
     )
-
-
-def test_zimage_turbo_is_refused_until_its_training_adapter_is_applied():
-    text = fixture_yaml().replace("is_flux: true", "arch: zimage:turbo")
-    with pytest.raises(ValidationFailed) as refused:
-        parse_training_config(text)
-    assert refused.value.message.startswith(
-        "config.process[0].model.arch: architecture 'zimage:turbo' is not supported by this worker yet: its training "
-        "adapter is not applied yet; use arch zimage with Z-Image (base)"
-    )

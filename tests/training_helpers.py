@@ -66,3 +66,26 @@ def user_yaml(
 
 def train(yaml_text: str, **extra) -> dict:
     return handler({"id": "train", "input": {"type": "train_with_yaml", "yaml_config": yaml_text, **extra}})
+
+
+def write_lora_file(tiny_models: Path, arch: str, path: Path, rank: int = 2, seed: int = 7) -> Path:
+    """A random LoRA on every layer a tiny model's LoRA targets, in ai-toolkit's file format for ``arch``,
+    strong enough to move the output (a training adapter, for instance)."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import save_file
+
+    from fastbackend.training import lora_io
+    from fastbackend.training.families import family_for
+
+    family = family_for("flux" if arch == "flux_schnell" else arch)
+    denoiser = family.denoiser(DiffusionPipeline.from_pretrained(tiny_models / arch))
+    lora_io.add_lora(denoiser, family.lora_targets(denoiser), rank, rank, 0.0, family.shared_lora_down(denoiser))
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in denoiser.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.3
+    states = lora_io.lora_state({family.denoiser_name: denoiser})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(lora_io.to_file_format(family, states, rank, rank), str(path))
+    return path

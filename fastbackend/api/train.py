@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastbackend import bucket, settings, stopping, storage
 from fastbackend.api import Progress
-from fastbackend.config import PREFIX, TrainingConfig, parse_training_config
+from fastbackend.config import FLOW_MATCHING, PREFIX, TrainingConfig, parse_training_config
 from fastbackend.datasets import recover as recover_dataset
 from fastbackend.errors import ErrorCode, FastBackendError, ValidationFailed
 from fastbackend.layout import DatasetFolder, LoraFolder
@@ -29,6 +29,7 @@ from fastbackend.storage import (
     no_links,
     outputs_dir,
     resolve_base_model,
+    resolve_lora_file,
 )
 
 
@@ -36,6 +37,7 @@ def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = N
     config, warnings = parse_training_config(request.source)
     datasets = resolve_datasets(config)
     base_model = resolve_base_model(config.process.model.name_or_path, f"{PREFIX}.model.name_or_path")
+    assistant = resolve_assistant(config)
     output = resolve_output(config)
     with contextlib.ExitStack() as held:
         held.enter_context(locked(output.path, timeout_s=storage.BUSY_LOCK_TIMEOUT_S))  # one job per model
@@ -46,11 +48,19 @@ def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = N
                 held.enter_context(locked(folder, reader=config.name))
                 refuse_unfinished_commit(DatasetFolder(folder))
             reports = report_datasets(config, datasets, warnings, progress or (lambda info: None))
-            answer = run_training(config, request, datasets, base_model, output, warnings, progress)
+            answer = run_training(config, request, datasets, (base_model, assistant), output, warnings, progress)
             return answer | {"dataset_report": reports}
         except BaseException:
             remove_if_nothing_saved(output)
             raise
+
+
+def resolve_assistant(config: TrainingConfig) -> str | None:
+    """The training adapter's file (or hub reference), for the families that take one."""
+    model = config.process.model
+    if model.assistant_lora_path is None or model.resolved_arch not in FLOW_MATCHING:
+        return None  # sd15 / sdxl: warned about and ignored
+    return resolve_lora_file(model.assistant_lora_path, f"{PREFIX}.model.assistant_lora_path")
 
 
 def refuse_unfinished_commit(folder: DatasetFolder) -> None:
@@ -100,11 +110,12 @@ def run_training(
     config: TrainingConfig,
     request: TrainWithYamlRequest,
     datasets: list[Path],
-    base_model: str,
+    models: tuple[str, str | None],  # the base model and the training adapter, as resolved
     output: LoraFolder,
     warnings: list[str],
     progress: Progress | None,
 ) -> dict:
+    base_model, assistant = models
     # torch comes in only here: a refused config is answered without it.
     import torch
 
@@ -120,7 +131,7 @@ def run_training(
         output.state.unlink(missing_ok=True)
     if request.yaml_config is not None:
         atomic_write_bytes(output.config, request.yaml_config.encode())
-    job = TrainJob(config, base_model, datasets, output, resume=request.resume, warnings=warnings)
+    job = TrainJob(config, base_model, datasets, output, request.resume, warnings, assistant_lora=assistant)
     try:
         hooks = Hooks(on_step=report, on_stage=report, should_stop=stopping.requested)
         result, processes = distributed.train(job, hooks)

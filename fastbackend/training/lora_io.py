@@ -9,7 +9,9 @@ real alpha. The header records how the LoRA was made.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from fastbackend.storage import sha256_file, temporary_path
 from fastbackend.training.families import Family
 
 ADAPTER = "fastbackend"
+ASSISTANT = "assistant"  # a training adapter (ai-toolkit's assistant_lora_path): on while training, off for samples
 # The config's dtype names (train.dtype, save.dtype) -> torch dtypes.
 TORCH_DTYPES = {
     "float16": torch.float16,
@@ -50,16 +53,47 @@ def add_lora(
     """
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, target_modules=targets)
     module.requires_grad_(False)
-    module.add_adapter(config, adapter_name=ADAPTER)
+    module.add_adapter(config, adapter_name=ADAPTER)  # ours becomes the only active adapter
+    if ASSISTANT in getattr(module, "peft_config", {}):
+        module.set_adapters([ASSISTANT, ADAPTER])  # the training adapter stays on beside ours, frozen:
+        for name, param in module.named_parameters():
+            param.requires_grad_(f".{ADAPTER}." in name)
     for first, *rest in shared_down:
         down = module.get_submodule(first).lora_A[ADAPTER]
         for name in rest:
             module.get_submodule(name).lora_A[ADAPTER] = down
-    params = [p for name, p in module.named_parameters() if "lora_" in name]  # shared ones once
+    params = [p for name, p in module.named_parameters() if f".{ADAPTER}." in name]  # shared ones once
     for param in params:
         param.data = param.data.float()  # LoRA weights train in fp32 even over a bf16 base
         param.requires_grad_(True)
     return params
+
+
+def add_assistant(pipe, denoiser: torch.nn.Module, path: str) -> None:
+    """Load a training adapter onto ``denoiser`` through the pipeline's own LoRA loader (so any file
+    it reads), frozen. ``add_lora`` keeps it on beside the LoRA that trains; ``assistant_off`` turns
+    it off for samples: the base model with the trained LoRA alone, as ai-toolkit samples."""
+    from safetensors.torch import load_file
+
+    pipe.load_lora_weights(load_file(path), adapter_name=ASSISTANT)
+    if ASSISTANT not in getattr(denoiser, "peft_config", {}):
+        raise ValueError(f"none of its layers is one of the {type(denoiser).__name__}'s")
+    denoiser.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def assistant_off(module: torch.nn.Module) -> Iterator[None]:
+    """The training adapter's layers at scale 0 inside, back at 1 after (a no-op without one)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [layer for layer in module.modules() if isinstance(layer, LoraLayer) and ASSISTANT in layer.scaling]
+    for layer in layers:
+        layer.set_scale(ASSISTANT, 0.0)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_scale(ASSISTANT, 1.0)
 
 
 Components = dict[str, torch.nn.Module]  # pipeline name ("unet", "transformer", "text_encoder", ...) -> module

@@ -37,6 +37,7 @@ class TrainJob:
     output: LoraFolder
     resume: bool = True
     warnings: list[str] = field(default_factory=list)
+    assistant_lora: str | None = None  # a training adapter: a file, or a hub file as storage.hub_file reads it
 
 
 @dataclass

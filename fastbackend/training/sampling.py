@@ -10,7 +10,7 @@ import torch
 
 from fastbackend.images import PIL_FORMATS
 from fastbackend.storage import atomic_write_bytes
-from fastbackend.training import data
+from fastbackend.training import data, lora_io
 from fastbackend.training.caching import encoders_stay, offload_encoders
 from fastbackend.training.run import Run
 
@@ -45,7 +45,7 @@ def sample(run: Run, should_stop: Callable[[], bool] = lambda: False) -> list[Pa
         module.eval()
     paths = []
     try:
-        with run.ema_weights():
+        with run.ema_weights(), lora_io.assistant_off(run.denoiser):
             for index, prompt in enumerate(sample_cfg.all_prompts):
                 if should_stop():
                     break

@@ -22,7 +22,8 @@ import torch
 
 from fastbackend import settings
 from fastbackend.config import PREFIX, ModelConfig, ProcessConfig, TrainConfig
-from fastbackend.storage import HUB_ID, cached_snapshot, hf_cache_dir
+from fastbackend.errors import ErrorCode, FastBackendError
+from fastbackend.storage import HUB_ID, cached_snapshot, hf_cache_dir, hub_file
 from fastbackend.training import lora_io
 from fastbackend.training.caching import prepare_data
 from fastbackend.training.families import Family, LossOptions, family_for
@@ -235,7 +236,8 @@ def make_accelerator(device: torch.device, weight_dtype: torch.dtype):
 def load_pipeline(family: Family, model_cfg: ModelConfig, job: TrainJob, device: torch.device, dtype: torch.dtype):
     """The base pipeline, frozen, its encoders on ``device`` (the denoiser follows after caching, so
     the two never share the device unless steps need the encoders); with ``quantize``, the
-    denoiser's LoRA-target layers hold 8-bit weights (bitsandbytes LLM.int8, on CUDA and the CPU)."""
+    denoiser's LoRA-target layers hold 8-bit weights (bitsandbytes LLM.int8, on CUDA and the CPU);
+    with a training adapter, that on the denoiser."""
     quantize = model_cfg.quantize and bitsandbytes_available()
     if model_cfg.quantize and not quantize:
         job.warnings.append(
@@ -259,10 +261,33 @@ def load_pipeline(family: Family, model_cfg: ModelConfig, job: TrainJob, device:
         module.requires_grad_(False)  # only LoRA layers train
     if quantize:
         quantize_8bit(family.denoiser(pipe), family.lora_targets(family.denoiser(pipe)))
+    if job.assistant_lora is not None:
+        load_assistant(pipe, family, job.assistant_lora)
     for name, component in pipe.components.items():  # the encoders, and a safety checker where there is one
         if isinstance(component, torch.nn.Module) and name != family.denoiser_name:
             component.to(device)
     return pipe
+
+
+def load_assistant(pipe, family: Family, reference: str) -> None:
+    """The config's training adapter on the denoiser (downloaded first when it is a hub file)."""
+    field = f"{PREFIX}.model.assistant_lora_path"
+    try:
+        path = reference if Path(reference).is_file() else download_hub_file(reference)
+        lora_io.add_assistant(pipe, family.denoiser(pipe), path)
+    except Exception as exc:
+        raise FastBackendError(
+            f"{field}: {reference!r} could not be loaded as a {family.name} LoRA: {exc}",
+            code=ErrorCode.MODEL_LOAD_FAILED,
+        ) from exc
+    log.info("training adapter %s on while training, off for samples", reference)
+
+
+def download_hub_file(reference: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    repo_id, filename = hub_file(reference)
+    return hf_hub_download(repo_id, filename, cache_dir=str(hf_cache_dir()), token=settings.HF_TOKEN.get())
 
 
 def quantize_8bit(module: torch.nn.Module, targets: list[str]) -> None:

@@ -8,6 +8,7 @@ through this interface; each family lives in its own file and is found through t
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +95,9 @@ class PerUnit:
 NOISE_LEVELS = 1000
 
 
+PEFT_PARTS = re.compile(r"\.lora_\w+(\.|$)")  # peft's parts of a LoRA layer: lora_A.<adapter>, lora_dropout, ...
+
+
 def noise_level_indices(batch_size: int, content_or_style: str, device) -> torch.Tensor:
     """Indices into a table of ``NOISE_LEVELS`` noise levels sorted from most to least noise.
 
@@ -116,8 +120,17 @@ def weighted_mean(per_element: torch.Tensor, weights: torch.Tensor | None) -> to
 
 
 def module_names(module: torch.nn.Module, keep: Callable[[str, torch.nn.Module], bool]) -> list[str]:
-    """Names of the sub-modules of ``module`` that ``keep`` accepts, in module order."""
-    return [name for name, child in module.named_modules() if keep(name, child)]
+    """Names of the sub-modules of ``module`` that ``keep`` accepts, in module order. A layer that
+    carries a LoRA already (a training adapter) is judged by the layer it wraps, under its own name;
+    the LoRA's own parts are never candidates."""
+    names = []
+    for name, child in module.named_modules():
+        if hasattr(child, "base_layer") or PEFT_PARTS.search(name):
+            continue  # the wrapper (its base_layer stands for it) or a LoRA's A, B, dropout
+        name = name.removesuffix(".base_layer")
+        if keep(name, child):
+            names.append(name)
+    return names
 
 
 class Family(ABC):

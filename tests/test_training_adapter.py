@@ -1,0 +1,226 @@
+"""Training adapters (ai-toolkit's `model.assistant_lora_path`, which `arch: zimage:turbo` sets): a LoRA
+that is on while the user's LoRA trains and off for samples, never trained, never saved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastbackend.config import ZIMAGE_TURBO_ADAPTER, parse_training_config
+from fastbackend.errors import ErrorCode, FastBackendError
+from fastbackend.layout import LoraFolder
+from tests.training_helpers import install_model, train, upload_photos, user_yaml, write_lora_file
+
+ADAPTER_FILE = "adapters/turbo.safetensors"  # under the data root
+TURBO = {"arch: zimage": f"arch: zimage:turbo\n      assistant_lora_path: {ADAPTER_FILE}"}
+
+
+def write_adapter(tiny_models: Path, data_root: Path) -> Path:
+    """What the published turbo adapter is to Z-Image-Turbo, for the tiny Z-Image."""
+    return write_lora_file(tiny_models, "zimage", data_root / ADAPTER_FILE)
+
+
+def set_up_turbo(tiny_models, data_root, replacements: dict[str, str] = TURBO):
+    from fastbackend.api.train import resolve_assistant, resolve_datasets
+    from fastbackend.storage import resolve_base_model
+    from fastbackend.training.run import TrainJob
+    from fastbackend.training.setup import set_up
+
+    write_adapter(tiny_models, data_root)
+    model_path = install_model(tiny_models, data_root, "zimage")
+    upload_photos()
+    config, warnings = parse_training_config(user_yaml(model_path, "zimage", replacements=replacements))
+    base = resolve_base_model(config.process.model.name_or_path, "name_or_path")
+    output = LoraFolder(data_root / "output" / config.name)
+    job = TrainJob(config, base, resolve_datasets(config), output, warnings=warnings)
+    job.assistant_lora = resolve_assistant(config)
+    return set_up(job)
+
+
+def transformer_output(transformer) -> torch.Tensor:
+    torch.manual_seed(0)
+    latents = [torch.randn(transformer.config.in_channels, 1, 8, 8)]
+    text = [torch.randn(5, transformer.config.cap_feat_dim)]
+    with torch.no_grad():
+        return transformer(latents, torch.tensor([0.5]), text, return_dict=False)[0][0]
+
+
+def test_the_adapter_is_on_while_training_frozen_and_off_for_samples(tiny_models, data_root):
+    from diffusers import ZImagePipeline
+
+    from fastbackend.training import lora_io
+
+    full_precision = TURBO | {"quantize: true": "quantize: false"}  # compared with fresh full-precision models
+    run = set_up_turbo(tiny_models, data_root, full_precision)
+    denoiser = run.denoiser
+    assert lora_io.ASSISTANT in denoiser.peft_config
+    assistant = [p for n, p in denoiser.named_parameters() if f".{lora_io.ASSISTANT}." in n]
+    assert assistant and not any(p.requires_grad for p in assistant)
+    assert not {id(p) for p in assistant} & {id(p) for p in run.params}  # never trained
+    for name, param in denoiser.named_parameters():
+        if f".lora_B.{lora_io.ADAPTER}." in name:
+            param.data.normal_(0, 0.05)  # the user's LoRA, trained
+    file = lora_io.to_file_format(run.family, lora_io.lora_state(run.lora_modules), rank=16, alpha=16)
+    assert not any("assistant" in key for key in file)
+    denoiser.eval()
+
+    def fresh(*adapters: dict) -> torch.Tensor:
+        pipe = ZImagePipeline.from_pretrained(tiny_models / "zimage")
+        for index, weights in enumerate(adapters):
+            pipe.load_lora_weights({k: v.clone() for k, v in weights.items()}, adapter_name=f"a{index}")
+        if adapters:
+            pipe.transformer.set_adapters([f"a{i}" for i in range(len(adapters))])
+        return transformer_output(pipe.transformer)
+
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(data_root / ADAPTER_FILE))
+    training = transformer_output(denoiser)
+    with lora_io.assistant_off(denoiser):
+        sampling = transformer_output(denoiser)
+    assert torch.allclose(training, fresh(adapter, file), atol=1e-5)  # base + adapter + the user's LoRA
+    assert torch.allclose(sampling, fresh(file), atol=1e-5)  # base + the user's LoRA alone
+    assert not torch.allclose(training, sampling, atol=1e-3)
+    assert torch.equal(transformer_output(denoiser), training)  # back on after
+
+
+def test_samples_are_rendered_with_the_adapter_off(tiny_models, data_root, monkeypatch):
+    from fastbackend.training import lora_io, sampling
+
+    run = set_up_turbo(tiny_models, data_root)
+    layers = [m for m in run.denoiser.modules() if lora_io.ASSISTANT in getattr(m, "scaling", {})]
+    seen = []
+
+    def render(pipe, **kwargs):
+        seen.append([layer.scaling[lora_io.ASSISTANT] for layer in layers])
+        raise RuntimeError("rendered")
+
+    monkeypatch.setattr(type(run.pipe), "__call__", render)
+    with pytest.raises(RuntimeError, match="rendered"):
+        sampling.sample(run)
+    assert seen and all(scale == 0.0 for scale in seen[0])
+    assert all(layer.scaling[lora_io.ASSISTANT] == 1.0 for layer in layers)  # on again for the next steps
+
+
+def test_zimage_turbo_trains_through_the_adapter_and_saves_only_the_users_lora(tiny_models, data_root):
+    write_adapter(tiny_models, data_root)
+    model_path = install_model(tiny_models, data_root, "zimage")
+    upload_photos()
+    answer = train(user_yaml(model_path, "zimage", steps=2, replacements=TURBO))
+    assert answer["status"] == "success", answer
+    assert answer["arch"] == "zimage"
+    note = f"config.process[0].model.assistant_lora_path: {ADAPTER_FILE} is on while training and off for samples"
+    assert any(w.startswith(note) for w in answer["warnings"]), answer["warnings"]
+    from safetensors import safe_open
+
+    with safe_open(answer["lora_path"], "pt") as handle:
+        keys = set(handle.keys())
+    assert keys and all(key.startswith("diffusion_model.layers.") for key in keys)
+    adapter_keys = set(safe_open(str(data_root / ADAPTER_FILE), "pt").keys())
+    assert keys == adapter_keys  # the same layers, none of them the adapter's weights
+    assert len(answer["samples"]) == 3
+
+
+def test_zimage_turbo_defaults_to_the_published_adapter_and_keeps_one_given():
+    text = user_yaml("Tongyi-MAI/Z-Image-Turbo", "zimage:turbo")
+    config, _ = parse_training_config(text)
+    assert config.process.model.resolved_arch == "zimage"
+    assert config.process.model.assistant_lora_path == ZIMAGE_TURBO_ADAPTER
+    config, _ = parse_training_config(user_yaml("Tongyi-MAI/Z-Image-Turbo", "zimage", replacements=TURBO))
+    assert config.process.model.assistant_lora_path == ADAPTER_FILE
+    config, _ = parse_training_config(user_yaml("Tongyi-MAI/Z-Image", "zimage"))
+    assert config.process.model.assistant_lora_path is None
+
+
+def test_an_adapter_for_sd_is_warned_about_and_ignored():
+    from fastbackend.api.train import resolve_assistant
+
+    text = user_yaml("some/model", "sd15", replacements={"arch: sd15": "arch: sd15\n      assistant_lora_path: x/y"})
+    config, warnings = parse_training_config(text)
+    assert "config.process[0].model.assistant_lora_path: ignored (a flow-matching setting)" in warnings
+    assert resolve_assistant(config) is None
+
+
+@pytest.mark.parametrize(
+    ("reference", "code"),
+    [
+        ("/etc/passwd", ErrorCode.PATH_OUTSIDE_ROOT),
+        ("../outside.safetensors", ErrorCode.PATH_OUTSIDE_ROOT),
+        ("adapters/missing.safetensors", ErrorCode.NOT_FOUND),
+        ("owner/repo/notes.txt", ErrorCode.INVALID_CONFIG),
+        ("owner/repo/../../x.safetensors", ErrorCode.INVALID_CONFIG),
+        ("not a hub id", ErrorCode.INVALID_CONFIG),
+    ],
+)
+def test_adapter_references_outside_the_root_or_malformed_are_refused_by_field(data_root, reference, code):
+    from fastbackend.storage import resolve_lora_file
+
+    (data_root / "adapters").mkdir(parents=True)
+    with pytest.raises(FastBackendError) as caught:
+        resolve_lora_file(reference, "config.process[0].model.assistant_lora_path")
+    assert caught.value.code == code
+    assert caught.value.message.startswith("config.process[0].model.assistant_lora_path: ") and reference in (
+        caught.value.message
+    )
+
+
+def test_adapter_references_in_ai_toolkits_forms_resolve(data_root):
+    from fastbackend.storage import LORA_WEIGHTS_NAME, hub_file, resolve_lora_file
+
+    folder = data_root / "adapters" / "schnell"
+    folder.mkdir(parents=True)
+    (folder / LORA_WEIGHTS_NAME).write_bytes(b"x")
+    assert resolve_lora_file("adapters/schnell", "f") == str(folder / LORA_WEIGHTS_NAME)  # a folder: diffusers' name
+    assert resolve_lora_file("/workspace/adapters/schnell", "f") == str(folder / LORA_WEIGHTS_NAME)
+    assert resolve_lora_file(ZIMAGE_TURBO_ADAPTER, "f") == ZIMAGE_TURBO_ADAPTER
+    assert hub_file(ZIMAGE_TURBO_ADAPTER) == (
+        "ostris/zimage_turbo_training_adapter",
+        "zimage_turbo_training_adapter_v2.safetensors",
+    )
+    assert hub_file("ostris/FLUX.1-schnell-training-adapter") == (
+        "ostris/FLUX.1-schnell-training-adapter",
+        LORA_WEIGHTS_NAME,
+    )
+
+
+def test_an_adapter_that_cannot_be_fetched_or_loaded_is_model_load_failed_naming_the_field(tiny_models, data_root):
+    model_path = install_model(tiny_models, data_root, "zimage")
+    upload_photos()
+    offline = {"arch: zimage": "arch: zimage\n      assistant_lora_path: nobody/nothing/adapter.safetensors"}
+    answer = train(user_yaml(model_path, "zimage", steps=2, replacements=offline))
+    assert answer["error_code"] == "model_load_failed", answer
+    assert answer["error"].startswith(
+        "config.process[0].model.assistant_lora_path: 'nobody/nothing/adapter.safetensors' could not be loaded"
+    )
+    (data_root / "adapters").mkdir()
+    (data_root / ADAPTER_FILE).write_bytes(b"not a safetensors file")
+    answer = train(user_yaml(model_path, "zimage", steps=2, replacements=TURBO))
+    assert answer["error_code"] == "model_load_failed", answer
+    assert "assistant_lora_path" in answer["error"]
+    assert not list((data_root / "output").rglob("*.safetensors"))  # nothing saved, nothing to list
+
+
+def test_zimage_turbo_without_a_path_downloads_the_published_adapter_into_the_volumes_cache(
+    tiny_models, data_root, monkeypatch
+):
+    import huggingface_hub
+
+    from fastbackend.storage import hf_cache_dir
+
+    local = write_adapter(tiny_models, data_root)
+    asked = []
+
+    def download(repo_id, filename, **options):
+        asked.append((repo_id, filename, options["cache_dir"]))
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    model_path = install_model(tiny_models, data_root, "zimage")
+    upload_photos()
+    answer = train(user_yaml(model_path, "zimage:turbo", steps=1))
+    assert answer["status"] == "success", answer
+    assert asked == [
+        ("ostris/zimage_turbo_training_adapter", "zimage_turbo_training_adapter_v2.safetensors", str(hf_cache_dir()))
+    ]
