@@ -216,3 +216,38 @@ def perfect_denoiser(arch: str, x0: torch.Tensor):
         return (noise - packed,)
 
     return velocity
+
+
+@pytest.mark.parametrize("arch", ["zimage", "qwen_image"])
+def test_captions_of_different_lengths_batch_as_each_would_alone(arch, tiny_models, monkeypatch):
+    """Z-Image and Qwen-Image cache each caption at its own length, and a batch pads them with zeros
+    and a mask: the padding must be invisible, each item's loss in the batch the loss it has alone."""
+    import importlib
+
+    from diffusers import DiffusionPipeline
+
+    from fastbackend.training import data
+    from fastbackend.training.families import LossOptions, TrainingBatch, family_for
+
+    family = family_for(arch)
+    pipe = DiffusionPipeline.from_pretrained(tiny_models / arch)
+    short = family.encode_prompt(pipe, "a photo")
+    long = family.encode_prompt(pipe, "a photo of a man in a green hat standing in a garden at noon, smiling")
+    assert short["prompt_embeds"].shape[1] < long["prompt_embeds"].shape[1]
+    # Noise and noise levels that do not depend on the batch: the same for an item in or out of it.
+    monkeypatch.setattr(torch, "randn_like", lambda x: torch.sin(7 * x + 1))
+    module = importlib.import_module(type(family).__module__)
+    monkeypatch.setattr(module, "noise_level_indices", lambda b, style, device: torch.full((b,), 400))
+    torch.manual_seed(0)
+    latents = family.scale_latents(pipe, torch.randn(2, 4, 8, 8))
+    options = LossOptions(scheduler=family.training_scheduler(pipe), timestep_type="linear")
+
+    def loss(items: list[int], conds: list[dict]) -> torch.Tensor:
+        cond = {key: data.pad_cat([c[key] for c in conds]) for key in conds[0]}
+        sizes = torch.tensor([[64, 64, 0, 0, 64, 64]] * len(items))
+        with torch.no_grad():
+            return family.loss(pipe, family.denoiser(pipe), TrainingBatch(latents[items], cond, sizes), options)
+
+    together = loss([0, 1], [short, long])
+    alone = (loss([0], [short]) + loss([1], [long])) / 2
+    assert torch.allclose(together, alone, rtol=1e-5, atol=1e-7), (together, alone)
