@@ -251,3 +251,24 @@ def test_captions_of_different_lengths_batch_as_each_would_alone(arch, tiny_mode
     together = loss([0, 1], [short, long])
     alone = (loss([0], [short]) + loss([1], [long])) / 2
     assert torch.allclose(together, alone, rtol=1e-5, atol=1e-7), (together, alone)
+
+
+def test_a_distilled_klein_trains_with_a_warning_that_names_the_base_checkpoint(tiny_models, data_root):
+    import json
+
+    from tests.training_helpers import install_model, train, upload_photos, user_yaml
+
+    model_path = install_model(tiny_models, data_root, "flux2_klein_4b")
+    index = data_root / "models" / "flux2_klein_4b" / "model_index.json"
+    upload_photos()
+    answer = train(user_yaml(model_path, "flux2_klein_4b", steps=1))
+    assert answer["status"] == "success", answer
+    assert not any("step-distilled" in w for w in answer["warnings"])
+    index.write_text(json.dumps(json.loads(index.read_text()) | {"is_distilled": True}))
+    answer = train(user_yaml(model_path, "flux2_klein_4b", steps=1).replace("name: nowy", "name: other"))
+    assert answer["status"] == "success", answer
+    assert (
+        f"config.process[0].model.name_or_path: {model_path} is a step-distilled FLUX.2 [klein]; a LoRA trained "
+        "on it works against its distillation, so ai-toolkit trains the base checkpoints "
+        "(black-forest-labs/FLUX.2-klein-base-4B)"
+    ) in answer["warnings"]

@@ -257,6 +257,7 @@ def load_pipeline(family: Family, model_cfg: ModelConfig, job: TrainJob, device:
         field=f"{PREFIX}.model.name_or_path",
         shown=model_cfg.name_or_path,
     )
+    job.warnings.extend(family.checkpoint_warnings(pipe, model_cfg.name_or_path))
     for module in [family.denoiser(pipe), *family.encoders(pipe)]:
         module.requires_grad_(False)  # only LoRA layers train
     if quantize:

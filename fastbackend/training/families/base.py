@@ -273,6 +273,10 @@ class Family(ABC):
         """What the pipeline call needs beyond the prompt."""
         return {"negative_prompt": negative_prompt or None}
 
+    def checkpoint_warnings(self, pipe, shown: str) -> list[str]:
+        """What to tell the user about the checkpoint itself (``shown`` as the config names it)."""
+        return []
+
     def shared_lora_down(self, denoiser: torch.nn.Module) -> list[tuple[str, ...]]:
         """Groups of LoRA targets that share one ``lora_A``: layers the original model fuses into one
         (its files then hold one LoRA of the trained rank on the fused layer). None by default."""

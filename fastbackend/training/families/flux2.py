@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from fastbackend.config import PREFIX
 from fastbackend.training.families.base import (
     ActivationBytes,
     Family,
@@ -108,6 +109,14 @@ class Flux2Klein(Family):
 
     def training_scheduler(self, pipe):
         return pipeline_scheduler(pipe)
+
+    def checkpoint_warnings(self, pipe, shown: str) -> list[str]:
+        if not getattr(pipe.config, "is_distilled", False):
+            return []
+        return [
+            f"{PREFIX}.model.name_or_path: {shown} is a step-distilled FLUX.2 [klein]; a LoRA trained on it "
+            f"works against its distillation, so ai-toolkit trains the base checkpoints ({self.reference_model})"
+        ]
 
     def shared_lora_down(self, denoiser: torch.nn.Module) -> list[tuple[str, ...]]:
         blocks = range(len(denoiser.transformer_blocks))
