@@ -396,7 +396,7 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, ge=0)
     noise_offset: float = Field(0.0, ge=0, le=1)
     min_snr_gamma: float | None = Field(None, gt=0)
-    timestep_type: Literal["sigmoid", "linear", "shift", "flux_shift", "lumina2_shift"] | None = None
+    timestep_type: Literal["sigmoid", "linear", "shift", "flux_shift", "lumina2_shift", "weighted"] | None = None
     linear_timesteps: bool = Field(False, description="FLUX: uniform timesteps, the loss weighted by a bell curve.")
     content_or_style: Literal["balanced", "content", "style"] = Field(
         "balanced", description="Timestep bias: content towards high noise, style towards low noise."

@@ -191,9 +191,11 @@ def flux_scheduler_config(dynamic: bool = True) -> dict:
     return FLUX_TRAINING_SCHEDULER | {"use_dynamic_shifting": dynamic}
 
 
-class FakeScheduler:
-    def __init__(self, dynamic: bool = True):
-        self.config = flux_scheduler_config(dynamic)
+def flux_scheduler(dynamic: bool = True):
+    """A real scheduler of FLUX.1-dev's settings, shifting dynamically or not."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**flux_scheduler_config(dynamic))
 
 
 def test_shift_follows_the_image_size_as_flux_inference_does():
@@ -203,12 +205,12 @@ def test_shift_follows_the_image_size_as_flux_inference_does():
     config = flux_scheduler_config()
     assert dynamic_shift(1024, config) == pytest.approx(0.6300, abs=1e-3)  # 512 px: 64x64 latents, 2x2 patches
     assert dynamic_shift(4096, config) == pytest.approx(1.15)  # 1024 px
-    options = LossOptions(scheduler=FakeScheduler(), timestep_type="shift")
+    options = LossOptions(scheduler=flux_scheduler(), timestep_type="shift")
     small, large = sigma_table(options, 1024, "cpu"), sigma_table(options, 4096, "cpu")
     middle = 500  # the unshifted table is linear: sigma ~0.5 there
     assert large[middle] == pytest.approx(math.exp(1.15) / (math.exp(1.15) + 1 / 0.5005 - 1), rel=1e-3)
     assert large[middle] > small[middle] > 0.5
-    static = sigma_table(LossOptions(scheduler=FakeScheduler(dynamic=False), timestep_type="shift"), 4096, "cpu")
+    static = sigma_table(LossOptions(scheduler=flux_scheduler(dynamic=False), timestep_type="shift"), 4096, "cpu")
     assert static[middle] == pytest.approx(3 * 0.5005 / (1 + 2 * 0.5005), rel=1e-3)
 
 
@@ -217,12 +219,183 @@ def test_sigmoid_and_linear_tables():
     from fastbackend.training.families.flux import sigma_table
 
     torch.manual_seed(0)
-    sigmoid = sigma_table(LossOptions(scheduler=FakeScheduler(), timestep_type="sigmoid"), 4096, "cpu")
+    sigmoid = sigma_table(LossOptions(scheduler=flux_scheduler(), timestep_type="sigmoid"), 4096, "cpu")
     assert torch.all(sigmoid[:-1] >= sigmoid[1:]) and abs(sigmoid.median().item() - 0.5) < 0.05
     # logit-normal, not uniform: its 10th percentile is sigmoid(-1.28) = 0.217 (uniform: 0.1)
     assert sigmoid.quantile(0.1).item() == pytest.approx(0.217, abs=0.03)
-    linear = sigma_table(LossOptions(scheduler=FakeScheduler(), linear_timesteps=True), 4096, "cpu")
+    linear = sigma_table(LossOptions(scheduler=flux_scheduler(), linear_timesteps=True), 4096, "cpu")
     assert linear[0] == 1.0 and linear[-1] == pytest.approx(0.001) and torch.all(linear[:-1] > linear[1:])
+
+
+def test_weighted_weights_are_our_fit_of_ai_toolkits_measured_table():
+    """ai-toolkit's default_weighing_scheme: mean 1, its peak 1.52 at level 124, its smallest about 0.45
+    at the clean end; the fit (devtools/fit_timestep_weights.py) keeps that shape."""
+    from fastbackend.training.families.flux import measured_weights
+
+    weights = measured_weights("cpu")
+    assert weights.shape == (1000,) and weights.mean().item() == pytest.approx(1, abs=1e-6)
+    assert int(weights.argmax()) == 125 and weights.max().item() == pytest.approx(1.52, abs=0.01)
+    assert int(weights.argmin()) == 999 and 0.42 < weights[-1].item() < 0.5
+    assert weights[0].item() == pytest.approx(0.91, abs=0.01)  # the noisiest level weighs less than its neighbours
+    # A few of the table's own values (3 decimals), at knots and between them: the fit is within 0.02.
+    table = {0: 0.906, 25: 1.220, 124: 1.523, 250: 1.355, 500: 0.925, 750: 0.715, 900: 0.716, 999: 0.447}
+    assert {level: weights[level].item() for level in table} == pytest.approx(table, abs=0.02)
+
+
+def test_weighted_draws_linear_levels_and_multiplies_each_items_loss_by_its_levels_weight():
+    from fastbackend.training.families import LossOptions
+    from fastbackend.training.families.flux import bell_weights, flow_loss, measured_weights, sigma_table
+
+    weighted = LossOptions(scheduler=flux_scheduler(), timestep_type="weighted")
+    linear = sigma_table(LossOptions(scheduler=flux_scheduler(), timestep_type="linear"), 4096, "cpu")
+    assert torch.equal(sigma_table(weighted, 4096, "cpu"), linear)
+    torch.manual_seed(0)
+    prediction, target = torch.randn(3, 8, 16), torch.randn(3, 8, 16)
+    index = torch.tensor([0, 125, 999])
+    per_item = ((prediction - target) ** 2).mean(dim=(1, 2))
+    expected = (per_item * measured_weights("cpu")[index]).mean()
+    assert flow_loss(prediction, target, None, weighted, index).item() == pytest.approx(expected.item(), rel=1e-6)
+    # with linear_timesteps too, ai-toolkit takes the measured weights, not the bell
+    both = LossOptions(scheduler=flux_scheduler(), timestep_type="weighted", linear_timesteps=True)
+    assert flow_loss(prediction, target, None, both, index).item() == pytest.approx(expected.item(), rel=1e-6)
+    bell = (per_item * bell_weights("cpu")[index]).mean()
+    assert flow_loss(prediction, target, None, LossOptions(flux_scheduler(), linear_timesteps=True), index) == (
+        pytest.approx(bell.item(), rel=1e-6)
+    )
+
+
+@pytest.mark.parametrize("arch", ["flux", "zimage", "qwen_image", "flux2_klein_4b"])
+def test_each_flow_family_weights_its_loss_by_the_level_drawn(arch, tiny_models, monkeypatch):
+    """The same noise, level and denoiser: the weighted loss is the linear one times that level's weight."""
+    import importlib
+
+    from diffusers import DiffusionPipeline
+
+    from fastbackend.training.families import LossOptions, TrainingBatch, family_for
+    from fastbackend.training.families.flux import measured_weights
+
+    family = family_for(arch)
+    module = importlib.import_module(type(family).__module__)
+    pipe = DiffusionPipeline.from_pretrained(tiny_models / arch)
+    side = 64 // pipe.vae_scale_factor
+    torch.manual_seed(0)
+    latents = family.scale_latents(pipe, torch.randn(1, 4, side, side))
+    batch = TrainingBatch(latents=latents, cond=family.encode_prompt(pipe, "a photo"), sizes=torch.zeros(1, 6))
+    scheduler = family.training_scheduler(pipe)
+
+    def loss(kind: str, level: int) -> float:
+        monkeypatch.setattr(module, "noise_level_indices", lambda b, bias, device: torch.full((b,), level))
+        torch.manual_seed(1)  # the same noise for both kinds
+        with torch.no_grad():
+            return family.loss(pipe, family.denoiser(pipe), batch, LossOptions(scheduler, timestep_type=kind)).item()
+
+    weights = measured_weights("cpu")
+    for level in (125, 999):
+        assert loss("weighted", level) == pytest.approx(loss("linear", level) * weights[level].item(), rel=1e-5)
+
+
+def test_weighted_is_accepted_for_flow_matching_and_warned_about_elsewhere():
+    text = fixture_yaml().replace("dtype: bf16", "dtype: bf16\n      timestep_type: weighted")
+    for arch_line in ("is_flux: true", "arch: zimage", "arch: qwen_image", "arch: flux2_klein_4b"):
+        config, warnings = parse_training_config(text.replace("is_flux: true", arch_line))
+        assert config.process.train.timestep_type == "weighted"
+        assert not any("timestep_type" in warning for warning in warnings), warnings
+    _, sd_warnings = parse_training_config(text.replace("is_flux: true", "arch: sdxl"))
+    assert "config.process[0].train.timestep_type: ignored (a flow-matching setting; timesteps are uniform)" in (
+        sd_warnings
+    )
+
+
+def test_the_weights_fit_is_reproducible_from_a_table(tmp_path):
+    """devtools/fit_timestep_weights.py reads ai-toolkit's list without running the file and finds the
+    knots of a table that is itself a curve through them."""
+    from devtools.fit_timestep_weights import differences, fit, read_table
+    from fastbackend.training.families.flux import WEIGHTED_KNOTS, piecewise_linear, weighted_knot_indices
+
+    knots = torch.tensor(weighted_knot_indices(), dtype=torch.float64)
+    curve = piecewise_linear(knots, torch.tensor(WEIGHTED_KNOTS, dtype=torch.float64))
+    table = curve / curve.mean()
+    source = tmp_path / "default_weighing_scheme.py"
+    source.write_text("# measured\n\ndefault_weighing_scheme = [\n" + ",\n".join(map(repr, table.tolist())) + "\n]\n")
+    read = read_table(source)
+    assert torch.equal(read, table)
+    fitted = fit(read)
+    assert len(fitted) == 41 and fitted == pytest.approx(
+        [value / curve.mean().item() for value in WEIGHTED_KNOTS], abs=1e-3
+    )
+    assert differences(fitted, read).abs().max().item() < 2e-3
+
+
+def test_shift_ends_on_the_schedulers_shift_terminal_as_its_inference_does():
+    """Qwen-Image's scheduler stretches its shifted sigmas so the last is shift_terminal (0.02); ai-toolkit
+    does it for its shift types, and so does the table here: the scheduler's own 1000-step schedule."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from devtools.tiny import QWEN_IMAGE_SCHEDULER
+    from fastbackend.training.families import LossOptions
+    from fastbackend.training.families.flux import dynamic_shift, sigma_table
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
+    table = sigma_table(LossOptions(scheduler=scheduler, timestep_type="shift"), 1024, "cpu")
+    assert table[0].item() == pytest.approx(1.0) and table[-1].item() == pytest.approx(0.02, abs=1e-6)
+    assert torch.all(table[:-1] > table[1:])
+    scheduler.set_timesteps(1000, mu=dynamic_shift(1024, scheduler.config))
+    assert torch.allclose(table, scheduler.sigmas[:-1], atol=1e-6)  # its last sigma is the final 0
+    unstretched = FlowMatchEulerDiscreteScheduler(**(QWEN_IMAGE_SCHEDULER | {"shift_terminal": None}))
+    plain = sigma_table(LossOptions(scheduler=unstretched, timestep_type="shift"), 1024, "cpu")
+    assert plain[-1].item() < 0.01  # without it the last level stays near 0.001
+    for kind in ("linear", "weighted"):  # only the shift types stretch
+        assert sigma_table(LossOptions(scheduler=scheduler, timestep_type=kind), 1024, "cpu")[-1] == pytest.approx(
+            0.001
+        )
+
+
+def test_a_fixed_shift_spaces_its_levels_over_the_schedulers_own_range_as_ai_toolkit_does():
+    """Z-Image's scheduler shifts by a fixed 3, so its own sigmas run from 1 down to shift(0.001); ai-toolkit
+    spaces the shift types' levels evenly over that range and shifts them again, so the cleanest level is
+    shift(shift(0.001)), about 0.009, not shift(0.001)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fastbackend.training.families import LossOptions
+    from fastbackend.training.families.flux import sigma_table
+
+    def shift(sigma: float) -> float:
+        return 3 * sigma / (1 + 2 * sigma)
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # Z-Image's
+    table = sigma_table(LossOptions(scheduler=scheduler, timestep_type="shift"), 4096, "cpu")
+    assert table[0].item() == pytest.approx(1.0)
+    assert table[-1].item() == pytest.approx(shift(shift(0.001)), rel=1e-4)
+    middle = 1 - 500 * (1 - shift(0.001)) / 999
+    assert table[500].item() == pytest.approx(shift(middle), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["flux2_klein_4b", "flux2"])
+def test_flux2_shift_is_ai_toolkits_linear_mu_not_the_pipelines_empirical_one(arch, tiny_models):
+    """ai-toolkit trains FLUX.2 with one fixed scheduler (FLUX.1-dev's settings, its flux2_model.py) and
+    shifts by calculate_shift over the patched latents' tokens; diffusers' Flux2KleinPipeline samples with
+    compute_empirical_mu, which also depends on the step count. Training follows ai-toolkit."""
+    from diffusers import DiffusionPipeline
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    from fastbackend.training.families import LossOptions, family_for
+    from fastbackend.training.families.flux import sigma_table
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_models / arch)
+    pipe.scheduler.register_to_config(max_shift=3.0, shift_terminal=0.1)  # a checkpoint with other settings
+    scheduler = family_for(arch).training_scheduler(pipe)
+    config = scheduler.config
+    assert (config.use_dynamic_shifting, config.base_shift, config.max_shift, config.shift_terminal) == (
+        True, 0.5, 1.15, None
+    )  # fmt: skip
+    table = sigma_table(LossOptions(scheduler=scheduler, timestep_type="shift"), 4096, "cpu")  # 1024 px
+    middle = 0.5  # level 500 of the even table (1 to 0.001 in steps of 0.001)
+
+    def shifted(mu: float) -> float:
+        return math.exp(mu) / (math.exp(mu) + 1 / middle - 1)
+
+    assert table[500].item() == pytest.approx(shifted(1.15), rel=1e-4)
+    assert abs(table[500].item() - shifted(compute_empirical_mu(4096, 50))) > 0.05
 
 
 def test_content_favours_noise_and_style_favours_detail():

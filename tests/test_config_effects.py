@@ -95,7 +95,12 @@ def test_device_and_dtype_fall_back_on_the_cpu_and_the_8bit_paths_do_not(tiny_mo
 
 
 @pytest.mark.parametrize(
-    ("key", "expected"), [("timestep_type: flux_shift", "shift"), ("linear_timesteps: true", "sigmoid")]
+    ("key", "expected"),
+    [
+        ("timestep_type: flux_shift", "shift"),
+        ("linear_timesteps: true", "sigmoid"),
+        ("timestep_type: weighted", "weighted"),
+    ],
 )
 def test_flow_matching_keys_reach_the_loss(key, expected, tiny_models, data_root):
     run = set_up_run(tiny_models, data_root, "flux", {"gradient_accumulation_steps: 4": key})

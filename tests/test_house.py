@@ -66,6 +66,15 @@ def test_no_function_over_sixty_lines():
     assert long == []
 
 
+def test_readme_layout_names_every_devtool():
+    block = (REPO / "README.md").read_text().split("## Layout")[1].split("```")[1]
+    for path in (REPO / "devtools").glob("*.py"):
+        if path.stem != "__init__":
+            assert re.search(rf"\b{re.escape(path.name)}", block), (
+                f"README layout does not mention devtools/{path.name}"
+            )
+
+
 def test_the_dispatch_table_points_only_into_the_request_modules():
     for kind, (_, target) in handler_fast.OPERATIONS.items():
         module, _, function = target.partition(":")

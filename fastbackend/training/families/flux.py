@@ -2,7 +2,8 @@
 
 Noise levels (sigmas) are drawn as ai-toolkit draws them (its CustomFlowMatchEulerDiscreteScheduler):
 a table of 1000 levels by ``timestep_type``, an index into it by ``content_or_style``; with
-``linear_timesteps`` the loss is weighted by a bell curve over the table. FLUX.1-dev
+``linear_timesteps`` the loss is weighted by a bell curve over the table, with ``timestep_type:
+weighted`` by ai-toolkit's measured weights per level (a fit of them: ``WEIGHTED_KNOTS``). FLUX.1-dev
 (``guidance_embeds``) takes its guidance embedding at 1 while training. Its text encoders stay
 frozen, as in ai-toolkit.
 """
@@ -52,6 +53,20 @@ FLUX_TRAINING_SCHEDULER = {
     "base_image_seq_len": 256,
     "max_image_seq_len": 4096,
 }
+# train.timestep_type: weighted. ai-toolkit multiplies each item's loss by a weight per noise level, a
+# table of 1000 values it measured on Flex.1-alpha (its default_weighing_scheme; index 0 the most noise).
+# This is our own fit of that table, not the table: a piecewise-linear curve through these values at
+# indices 0, 25, ..., 975 and 999, each the least-squares best over the table, rounded to 3 decimals;
+# scaled to mean 1 over the 1000 levels, it is within 0.003 of the table in root mean square and 0.035
+# at most (index 13, where the table climbs steeply). devtools/fit_timestep_weights.py redoes the fit.
+WEIGHTED_KNOT_SPACING = 25
+WEIGHTED_KNOTS = (
+    0.909, 1.237, 1.379, 1.476, 1.506, 1.522, 1.510, 1.481, 1.442, 1.400,
+    1.355, 1.310, 1.263, 1.218, 1.172, 1.126, 1.082, 1.040, 1.000, 0.962,
+    0.925, 0.891, 0.859, 0.831, 0.805, 0.782, 0.762, 0.745, 0.731, 0.721,
+    0.715, 0.713, 0.716, 0.721, 0.729, 0.734, 0.719, 0.669, 0.583, 0.488,
+    0.436,
+)  # fmt: skip
 
 
 class Flux(Family):
@@ -103,9 +118,7 @@ class Flux(Family):
     def training_scheduler(self, pipe):
         """ai-toolkit trains every FLUX.1 (schnell too, whose own scheduler does not shift) with
         FLUX.1-dev's scheduler settings (its toolkit/sampler.py flux_config)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler(**FLUX_TRAINING_SCHEDULER)
+        return flux_training_scheduler()
 
     def loss(self, pipe, denoiser, batch: TrainingBatch, options: LossOptions) -> torch.Tensor:
         from diffusers import FluxPipeline
@@ -143,11 +156,21 @@ def flow_loss(
     prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None, options: LossOptions, index
 ) -> torch.Tensor:
     """The flow-matching families' loss: mean squared error per item (face-weighted when ``weights``),
-    with ``linear_timesteps``' bell weights over the noise levels drawn (``index``), averaged."""
+    times the weight of the noise level drawn (``index``) for ``timestep_type: weighted`` (ai-toolkit's
+    measured weights; they win over the bell, as there) or ``linear_timesteps`` (the bell), averaged."""
     per_item = weighted_mean(F.mse_loss(prediction.float(), target.float(), reduction="none"), weights)
-    if options.linear_timesteps:
+    if options.timestep_type == "weighted":
+        per_item = per_item * measured_weights(prediction.device)[index]
+    elif options.linear_timesteps:
         per_item = per_item * bell_weights(prediction.device)[index]
     return per_item.mean()
+
+
+def flux_training_scheduler():
+    """A scheduler of FLUX.1-dev's settings: what ai-toolkit trains FLUX.1 and FLUX.2 with."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**FLUX_TRAINING_SCHEDULER)
 
 
 def pipeline_scheduler(pipe):
@@ -170,22 +193,37 @@ def sigma_table(options: LossOptions, image_seq_len: int, device) -> torch.Tenso
     """``NOISE_LEVELS`` sigmas in (0, 1], most noise first, for one batch.
 
     "sigmoid" (the default): sorted sigmoid(normal) draws, a logit-normal distribution. "linear" (or
-    ``linear_timesteps``): evenly spaced from 1 to 0.001. "shift": the even levels shifted towards
-    noise as the scheduler does at inference: by mu, which grows with the image's token count,
-    when the scheduler shifts dynamically (FLUX.1), else by its fixed ``shift``.
+    ``linear_timesteps``, or "weighted", which weights the loss instead): evenly spaced from 1 to
+    0.001. "shift": the even levels shifted towards noise as the scheduler does at inference
+    (``shifted``).
     """
-    kind = "linear" if options.linear_timesteps else options.timestep_type
+    kind = "linear" if options.linear_timesteps or options.timestep_type == "weighted" else options.timestep_type
     if kind == "sigmoid":
         return torch.sigmoid(torch.randn(NOISE_LEVELS, device=device)).sort(descending=True).values
-    even = torch.linspace(1.0, 1.0 / NOISE_LEVELS, NOISE_LEVELS, device=device)
     if kind == "linear":
-        return even
-    config = options.scheduler.config
+        return torch.linspace(1.0, 1.0 / NOISE_LEVELS, NOISE_LEVELS, device=device)
+    # ai-toolkit spaces the shift types' levels over the scheduler's own sigma range: 1 to 0.001, or
+    # with a fixed shift (Z-Image) to that shift's 0.001, which the shift below moves again (0.009).
+    scheduler = options.scheduler
+    even = torch.linspace(scheduler.sigma_max, scheduler.sigma_min, NOISE_LEVELS, device=device)
+    return shifted(even, scheduler, image_seq_len)
+
+
+def shifted(even: torch.Tensor, scheduler, image_seq_len: int) -> torch.Tensor:
+    """``even`` sigmas shifted as ``scheduler`` shifts them at inference: by mu, which grows with the
+    image's token count, when it shifts dynamically (FLUX.1), else by its fixed ``shift``; then, when
+    its config has a ``shift_terminal`` (Qwen-Image: 0.02), stretched by the scheduler's own rule so
+    the last level lands on it, as ai-toolkit does for its shift types."""
+    config = scheduler.config
     if config.get("use_dynamic_shifting"):
         mu = dynamic_shift(image_seq_len, config)
-        return math.exp(mu) / (math.exp(mu) + (1 / even - 1))
-    shift = config.get("shift", 3.0)
-    return shift * even / (1 + (shift - 1) * even)
+        sigmas = math.exp(mu) / (math.exp(mu) + (1 / even - 1))
+    else:
+        shift = config.get("shift", 3.0)
+        sigmas = shift * even / (1 + (shift - 1) * even)
+    if config.get("shift_terminal"):
+        sigmas = scheduler.stretch_shift_to_terminal(sigmas)
+    return sigmas
 
 
 def dynamic_shift(image_seq_len: int, config) -> float:
@@ -204,3 +242,26 @@ def bell_weights(device) -> torch.Tensor:
     bell = torch.exp(-2 * ((x - NOISE_LEVELS / 2) / NOISE_LEVELS) ** 2)
     bell = bell - bell.min()
     return bell * (NOISE_LEVELS / bell.sum())
+
+
+def measured_weights(device) -> torch.Tensor:
+    """``timestep_type: weighted``'s loss weight per noise level (index 0: the most noise), mean 1:
+    the piecewise-linear curve through ``WEIGHTED_KNOTS`` (our fit of ai-toolkit's measured table)."""
+    knots = torch.tensor(weighted_knot_indices(), dtype=torch.float64)
+    curve = piecewise_linear(knots, torch.tensor(WEIGHTED_KNOTS, dtype=torch.float64))
+    return (curve / curve.mean()).to(device=device, dtype=torch.float32)
+
+
+def weighted_knot_indices() -> list[int]:
+    """Where ``WEIGHTED_KNOTS`` sit: every ``WEIGHTED_KNOT_SPACING``-th level, and the last one."""
+    return [*range(0, NOISE_LEVELS, WEIGHTED_KNOT_SPACING), NOISE_LEVELS - 1]
+
+
+def piecewise_linear(knots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The curve through (``knots``, ``values``), straight between neighbours, at every level 0..999
+    (``knots`` ascending, the first 0 and the last 999)."""
+    levels = torch.arange(NOISE_LEVELS, dtype=values.dtype)
+    right = torch.searchsorted(knots, levels, right=True).clamp(1, len(knots) - 1)
+    left_x, right_x = knots[right - 1], knots[right]
+    t = (levels - left_x) / (right_x - left_x)
+    return values[right - 1] * (1 - t) + values[right] * t

@@ -29,7 +29,7 @@ from fastbackend.training.families.base import (
     module_names,
     noise_level_indices,
 )
-from fastbackend.training.families.flux import flow_loss, pipeline_scheduler, sigma_table
+from fastbackend.training.families.flux import flow_loss, flux_training_scheduler, sigma_table
 
 MAX_SEQUENCE = 512  # the pipeline pads every caption to this
 # The LoRA's modules: every Linear of both kinds of block, as ai-toolkit targets them; the shared
@@ -108,7 +108,11 @@ class Flux2Klein(Family):
         return encoded
 
     def training_scheduler(self, pipe):
-        return pipeline_scheduler(pipe)
+        """ai-toolkit trains every FLUX.2 with one fixed scheduler, FLUX.1-dev's settings, whatever the
+        checkpoint's own (its flux2_model.py scheduler_config). For ``timestep_type: shift`` that gives
+        mu linear in the patched latents' token count, 0.5 at 256 to 1.15 at 4,096 (1024 px), not the
+        pipeline's ``compute_empirical_mu``, which also depends on the number of inference steps."""
+        return flux_training_scheduler()
 
     def checkpoint_warnings(self, pipe, shown: str) -> list[str]:
         if not getattr(pipe.config, "is_distilled", False):

@@ -7,7 +7,8 @@ text encoder's last hidden states for the caption inside the pipeline's chat tem
 template's 34 leading tokens dropped, each as long as its tokens (padded with a mask in a batch).
 Latents are normalised per channel by the VAE's ``latents_mean`` / ``latents_std``. Noise levels are
 drawn as for FLUX.1 and, for ``timestep_type: shift``, shifted by the scheduler's dynamic shift
-(0.5 at 256 tokens to 0.9 at 8,192 in the published scheduler). Guidance is the pipeline's
+(0.5 at 256 tokens to 0.9 at 8,192 in the published scheduler), then stretched to end on its
+``shift_terminal`` (0.02), as at inference and in ai-toolkit. Guidance is the pipeline's
 ``true_cfg_scale`` against an empty negative prompt: the model has no guidance embedding.
 """
 
