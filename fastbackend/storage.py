@@ -299,8 +299,9 @@ def resolve_lora_file(reference: str, field: str) -> str:
             )
         return reference
     path = baked_model_folder(reference) or map_user_path(reference, field)
-    if path.is_dir():
-        path = path / LORA_WEIGHTS_NAME
+    if path.is_dir():  # the file inside is checked as any path is: it may be a link out of the root
+        inside = str(path / LORA_WEIGHTS_NAME)
+        path = baked_model_folder(inside) or map_user_path(inside, field)
     if not path.is_file():
         raise NotFound(f"{field}: {reference!r} is not a LoRA file (nor a folder holding {LORA_WEIGHTS_NAME})")
     return str(path)

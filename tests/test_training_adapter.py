@@ -224,3 +224,106 @@ def test_zimage_turbo_without_a_path_downloads_the_published_adapter_into_the_vo
     assert asked == [
         ("ostris/zimage_turbo_training_adapter", "zimage_turbo_training_adapter_v2.safetensors", str(hf_cache_dir()))
     ]
+
+
+def crash_at_step_3(monkeypatch):
+    from fastbackend.training import trainer
+
+    real_report = trainer.report_step
+
+    def crash(run, *args):
+        real_report(run, *args)
+        if run.step == 3:
+            raise RuntimeError("worker killed")
+
+    monkeypatch.setattr(trainer, "report_step", crash)
+    return lambda: monkeypatch.setattr(trainer, "report_step", real_report)
+
+
+def test_a_crashed_turbo_run_resumes_with_its_adapter_and_starts_over_without_it(tiny_models, data_root, monkeypatch):
+    """The saved state belongs to the adapter it was trained against: the same adapter continues it,
+    another (or none) starts from step 0 and says so."""
+    write_adapter(tiny_models, data_root)
+    model_path = install_model(tiny_models, data_root, "zimage")
+    upload_photos()
+    saves = {"save_every: 2000": "save_every: 2", "sample_every: 100": "sample_every: 1000"}
+    turbo = user_yaml(model_path, "zimage", steps=4, replacements=TURBO | saves)
+    restore = crash_at_step_3(monkeypatch)
+    assert train(turbo)["error_code"] == "internal_error"
+    restore()
+    resumed = train(turbo)
+    assert resumed["status"] == "success" and resumed["resumed_from_step"] == 2, resumed
+    other = {"name: nowy_dataset_1.3": "name: other"}
+    restore = crash_at_step_3(monkeypatch)
+    assert train(user_yaml(model_path, "zimage", steps=4, replacements=TURBO | saves | other))["error_code"] == (
+        "internal_error"
+    )
+    restore()
+    plain = train(user_yaml(model_path, "zimage", steps=4, replacements=saves | other))
+    assert plain["status"] == "success", plain
+    assert plain["resumed_from_step"] == 0
+    assert any(w.startswith("saved state at step 2 was made with another model") for w in plain["warnings"])
+
+
+def test_a_hub_shaped_reference_never_reads_the_working_directory(tiny_models, data_root, monkeypatch, tmp_path):
+    """owner/repo/file.safetensors names a hub file; a file of that name where the worker runs is not it."""
+    here = tmp_path / "cwd"
+    write_lora_file(tiny_models, "zimage", here / "own" / "repo" / "a.safetensors")
+    monkeypatch.chdir(here)
+    model_path = install_model(tiny_models, data_root, "zimage")
+    upload_photos()
+    hub_shaped = {"arch: zimage": "arch: zimage\n      assistant_lora_path: own/repo/a.safetensors"}
+    answer = train(user_yaml(model_path, "zimage", steps=1, replacements=hub_shaped))
+    assert answer["error_code"] == "model_load_failed", answer  # offline: the hub cannot have it
+
+
+def test_a_folder_whose_lora_file_links_out_of_the_root_is_refused(data_root, tmp_path):
+    from fastbackend.storage import LORA_WEIGHTS_NAME, resolve_lora_file
+
+    outside = tmp_path / "secret.safetensors"
+    outside.write_bytes(b"x")
+    folder = data_root / "adapters" / "evil"
+    folder.mkdir(parents=True)
+    (folder / LORA_WEIGHTS_NAME).symlink_to(outside)
+    for reference in ("adapters/evil", "/workspace/adapters/evil"):
+        with pytest.raises(FastBackendError) as caught:
+            resolve_lora_file(reference, "config.process[0].model.assistant_lora_path")
+        assert caught.value.code == ErrorCode.PATH_OUTSIDE_ROOT, reference
+
+
+def test_an_adapter_whose_layers_do_not_all_land_is_refused(tiny_models, data_root):
+    from safetensors.torch import load_file, save_file
+
+    path = write_adapter(tiny_models, data_root)
+    state = load_file(str(path))
+    save_file({key.replace(".layers.1.", ".layerz.1."): value for key, value in state.items()}, str(path))
+    model_path = install_model(tiny_models, data_root, "zimage")
+    upload_photos()
+    answer = train(user_yaml(model_path, "zimage", steps=1, replacements=TURBO))
+    assert answer["error_code"] == "model_load_failed", answer
+    assert (
+        "of its" in answer["error"]
+        and "up-projection weights found a layer of the ZImageTransformer2DModel" in (answer["error"])
+    )
+
+
+def test_an_adapters_text_encoder_layers_are_left_out(tiny_models, data_root):
+    """ai-toolkit applies a training adapter to the denoiser alone; FLUX's loader would put a file's
+    text-encoder layers on CLIP, which no sample switches off."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file, save_file
+
+    from fastbackend.training import lora_io
+
+    path = write_lora_file(tiny_models, "flux", data_root / "adapters" / "schnell.safetensors")
+    pipe = FluxPipeline.from_pretrained(tiny_models / "flux")
+    q_proj = pipe.text_encoder.get_submodule("encoder.layers.0.self_attn.q_proj")  # transformers 5's CLIP
+    text_layer = "text_encoder.encoder.layers.0.self_attn.q_proj"
+    state = load_file(str(path)) | {
+        f"{text_layer}.lora_A.weight": torch.randn(2, q_proj.in_features),
+        f"{text_layer}.lora_B.weight": torch.randn(q_proj.out_features, 2),
+    }
+    save_file(state, str(path))
+    lora_io.add_assistant(pipe, pipe.transformer, str(path))
+    assert lora_io.ASSISTANT in pipe.transformer.peft_config
+    assert not getattr(pipe.text_encoder, "peft_config", None)

@@ -107,16 +107,26 @@ def save_state(run: Run) -> None:
 
 
 def fingerprint(run: Run) -> dict:
-    """What must match for a saved state to be continued: same model, network and data."""
+    """What must match for a saved state to be continued: same model, training adapter, network
+    (its trained tensors, counted: layers that share one, as FLUX.2's q, k and v, count once) and data."""
     process = run.process
     return {
         "arch": run.family.name,
         "model": process.model.name_or_path,
+        "assistant": adapter_identity(run.job.assistant_lora),
         "rank": process.network.rank,
         "alpha": process.lora_alpha,
+        "parameters": [len(run.params), sum(p.numel() for p in run.params)],
         "dataset": run.dataset_hash,
         "lora_modules": sorted(run.lora_modules),
     }
+
+
+def adapter_identity(reference: str | None) -> str | None:
+    """A training adapter as the fingerprint knows it: a hub file by name, a local file by name and size."""
+    if reference is None or not Path(reference).is_absolute():
+        return reference
+    return f"{reference} ({Path(reference).stat().st_size} bytes)"
 
 
 def optimizer_class(run: Run) -> str:
@@ -157,7 +167,7 @@ def restore_state(run: Run) -> int:
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if run.ema is not None and state["ema"] is not None:
         run.ema.load_state_dict(state["ema"])
-    for param, grad in zip(run.params, state.get("grads") or [], strict=False):
+    for param, grad in zip(run.params, state.get("grads") or [None] * len(run.params), strict=True):
         param.grad = None if grad is None else grad.to(param.device)
     run.step, run.history, run.sha256 = state["step"], state["history"], state["sha256"]
     run.likeness = [likeness.Likeness(**s) for s in state.get("likeness", [])]

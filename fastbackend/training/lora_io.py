@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,13 +72,23 @@ def add_lora(
 
 def add_assistant(pipe, denoiser: torch.nn.Module, path: str) -> None:
     """Load a training adapter onto ``denoiser`` through the pipeline's own LoRA loader (so any file
-    it reads), frozen. ``add_lora`` keeps it on beside the LoRA that trains; ``assistant_off`` turns
-    it off for samples: the base model with the trained LoRA alone, as ai-toolkit samples."""
+    it reads), frozen; its text-encoder layers, if any, are left out, as ai-toolkit applies it to the
+    denoiser alone. ``add_lora`` keeps it on beside the LoRA that trains; ``assistant_off`` turns it
+    off for samples: the base model with the trained LoRA alone, as ai-toolkit samples.
+
+    Every layer of the file must land: diffusers only logs what it cannot place. The up-projections'
+    sizes add up the same however a loader splits a fused layer, so they are what is compared."""
     from safetensors.torch import load_file
 
-    pipe.load_lora_weights(load_file(path), adapter_name=ASSISTANT)
-    if ASSISTANT not in getattr(denoiser, "peft_config", {}):
-        raise ValueError(f"none of its layers is one of the {type(denoiser).__name__}'s")
+    state = {key: value for key, value in load_file(path).items() if not TEXT_ENCODER_KEY.match(key)}
+    expected = sum(value.numel() for key, value in state.items() if UP_KEY.search(key))
+    name = type(denoiser).__name__
+    pipe.load_lora_weights(state, adapter_name=ASSISTANT)
+    landed = sum(p.numel() for n, p in denoiser.named_parameters() if f".lora_B.{ASSISTANT}." in n)
+    if landed == 0:
+        raise ValueError(f"none of its layers is one of the {name}'s")
+    if landed != expected:
+        raise ValueError(f"only {landed:,} of its {expected:,} up-projection weights found a layer of the {name}")
     denoiser.requires_grad_(False)
 
 
@@ -95,6 +106,9 @@ def assistant_off(module: torch.nn.Module) -> Iterator[None]:
         for layer in layers:
             layer.set_scale(ASSISTANT, 1.0)
 
+
+UP_KEY = re.compile(r"(lora_B|lora_up|lora\.up)\.")  # a LoRA file's up-projections, in the formats diffusers reads
+TEXT_ENCODER_KEY = re.compile(r"(text_encoder|lora_te)")  # diffusers' and kohya's text-encoder layers
 
 Components = dict[str, torch.nn.Module]  # pipeline name ("unet", "transformer", "text_encoder", ...) -> module
 States = dict[str, dict[str, torch.Tensor]]  # the same names -> that module's LoRA weights

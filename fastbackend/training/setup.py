@@ -274,7 +274,8 @@ def load_assistant(pipe, family: Family, reference: str) -> None:
     """The config's training adapter on the denoiser (downloaded first when it is a hub file)."""
     field = f"{PREFIX}.model.assistant_lora_path"
     try:
-        path = reference if Path(reference).is_file() else download_hub_file(reference)
+        # storage.resolve_lora_file makes a local file absolute; anything else names a hub file
+        path = reference if Path(reference).is_absolute() else download_hub_file(reference)
         lora_io.add_assistant(pipe, family.denoiser(pipe), path)
     except Exception as exc:
         raise FastBackendError(
