@@ -296,7 +296,7 @@ def commit(
                 for name, text in auto_captions["captions"].items()
                 if name in images and PurePosixPath(name).stem not in taken
             }
-            _apply_captions(folder, images, {PurePosixPath(name).stem: text for name, text in wanted.items()})
+            _apply_captions(folder, images, {PurePosixPath(name).stem: text for name, text in wanted.items()}, True)
         if pending:
             manifest["pending"] = pending
         folder.write_manifest(manifest)
@@ -354,13 +354,15 @@ def _write_image(
     sha256: str = item["sha256"]
     path = folder.path / filename
     move_into_place(item["staged"], folder.path / (staged or filename))
-    previous = images.get(filename)  # an overwrite keeps the caption unless the request brings one
+    # An overwrite keeps a user's caption unless the request brings one; the captioner's described the old bytes.
+    previous = images.get(filename)
+    kept = previous is not None and not previous.get("auto_caption")
     images[filename] = ManifestEntry(
         sha256=sha256,
         width=checked.width,
         height=checked.height,
         bytes=checked.size,
-        caption=previous["caption"] if previous else None,
+        caption=previous["caption"] if kept else None,
         added=now(),
     )
     return {
@@ -373,17 +375,33 @@ def _write_image(
     }
 
 
-def captioned_stems(images: dict[str, ManifestEntry]) -> set[str]:
-    """The stems whose caption file holds a caption: images sharing a stem (a.jpg, a.png) share ``a.txt``."""
-    return {PurePosixPath(name).stem for name, entry in images.items() if entry["caption"]}
+def captioned_stems(images: dict[str, ManifestEntry], batch: UploadBatch | None = None) -> set[str]:
+    """The stems whose caption file holds a caption: images sharing a stem (a.jpg, a.png) share ``a.txt``.
+    With ``batch``, the captions that survive it: new bytes under a name drop the captioner's caption."""
+    return {
+        PurePosixPath(name).stem
+        for name, entry in images.items()
+        if entry["caption"] and not (batch is not None and entry.get("auto_caption") and _rewritten(name, entry, batch))
+    }
 
 
-def _apply_captions(folder: DatasetFolder, images: dict[str, ManifestEntry], captions: dict[str, str]) -> None:
+def _rewritten(name: str, entry: ManifestEntry, batch: UploadBatch) -> bool:
+    return name in batch.images and batch.images[name]["sha256"] != entry["sha256"]
+
+
+def _apply_captions(
+    folder: DatasetFolder, images: dict[str, ManifestEntry], captions: dict[str, str], automatic: bool = False
+) -> None:
     stems = {PurePosixPath(name).stem: name for name in images}
     for stem, caption in captions.items():
         if stem in stems:
             atomic_write_bytes(folder.caption_path(stems[stem]), caption.encode())
-            images[stems[stem]]["caption"] = caption
+            entry = images[stems[stem]]
+            entry["caption"] = caption
+            if automatic:
+                entry["auto_caption"] = True
+            else:
+                entry.pop("auto_caption", None)
 
 
 def remove_unlisted(folder: DatasetFolder, images: dict[str, ManifestEntry]) -> None:

@@ -45,6 +45,9 @@ class ManifestEntry(TypedDict):
     bytes: int  # of the stored file
     caption: str | None
     added: str  # ISO time
+    # The caption is the captioner's (upload_training_data's auto_caption): it describes these bytes,
+    # so new bytes under the name drop it, where a user's caption stays. Absent: the user's, or none.
+    auto_caption: NotRequired[bool]
 
 
 class Manifest(TypedDict, total=False):

@@ -304,3 +304,33 @@ def test_each_photo_gets_its_own_caption_across_batches(tmp_path):
 def test_a_blank_trigger_word_is_refused(data_root):
     answer = upload(files=files(nine_photos()[:1], [None]), auto_caption={"trigger_word": " , "})
     assert answer["error"].startswith("input.auto_caption.trigger_word: must contain a letter or digit, got ' , '")
+
+
+def test_new_bytes_under_a_name_drop_its_automatic_caption_and_keep_a_users(data_root, captioner, monkeypatch):
+    """The captioner's caption describes the photo it saw: a new photo under that name gets a new one
+    (or none, and the warning says so); a caption the user wrote stays, as for any overwrite."""
+    from fastbackend import captions
+
+    first, second, third = [data for name, data, _ in nine_photos() if name.endswith(".jpg")][:3]
+    assert upload(files=[{"filename": "a.jpg", "content": b64(first)}], auto_caption=True)["status"] == "success"
+    manifest = json.loads((data_root / "training_data" / "matt" / "manifest.json").read_text())
+    assert manifest["images"]["a.jpg"]["auto_caption"] is True
+
+    seen = []
+    real = captions.caption_photos
+    monkeypatch.setattr(captions, "caption_photos", lambda photos, *a: seen.append(sorted(photos)) or real(photos, *a))
+    again = upload(files=[{"filename": "a.jpg", "content": b64(second)}], auto_caption=True, overwrite=True)
+    assert again["status"] == "success", again
+    assert seen == [["a.jpg"]] and again["auto_captions"]["captions"] == {"a.jpg": TINY_PERSONALIZED}
+
+    plain = upload(files=[{"filename": "a.jpg", "content": b64(third)}], overwrite=True)
+    assert plain["status"] == "success", plain
+    assert stored_captions(data_root) == {"a.jpg": None}
+    assert not (data_root / "training_data" / "matt" / "a.txt").exists()
+    assert plain["warnings"] == ["1 image(s) have no caption: a.jpg"]
+
+    mine = upload(files=[{"filename": "a.jpg", "content": b64(first), "caption": "my words"}], overwrite=True)
+    assert mine["status"] == "success", mine
+    kept = upload(files=[{"filename": "a.jpg", "content": b64(second)}], auto_caption=True, overwrite=True)
+    assert kept["status"] == "success" and "auto_captions" not in kept, kept
+    assert stored_captions(data_root) == {"a.jpg": "my words"}

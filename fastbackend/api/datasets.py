@@ -76,12 +76,13 @@ def _auto_captions(
     """Captions for the images that asked for one (``caption: "auto"``, or every image without a
     caption under ``auto_caption``), by filename, with the captioner's name and class word.
 
-    Images the dataset already holds with a caption are left out: user captions are never replaced.
+    Images the dataset already holds with a caption are left out: user captions are never replaced
+    (an automatic caption of bytes this upload replaces is no longer there: it is made again).
     """
     from fastbackend.captions import caption_photos
 
     held = {} if request.mode == "replace" else folder.read_manifest()["images"]
-    captioned = set(batch.captions) | datasets.captioned_stems(held)
+    captioned = set(batch.captions) | datasets.captioned_stems(held, batch)
     photos = {
         name: item["staged"]
         for name, item in batch.images.items()
