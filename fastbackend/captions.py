@@ -267,16 +267,16 @@ def write_captions(
 
 
 def caption_photos(photos: dict[str, Path], options: AutoCaption, field: str, progress=None) -> dict:
-    """Load the captioner, caption ``photos`` (name -> path), let it go: ``{"model", "class_word",
-    "captions": {name: caption}}``. ``progress`` (a request's callback) hears each batch."""
-    import torch
+    """Caption ``photos`` (name -> path): ``{"model", "class_word", "captions": {name: caption}}``.
+    ``progress`` (a request's callback) hears each batch. The captioner stays loaded for the next
+    upload (a dataset comes in several requests under the payload limits) until another model or a
+    training run needs the memory (``pipeline_cache``)."""
+    from fastbackend.training import pipeline_cache
 
-    captioner = load_captioner(options.model, f"{field}.model")
+    shown = options.model or settings.CAPTION_MODEL.get()
+    source = _local_or_hub(shown, f"{field}.model")
     report = (lambda done, total: progress({"stage": "captioning", "done": done, "total": total})) if progress else None
-    try:
+    with pipeline_cache.lock:
+        captioner = pipeline_cache.kept(f"captioner:{source}", lambda: load_captioner(options.model, f"{field}.model"))
         captions, word = write_captions(photos, captioner, options.trigger_word, options.class_word, report)
-    finally:
-        del captioner
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return {"model": options.model or settings.CAPTION_MODEL.get(), "class_word": word, "captions": captions}
+    return {"model": shown, "class_word": word, "captions": captions}

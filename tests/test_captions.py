@@ -334,3 +334,25 @@ def test_new_bytes_under_a_name_drop_its_automatic_caption_and_keep_a_users(data
     kept = upload(files=[{"filename": "a.jpg", "content": b64(second)}], auto_caption=True, overwrite=True)
     assert kept["status"] == "success" and "auto_captions" not in kept, kept
     assert stored_captions(data_root) == {"a.jpg": "my words"}
+
+
+def test_the_captioner_stays_loaded_for_the_next_upload_until_another_model_needs_the_memory(
+    data_root, captioner, monkeypatch
+):
+    """A dataset arrives in several requests (the payload limits): the captioner loads once for all
+    of them; training (or generate's pipeline) takes its place."""
+    from fastbackend import captions
+    from fastbackend.training import pipeline_cache
+
+    loads = []
+    real = captions.load_captioner
+    monkeypatch.setattr(captions, "load_captioner", lambda *args: loads.append(args) or real(*args))
+    photos = [(name, data, c) for name, data, c in nine_photos() if name.endswith(".jpg")]
+    for name, data, _ in photos[:3]:
+        assert upload(files=[{"filename": name, "content": b64(data)}], auto_caption=True)["status"] == "success"
+    assert len(loads) == 1 and len(pipeline_cache._loaded) == 1
+    pipeline_cache.release()  # what a training run does first
+    assert pipeline_cache._loaded == {}
+    name, data, _ = photos[3]
+    assert upload(files=[{"filename": name, "content": b64(data)}], auto_caption=True)["status"] == "success"
+    assert len(loads) == 2

@@ -1,12 +1,15 @@
-"""The last base pipeline ``generate`` used, kept loaded between jobs on a warm worker.
+"""The last model a request loaded (``generate``'s base pipeline, the upload's captioner), kept
+loaded between jobs on a warm worker.
 
-At most one pipeline is kept; training drops it first (``release``), since it needs the GPU
-memory for its own copy. Callers hold ``lock`` while they use the pipeline.
+At most one model is kept: loading another drops it, and training drops it first (``release``),
+since it needs the GPU memory for its own copy. Callers hold ``lock`` while they use the model.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -14,18 +17,28 @@ from fastbackend.storage import hf_cache_dir
 from fastbackend.training.families import Family
 
 lock = threading.RLock()
-_loaded: dict[str, object] = {}  # base model -> pipeline; at most one entry
+_loaded: dict[str, Any] = {}  # what it was loaded from -> the model; at most one entry
+T = TypeVar("T")
 
 
 def pipeline(family: Family, source: str, field: str):
     """The pipeline of ``source`` on the best device, loaded unless it is the one kept."""
+
+    def load():
+        cuda = torch.cuda.is_available()
+        pipe = family.load(source, torch.bfloat16 if cuda else torch.float32, str(hf_cache_dir()), field=field)
+        return pipe.to("cuda" if cuda else "cpu")
+
+    return kept(source, load)
+
+
+def kept(key: str, load: Callable[[], T]) -> T:
+    """The model kept under ``key``, or ``load()``'s, kept in its place (the one kept before goes first)."""
     with lock:
-        if source not in _loaded:
-            _loaded.clear()
-            cuda = torch.cuda.is_available()
-            pipe = family.load(source, torch.bfloat16 if cuda else torch.float32, str(hf_cache_dir()), field=field)
-            _loaded[source] = pipe.to("cuda" if cuda else "cpu")
-        return _loaded[source]
+        if key not in _loaded:
+            release()
+            _loaded[key] = load()
+        return _loaded[key]
 
 
 def release() -> None:
