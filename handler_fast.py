@@ -29,6 +29,7 @@ from fastbackend import logs, settings, stopping
 from fastbackend.errors import ErrorCode, FastBackendError, PayloadTooLarge, error_response
 from fastbackend.schemas import (
     AnalyzeDatasetRequest,
+    CaptionDatasetRequest,
     DeleteDatasetRequest,
     DeleteModelRequest,
     DownloadModelRequest,
@@ -56,6 +57,7 @@ OPERATIONS: dict[str, tuple[type[Request], str]] = {
     "list_datasets": (ListDatasetsRequest, "fastbackend.api.datasets:list_datasets"),
     "delete_dataset": (DeleteDatasetRequest, "fastbackend.api.datasets:delete_dataset"),
     "analyze_dataset": (AnalyzeDatasetRequest, "fastbackend.api.datasets:analyze_dataset"),
+    "caption_dataset": (CaptionDatasetRequest, "fastbackend.api.datasets:caption_dataset"),
     "train_with_yaml": (TrainWithYamlRequest, "fastbackend.api.train:train_with_yaml"),
     "generate": (GenerateRequest, "fastbackend.api.generate:generate"),
     "get_samples": (GetSamplesRequest, "fastbackend.api.loras:get_samples"),

@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     upload.add_argument("folder", type=Path)
     upload.add_argument("--replace", action="store_true")
     upload.add_argument("--auto-caption", action="store_true", help="caption the images that have no .txt")
+    caption = commands.add_parser("caption", help="caption a dataset's photos that have no caption")
+    caption.add_argument("name")
+    caption.add_argument("--again", action="store_true", help="also caption again what the captioner wrote")
     commands.add_parser("train", help="train from an ai-toolkit YAML file").add_argument("config", type=Path)
     commands.add_parser("list", help="list the trained LoRAs")
     download = commands.add_parser("download", help="download a LoRA")
@@ -186,6 +189,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "upload":
             mode = "replace" if args.replace else "append"
             result = client.upload_folder(args.name, args.folder, mode, auto_caption=args.auto_caption)
+        elif args.command == "caption":
+            result = client.call(
+                {"type": "caption_dataset", "training_name": args.name, "replace_automatic": args.again}
+            )
         elif args.command == "train":
             result = client.call({"type": "train_with_yaml", "yaml_config": args.config.read_text()}, notify=True)
         elif args.command == "list":

@@ -289,20 +289,36 @@ def commit(
             uploaded.append(_write_image(folder, filename, item, images, pending.get(filename)))
         _apply_captions(folder, images, batch.captions)
         if auto_captions:
-            # Only where no caption arrived meanwhile (a duplicate skipped under this name is not in images).
-            taken = captioned_stems(images)
-            wanted = {
-                name: text
-                for name, text in auto_captions["captions"].items()
-                if name in images and PurePosixPath(name).stem not in taken
-            }
-            _apply_captions(folder, images, {PurePosixPath(name).stem: text for name, text in wanted.items()}, True)
+            _apply_automatic(folder, images, auto_captions["captions"], captioned_stems(images))
         if pending:
             manifest["pending"] = pending
         folder.write_manifest(manifest)
         manifest = finish_pending(folder)
         remove_unlisted(folder, images)
     return uploaded, skipped, replaced, manifest
+
+
+def _apply_automatic(
+    folder: DatasetFolder, images: dict[str, ManifestEntry], captions: dict[str, str], taken: set[str]
+) -> None:
+    """The captioner's ``captions`` (by filename), where the image is still there and its stem is not
+    ``taken`` (a caption arrived meanwhile; a duplicate skipped under this name is not in ``images``)."""
+    wanted = {PurePosixPath(name).stem: text for name, text in captions.items() if name in images}
+    _apply_captions(folder, images, {stem: text for stem, text in wanted.items() if stem not in taken}, True)
+
+
+def add_automatic_captions(folder: DatasetFolder, captions: dict[str, str], seen: dict[str, str]) -> Manifest:
+    """Write the captioner's ``captions`` for photos already in ``folder``, under its lock: each only if
+    the photo still has the bytes it was captioned from (``seen``: name -> sha256) and its stem still
+    has no caption other than an automatic one of those same bytes. Returns the manifest."""
+    with locked(folder.path):
+        manifest = finish_pending(folder)
+        images = manifest["images"]
+        current = {name: text for name, text in captions.items() if images.get(name, {}).get("sha256") == seen[name]}
+        taken = {PurePosixPath(n).stem for n, e in images.items() if e["caption"] and not e.get("auto_caption")}
+        _apply_automatic(folder, images, current, taken)
+        folder.write_manifest(manifest)
+    return manifest
 
 
 def finish_pending(folder: DatasetFolder) -> Manifest:

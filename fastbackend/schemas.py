@@ -141,6 +141,21 @@ class UploadFile(BaseModel):
     caption: str | None = Field(None, max_length=MAX_CAPTION_CHARS, description='Its caption, or "auto".')
 
 
+class CaptionDatasetRequest(Request):
+    training_name: SafeName
+    auto_caption: AutoCaption = Field(
+        default_factory=AutoCaption, description="How the captions are written (true, or the options)."
+    )
+    replace_automatic: bool = Field(
+        False, description="Caption again the photos whose caption the captioner wrote (never a user's)."
+    )
+
+    @field_validator("auto_caption", mode="before")
+    @classmethod
+    def _true_means_the_defaults(cls, value: object) -> object:
+        return {} if value is True else value
+
+
 class UploadTrainingDataRequest(Request):
     training_name: SafeName
     files: list[UploadFile] = Field(default_factory=list)

@@ -356,3 +356,63 @@ def test_the_captioner_stays_loaded_for_the_next_upload_until_another_model_need
     name, data, _ = photos[3]
     assert upload(files=[{"filename": name, "content": b64(data)}], auto_caption=True)["status"] == "success"
     assert len(loads) == 2
+
+
+def caption_dataset(**extra) -> dict:
+    from handler_fast import handler
+
+    return handler({"id": "cap", "input": {"type": "caption_dataset", "training_name": "matt", **extra}})
+
+
+def test_caption_dataset_captions_the_photos_already_there_that_have_none(data_root, captioner):
+    photos = [(name, data, c) for name, data, c in nine_photos() if name.endswith(".jpg")][:3]
+    names = [name for name, _, _ in photos]
+    assert upload(files=files(photos, [None, "my own words", None]))["status"] == "success"
+    answer = caption_dataset()
+    assert answer["status"] == "success", answer
+    assert answer["auto_captions"] == {
+        "model": str(captioner),
+        "class_word": "man",
+        "captions": {names[0]: TINY_PERSONALIZED, names[2]: TINY_PERSONALIZED},
+    }
+    assert stored_captions(data_root) == {
+        names[0]: TINY_PERSONALIZED,
+        names[1]: "my own words",
+        names[2]: TINY_PERSONALIZED,
+    }
+    assert answer["warnings"] == []
+    assert caption_dataset()["auto_captions"] == {"captions": {}}  # nothing left to caption
+
+    again = caption_dataset(replace_automatic=True, auto_caption={"trigger_word": "sks", "class_word": "woman"})
+    assert again["status"] == "success", again
+    woman = "sks woman, wearing a blue shirt, standing in front of a brick wall."
+    assert stored_captions(data_root) == {names[0]: woman, names[1]: "my own words", names[2]: woman}
+
+
+def test_caption_dataset_writes_nothing_over_what_changed_while_it_ran(data_root, captioner, monkeypatch):
+    """A photo overwritten, or captioned by its user, while the captioner ran keeps what arrived."""
+    from fastbackend import captions
+
+    (a, a_bytes, _), (b, b_bytes, _), (_, other, _) = [p for p in nine_photos() if p[0].endswith(".jpg")][:3]
+    assert upload(files=files([(a, a_bytes, None), (b, b_bytes, None)], [None, None]))["status"] == "success"
+    real = captions.caption_photos
+
+    def meanwhile(*args, **kwargs):
+        written = real(*args, **kwargs)
+        assert upload(files=[{"filename": a, "content": b64(other)}], overwrite=True)["status"] == "success"
+        txt = b.rsplit(".", 1)[0] + ".txt"
+        assert upload(files=[{"filename": txt, "content": b64(b"the user's words")}])["status"] == "success"
+        return written
+
+    monkeypatch.setattr(captions, "caption_photos", meanwhile)
+    answer = caption_dataset()
+    assert answer["status"] == "success", answer
+    assert stored_captions(data_root) == {a: None, b: "the user's words"}
+    assert answer["auto_captions"]["captions"] == {}
+    assert answer["warnings"] == [f"1 image(s) have no caption: {a}"]
+
+
+def test_caption_dataset_names_a_dataset_that_is_not_there(data_root):
+    answer = caption_dataset()
+    assert answer["error_code"] == "not_found", answer
+    assert "matt" in answer["error"]

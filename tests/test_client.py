@@ -45,3 +45,11 @@ def test_auto_caption_goes_with_every_request_and_the_captions_come_back_togethe
     assert len(sent) == 2 and sent[0]["auto_caption"] is True
     assert sent[1]["auto_caption"] == {"class_word": "man"}  # the first request's, for the whole dataset
     assert result["auto_captions"]["captions"] == {f"img{i}.jpg": f"[trigger] man img{i}.jpg" for i in range(3)}
+
+
+def test_caption_asks_the_worker_to_caption_a_dataset_already_there(monkeypatch, capsys):
+    sent = []
+    monkeypatch.setattr(client.Client, "call", lambda self, payload, notify=False: sent.append(payload) or {"ok": 1})
+    client.main(["--url", "http://localhost:8000", "caption", "matt", "--again"])
+    assert sent == [{"type": "caption_dataset", "training_name": "matt", "replace_automatic": True}]
+    assert json.loads(capsys.readouterr().out) == {"ok": 1}

@@ -392,3 +392,12 @@ def test_the_log_level_follows_the_environment(tmp_path):
     )
     assert "job local_test refused" in quiet.stdout + quiet.stderr  # a warning
     assert "job local_test refused" not in silent.stdout + silent.stderr
+
+
+def test_every_request_type_has_its_section_in_the_contract():
+    """The contract documents every `input.type` the handler dispatches, each under a heading of its own."""
+    from handler_fast import OPERATIONS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    headings = [line for line in readme.splitlines() if line.startswith("### ")]
+    assert [name for name in OPERATIONS if not any(f"`{name}`" in heading for heading in headings)] == []

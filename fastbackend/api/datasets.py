@@ -18,6 +18,7 @@ from fastbackend.layout import DatasetFolder
 from fastbackend.schemas import (
     AUTO,
     AnalyzeDatasetRequest,
+    CaptionDatasetRequest,
     DeleteDatasetRequest,
     ListDatasetsRequest,
     UploadTrainingDataRequest,
@@ -154,6 +155,32 @@ def delete_dataset(request: DeleteDatasetRequest, progress: Progress | None = No
     count = len(folder.images())
     remove_tree(folder.path)
     return {"status": "success", "deleted": request.training_name, "images": count}
+
+
+def caption_dataset(request: CaptionDatasetRequest, progress: Progress | None = None) -> dict:
+    """Automatic captions for the photos of a dataset already on the volume that have none (and, with
+    ``replace_automatic``, again for those the captioner wrote): what ``auto_caption`` does at upload,
+    without sending the photos again. A user's caption is never replaced."""
+    from fastbackend.captions import caption_photos
+
+    folder = DatasetFolder(existing_dataset_dir(request.training_name))
+    datasets.recover(folder)
+    images = folder.read_manifest()["images"]
+    keep = {
+        name: entry for name, entry in images.items() if not (request.replace_automatic and entry.get("auto_caption"))
+    }
+    taken = datasets.captioned_stems(keep)
+    wanted = sorted(name for name in images if PurePosixPath(name).stem not in taken)
+    written = {"captions": {}}
+    if wanted:
+        photos = {name: no_links(folder.path / name) for name in wanted}
+        written = caption_photos(photos, request.auto_caption, "input.auto_caption", progress)
+        seen = {name: images[name]["sha256"] for name in wanted}
+        images = datasets.add_automatic_captions(folder, written["captions"], seen)["images"]
+    uncaptioned = sorted(name for name, entry in images.items() if not entry["caption"])
+    warnings = [f"{len(uncaptioned)} image(s) have no caption: {', '.join(uncaptioned[:10])}"] if uncaptioned else []
+    shown = _shown_captions(written, images) if wanted else {"captions": {}}
+    return {"status": "success", "training_name": request.training_name, "auto_captions": shown, "warnings": warnings}
 
 
 def analyze_dataset(request: AnalyzeDatasetRequest, progress: Progress | None = None) -> dict:
