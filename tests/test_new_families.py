@@ -280,24 +280,15 @@ def test_a_saved_state_of_another_lora_layout_starts_over_instead_of_loading_int
     """FLUX.2's q, k and v share one lora_A; a state saved with three (this worker's earlier layout)
     names the same tensors but not the same parameters: the fingerprint counts them, so it is not
     loaded into the shared one (which would keep v's and pair it with q's and k's B)."""
-    from fastbackend.training import trainer
     from fastbackend.training.families import Family
     from fastbackend.training.families.flux2 import Flux2Klein
-    from tests.training_helpers import install_model, train, upload_photos, user_yaml
+    from tests.training_helpers import install_model, killed_at_step, train, upload_photos, user_yaml
 
     model_path = install_model(tiny_models, data_root, "flux2_klein_4b")
     upload_photos()
     saves = {"save_every: 2000": "save_every: 2", "sample_every: 100": "sample_every: 1000"}
     text = user_yaml(model_path, "flux2_klein_4b", steps=4, replacements=saves)
-    real_report = trainer.report_step
-
-    def crash(run, *args):
-        real_report(run, *args)
-        if run.step == 3:
-            raise RuntimeError("worker killed")
-
-    with monkeypatch.context() as patched:
-        patched.setattr(trainer, "report_step", crash)
+    with killed_at_step(3, monkeypatch), monkeypatch.context() as patched:
         patched.setattr(Flux2Klein, "shared_lora_down", lambda self, denoiser: [])  # three lora_A, untied
         patched.setattr(Flux2Klein, "file_tensors", Family.file_tensors)  # (the fused file needs them tied)
         assert train(text)["error_code"] == "internal_error"

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from handler_fast import handler
-from tests.training_helpers import USER_CONFIG, install_model, train, upload_photos, user_yaml
+from tests.training_helpers import USER_CONFIG, install_model, killed_at_step, train, upload_photos, user_yaml
 
 ARCHES = ["flux", "flux_schnell", "sdxl", "sd15", "zimage", "qwen_image", "flux2_klein_4b", "flux2"]
 
@@ -212,8 +212,6 @@ def test_step_saves_keep_the_newest(tiny_models, data_root):
 
 @pytest.mark.parametrize("arch", ["flux", "zimage", "qwen_image", "flux2_klein_4b", "flux2"])
 def test_a_crashed_run_resumes_from_its_last_save(arch, tiny_models, data_root, monkeypatch):
-    from fastbackend.training import trainer
-
     model_path = install_model(tiny_models, data_root, arch)
     upload_photos()
     yaml_text = user_yaml(
@@ -222,17 +220,9 @@ def test_a_crashed_run_resumes_from_its_last_save(arch, tiny_models, data_root, 
         steps=5,
         replacements={"save_every: 2000": "save_every: 2", "sample_every: 100": "sample_every: 1000"},
     )
-    real_report = trainer.report_step
-
-    def crash_at_step_3(run, *args):
-        real_report(run, *args)
-        if run.step == 3:
-            raise RuntimeError("worker killed")
-
-    monkeypatch.setattr(trainer, "report_step", crash_at_step_3)
-    crashed = train(yaml_text)
+    with killed_at_step(3, monkeypatch):
+        crashed = train(yaml_text)
     assert crashed["error_code"] == "internal_error"
-    monkeypatch.setattr(trainer, "report_step", real_report)
     output = data_root / "output" / "nowy_dataset_1.3"
     assert (output / "training_state.pt").exists() and not (output / "nowy_dataset_1.3.safetensors").exists()
     resumed = train(yaml_text)

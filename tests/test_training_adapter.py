@@ -11,7 +11,7 @@ import torch
 from fastbackend.config import ZIMAGE_TURBO_ADAPTER, parse_training_config
 from fastbackend.errors import ErrorCode, FastBackendError
 from fastbackend.layout import LoraFolder
-from tests.training_helpers import install_model, train, upload_photos, user_yaml, write_lora_file
+from tests.training_helpers import install_model, killed_at_step, train, upload_photos, user_yaml, write_lora_file
 
 ADAPTER_FILE = "adapters/turbo.safetensors"  # under the data root
 TURBO = {"arch: zimage": f"arch: zimage:turbo\n      assistant_lora_path: {ADAPTER_FILE}"}
@@ -226,20 +226,6 @@ def test_zimage_turbo_without_a_path_downloads_the_published_adapter_into_the_vo
     ]
 
 
-def crash_at_step_3(monkeypatch):
-    from fastbackend.training import trainer
-
-    real_report = trainer.report_step
-
-    def crash(run, *args):
-        real_report(run, *args)
-        if run.step == 3:
-            raise RuntimeError("worker killed")
-
-    monkeypatch.setattr(trainer, "report_step", crash)
-    return lambda: monkeypatch.setattr(trainer, "report_step", real_report)
-
-
 def test_a_crashed_turbo_run_resumes_with_its_adapter_and_starts_over_without_it(tiny_models, data_root, monkeypatch):
     """The saved state belongs to the adapter it was trained against: the same adapter continues it,
     another (or none) starts from step 0 and says so."""
@@ -248,17 +234,14 @@ def test_a_crashed_turbo_run_resumes_with_its_adapter_and_starts_over_without_it
     upload_photos()
     saves = {"save_every: 2000": "save_every: 2", "sample_every: 100": "sample_every: 1000"}
     turbo = user_yaml(model_path, "zimage", steps=4, replacements=TURBO | saves)
-    restore = crash_at_step_3(monkeypatch)
-    assert train(turbo)["error_code"] == "internal_error"
-    restore()
+    with killed_at_step(3, monkeypatch):
+        assert train(turbo)["error_code"] == "internal_error"
     resumed = train(turbo)
     assert resumed["status"] == "success" and resumed["resumed_from_step"] == 2, resumed
     other = {"name: nowy_dataset_1.3": "name: other"}
-    restore = crash_at_step_3(monkeypatch)
-    assert train(user_yaml(model_path, "zimage", steps=4, replacements=TURBO | saves | other))["error_code"] == (
-        "internal_error"
-    )
-    restore()
+    with killed_at_step(3, monkeypatch):
+        crashed = train(user_yaml(model_path, "zimage", steps=4, replacements=TURBO | saves | other))
+    assert crashed["error_code"] == "internal_error"
     plain = train(user_yaml(model_path, "zimage", steps=4, replacements=saves | other))
     assert plain["status"] == "success", plain
     assert plain["resumed_from_step"] == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -89,3 +91,21 @@ def write_lora_file(tiny_models: Path, arch: str, path: Path, rank: int = 2, see
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(lora_io.to_file_format(family, states, rank, rank), str(path))
     return path
+
+
+@contextlib.contextmanager
+def killed_at_step(step: int, monkeypatch) -> Iterator[None]:
+    """Inside, a training run dies right after reporting ``step`` (as a lost worker would, after any
+    save there); outside, runs go on as before."""
+    from fastbackend.training import trainer
+
+    real_report = trainer.report_step
+
+    def report_then_die(run, *args):
+        real_report(run, *args)
+        if run.step == step:
+            raise RuntimeError("worker killed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(trainer, "report_step", report_then_die)
+        yield
