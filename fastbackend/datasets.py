@@ -314,7 +314,9 @@ def add_automatic_captions(folder: DatasetFolder, captions: dict[str, str], seen
     with locked(folder.path):
         manifest = finish_pending(folder)
         images = manifest["images"]
-        current = {name: text for name, text in captions.items() if images.get(name, {}).get("sha256") == seen[name]}
+        current = {
+            name: text for name, text in captions.items() if name in images and images[name]["sha256"] == seen[name]
+        }
         taken = {PurePosixPath(n).stem for n, e in images.items() if e["caption"] and not e.get("auto_caption")}
         _apply_automatic(folder, images, current, taken)
         folder.write_manifest(manifest)
@@ -372,13 +374,13 @@ def _write_image(
     move_into_place(item["staged"], folder.path / (staged or filename))
     # An overwrite keeps a user's caption unless the request brings one; the captioner's described the old bytes.
     previous = images.get(filename)
-    kept = previous is not None and not previous.get("auto_caption")
+    kept = previous["caption"] if previous is not None and not previous.get("auto_caption") else None
     images[filename] = ManifestEntry(
         sha256=sha256,
         width=checked.width,
         height=checked.height,
         bytes=checked.size,
-        caption=previous["caption"] if kept else None,
+        caption=kept,
         added=now(),
     )
     return {

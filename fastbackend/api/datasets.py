@@ -171,7 +171,7 @@ def caption_dataset(request: CaptionDatasetRequest, progress: Progress | None = 
     }
     taken = datasets.captioned_stems(keep)
     wanted = sorted(name for name in images if PurePosixPath(name).stem not in taken)
-    written = {"captions": {}}
+    written: dict = {"captions": {}}
     if wanted:
         photos = {name: no_links(folder.path / name) for name in wanted}
         written = caption_photos(photos, request.auto_caption, "input.auto_caption", progress)

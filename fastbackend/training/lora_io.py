@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -43,7 +43,7 @@ def add_lora(
     rank: int,
     alpha: float,
     dropout: float,
-    shared_down: list[tuple[str, ...]] = (),
+    shared_down: Sequence[tuple[str, ...]] = (),
 ) -> list[torch.nn.Parameter]:
     """Inject LoRA layers into the modules named ``targets`` and return their parameters (each once).
 
