@@ -23,7 +23,7 @@ from typing import Any
 
 from fastbackend import settings
 from fastbackend.errors import ErrorCode, FastBackendError
-from fastbackend.images import open_upright
+from fastbackend.images import ImageProblem, open_upright
 from fastbackend.schemas import MAX_CAPTION_CHARS, AutoCaption
 from fastbackend.storage import hf_cache_dir, resolve_base_model
 
@@ -252,22 +252,31 @@ def write_captions(
     trigger: str,
     class_word: str | None,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[dict[str, str], str]:
-    """Captions for ``photos`` (name -> path), personalized, and the class word used (given, or the one
-    most raw captions name). Photos go through the captioner a batch at a time."""
+) -> tuple[dict[str, str], str, dict[str, str]]:
+    """Captions for ``photos`` (name -> path), personalized, the class word used (given, or the one
+    most raw captions name), and the photos that could not be read (name -> why: a photo on the
+    volume may be damaged, or removed meanwhile). Photos go through the captioner a batch at a time."""
     names = sorted(photos)
-    raws: list[str] = []
+    raws: dict[str, str] = {}
+    unreadable: dict[str, str] = {}
     for start in range(0, len(names), BATCH):
-        chunk = names[start : start + BATCH]
-        raws += captioner([open_upright(photos[name]) for name in chunk])
+        opened = {}
+        for name in names[start : start + BATCH]:
+            try:
+                opened[name] = open_upright(photos[name])
+            except (FileNotFoundError, ImageProblem) as exc:
+                unreadable[name] = "it is no longer there" if isinstance(exc, FileNotFoundError) else str(exc)
+        if opened:
+            raws |= dict(zip(opened, captioner(list(opened.values())), strict=True))
         if progress:
-            progress(len(raws), len(names))
-    word = class_word or class_word_for(raws)
-    return {name: personalize(raw, trigger, word) for name, raw in zip(names, raws, strict=True)}, word
+            progress(len(raws) + len(unreadable), len(names))
+    word = class_word or class_word_for(list(raws.values()))
+    return {name: personalize(raw, trigger, word) for name, raw in raws.items()}, word, unreadable
 
 
 def caption_photos(photos: dict[str, Path], options: AutoCaption, field: str, progress=None) -> dict:
-    """Caption ``photos`` (name -> path): ``{"model", "class_word", "captions": {name: caption}}``.
+    """Caption ``photos`` (name -> path): ``{"model", "class_word", "captions": {name: caption},
+    "unreadable": {name: why}}``.
     ``progress`` (a request's callback) hears each batch. The captioner stays loaded for the next
     upload (a dataset comes in several requests under the payload limits) until another model or a
     training run needs the memory (``pipeline_cache``)."""
@@ -278,5 +287,5 @@ def caption_photos(photos: dict[str, Path], options: AutoCaption, field: str, pr
     report = (lambda done, total: progress({"stage": "captioning", "done": done, "total": total})) if progress else None
     with pipeline_cache.lock:
         captioner = pipeline_cache.kept(f"captioner:{source}", lambda: load_captioner(options.model, f"{field}.model"))
-        captions, word = write_captions(photos, captioner, options.trigger_word, options.class_word, report)
-    return {"model": shown, "class_word": word, "captions": captions}
+        captions, word, unreadable = write_captions(photos, captioner, options.trigger_word, options.class_word, report)
+    return {"model": shown, "class_word": word, "captions": captions, "unreadable": unreadable}

@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     caption = commands.add_parser("caption", help="caption a dataset's photos that have no caption")
     caption.add_argument("name")
     caption.add_argument("--again", action="store_true", help="also caption again what the captioner wrote")
+    caption.add_argument("--trigger-word", help="names the person in each caption (default [trigger])")
+    caption.add_argument("--class-word", help="what the person is (man, woman, ...)")
     commands.add_parser("train", help="train from an ai-toolkit YAML file").add_argument("config", type=Path)
     commands.add_parser("list", help="list the trained LoRAs")
     download = commands.add_parser("download", help="download a LoRA")
@@ -190,9 +192,10 @@ def main(argv: list[str] | None = None) -> None:
             mode = "replace" if args.replace else "append"
             result = client.upload_folder(args.name, args.folder, mode, auto_caption=args.auto_caption)
         elif args.command == "caption":
-            result = client.call(
-                {"type": "caption_dataset", "training_name": args.name, "replace_automatic": args.again}
-            )
+            words = {"trigger_word": args.trigger_word, "class_word": args.class_word}
+            options = {key: value for key, value in words.items() if value is not None}
+            request = {"type": "caption_dataset", "training_name": args.name, "replace_automatic": args.again}
+            result = client.call(request | ({"auto_caption": options} if options else {}))
         elif args.command == "train":
             result = client.call({"type": "train_with_yaml", "yaml_config": args.config.read_text()}, notify=True)
         elif args.command == "list":

@@ -18,7 +18,7 @@ import base64
 import stat
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -26,7 +26,7 @@ from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from fastbackend import settings
-from fastbackend.errors import ErrorCode, ValidationFailed
+from fastbackend.errors import ErrorCode, NotFound, ValidationFailed
 from fastbackend.fetch import FetchProblem, fetch
 from fastbackend.images import CheckedImage, ImageProblem, check_image
 from fastbackend.layout import (
@@ -301,17 +301,33 @@ def commit(
 def _apply_automatic(
     folder: DatasetFolder, images: dict[str, ManifestEntry], captions: dict[str, str], taken: set[str]
 ) -> None:
-    """The captioner's ``captions`` (by filename), where the image is still there and its stem is not
-    ``taken`` (a caption arrived meanwhile; a duplicate skipped under this name is not in ``images``)."""
-    wanted = {PurePosixPath(name).stem: text for name, text in captions.items() if name in images}
-    _apply_captions(folder, images, {stem: text for stem, text in wanted.items() if stem not in taken}, True)
+    """The captioner's ``captions`` (by filename), each on its own photo's entry, where the photo is
+    still there and its stem is not ``taken`` (a caption arrived meanwhile; a duplicate skipped under
+    this name is not in ``images``); one per stem, as a.jpg and a.png share a.txt."""
+    for name, text in sorted(captions.items()):
+        stem = PurePosixPath(name).stem
+        if name in images and stem not in taken:
+            atomic_write_bytes(folder.caption_path(name), text.encode())
+            images[name] |= {"caption": text, "auto_caption": True}
+            taken.add(stem)
+
+
+def one_per_stem(names: Iterable[str]) -> list[str]:
+    """The first of ``names`` (sorted) for each stem: photos sharing a stem share one caption file."""
+    chosen: dict[str, str] = {}
+    for name in sorted(names):
+        chosen.setdefault(PurePosixPath(name).stem, name)
+    return sorted(chosen.values())
 
 
 def add_automatic_captions(folder: DatasetFolder, captions: dict[str, str], seen: dict[str, str]) -> Manifest:
     """Write the captioner's ``captions`` for photos already in ``folder``, under its lock: each only if
     the photo still has the bytes it was captioned from (``seen``: name -> sha256) and its stem still
-    has no caption other than an automatic one of those same bytes. Returns the manifest."""
-    with locked(folder.path):
+    has no caption other than an automatic one of those same bytes. Returns the manifest. A dataset
+    deleted meanwhile is ``not_found``, and not made again."""
+    with locked(folder.path, create=False):
+        if not folder.manifest_path.is_file():
+            raise NotFound(f"dataset {folder.name!r} was deleted while its photos were captioned")
         manifest = finish_pending(folder)
         images = manifest["images"]
         current = {
@@ -407,19 +423,15 @@ def _rewritten(name: str, entry: ManifestEntry, batch: UploadBatch) -> bool:
     return name in batch.images and batch.images[name]["sha256"] != entry["sha256"]
 
 
-def _apply_captions(
-    folder: DatasetFolder, images: dict[str, ManifestEntry], captions: dict[str, str], automatic: bool = False
-) -> None:
+def _apply_captions(folder: DatasetFolder, images: dict[str, ManifestEntry], captions: dict[str, str]) -> None:
+    """The user's ``captions`` (by stem), on the entry of the last photo of that stem."""
     stems = {PurePosixPath(name).stem: name for name in images}
     for stem, caption in captions.items():
         if stem in stems:
             atomic_write_bytes(folder.caption_path(stems[stem]), caption.encode())
             entry = images[stems[stem]]
             entry["caption"] = caption
-            if automatic:
-                entry["auto_caption"] = True
-            else:
-                entry.pop("auto_caption", None)
+            entry.pop("auto_caption", None)  # a user's, from now on
 
 
 def remove_unlisted(folder: DatasetFolder, images: dict[str, ManifestEntry]) -> None:

@@ -377,16 +377,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def locked(folder: Path, timeout_s: float | None = None, reader: str | None = None) -> Iterator[None]:
+def locked(
+    folder: Path, timeout_s: float | None = None, reader: str | None = None, create: bool = True
+) -> Iterator[None]:
     """Hold ``<folder>/.lock`` (an flock, released by the OS if the worker dies).
 
     Writers hold it exclusively; a ``reader`` (a training run, by its model name) holds it shared
     with other readers and leaves its name in ``.reader-<name>`` so that a refused writer can say
     who is reading. Waits up to ``timeout_s`` (default ``settings.LOCK_TIMEOUT_S``) for other holders.
+    The folder is made when missing, unless ``create`` is false: then a folder that is not there (or
+    is deleted while this waits) is ``not_found``, and nothing is left behind.
     """
     if timeout_s is None:
         timeout_s = settings.LOCK_TIMEOUT_S.get()
-    fd = _lock_file(folder, time.monotonic() + timeout_s, timeout_s, fcntl.LOCK_SH if reader else fcntl.LOCK_EX)
+    mode = fcntl.LOCK_SH if reader else fcntl.LOCK_EX
+    fd = _lock_file(folder, time.monotonic() + timeout_s, timeout_s, mode, create)
     marker = folder / f"{READER_PREFIX}{reader}" if reader else None
     try:
         if marker is None:  # alone: any reader mark left is a killed run's
@@ -401,16 +406,22 @@ def locked(folder: Path, timeout_s: float | None = None, reader: str | None = No
         os.close(fd)  # releases the flock
 
 
-def _lock_file(folder: Path, deadline: float, timeout_s: float, mode: int) -> int:
+def _lock_file(folder: Path, deadline: float, timeout_s: float, mode: int, create: bool = True) -> int:
     """An open, flocked ``.lock`` of ``folder`` (never through a link), still the folder's own.
 
     A folder deleted or renamed while we waited leaves us holding the lock of a file no one else
     will open again: then the lock is taken again on the folder's current ``.lock``.
     """
     while True:
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not folder.is_dir():
+            raise NotFound(f"{folder.name!r} was deleted while this job worked")
         path = folder / ".lock"
-        fd = open_no_follow(path, os.O_RDWR | os.O_CREAT, f"{folder.name!r}'s lock file is a symbolic link")
+        try:
+            fd = open_no_follow(path, os.O_RDWR | os.O_CREAT, f"{folder.name!r}'s lock file is a symbolic link")
+        except FileNotFoundError:  # the folder went away before the lock could be opened
+            continue
         try:
             _acquire(fd, folder, deadline, timeout_s, mode)
             if os.fstat(fd).st_ino == os.lstat(path).st_ino:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -296,9 +297,17 @@ def test_each_photo_gets_its_own_caption_across_batches(tmp_path):
         return [f"a man in a shirt of red {image.getpixel((0, 0))[0]}" for image in images]
 
     heard = []
-    written, word = captions.write_captions(photos, by_colour, "ohwx", None, lambda done, total: heard.append(done))
-    assert word == "man" and heard == [captions.BATCH, captions.BATCH + 2]
+    written, word, unreadable = captions.write_captions(
+        photos, by_colour, "ohwx", None, lambda done, total: heard.append(done)
+    )
+    assert word == "man" and heard == [captions.BATCH, captions.BATCH + 2] and unreadable == {}
     assert written == {name: f"ohwx man in a shirt of red {int(name[1:3]) * 10}" for name in photos}
+    # A photo damaged on the volume, or removed meanwhile, is named; the others are captioned.
+    photos["p01.png"].write_bytes(photos["p01.png"].read_bytes()[:40])
+    photos["p02.png"].unlink()
+    written, _, unreadable = captions.write_captions(photos, by_colour, "ohwx", None)
+    assert sorted(written) == sorted(set(photos) - {"p01.png", "p02.png"})
+    assert sorted(unreadable) == ["p01.png", "p02.png"] and unreadable["p02.png"] == "it is no longer there"
 
 
 def test_a_blank_trigger_word_is_refused(data_root):
@@ -358,10 +367,14 @@ def test_the_captioner_stays_loaded_for_the_next_upload_until_another_model_need
     assert len(loads) == 2
 
 
-def caption_dataset(**extra) -> dict:
+def handle(kind: str, **extra) -> dict:
     from handler_fast import handler
 
-    return handler({"id": "cap", "input": {"type": "caption_dataset", "training_name": "matt", **extra}})
+    return handler({"id": "cap", "input": {"type": kind, "training_name": "matt", **extra}})
+
+
+def caption_dataset(**extra) -> dict:
+    return handle("caption_dataset", **extra)
 
 
 def test_caption_dataset_captions_the_photos_already_there_that_have_none(data_root, captioner):
@@ -416,3 +429,141 @@ def test_caption_dataset_names_a_dataset_that_is_not_there(data_root):
     answer = caption_dataset()
     assert answer["error_code"] == "not_found", answer
     assert "matt" in answer["error"]
+
+
+def jpegs(count: int) -> list[tuple[str, bytes]]:
+    return [(name, data) for name, data, _ in nine_photos() if name.endswith(".jpg")][:count]
+
+
+def test_caption_dataset_for_a_dataset_deleted_meanwhile_is_not_found_and_not_made_again(
+    data_root, captioner, monkeypatch
+):
+    from fastbackend import captions
+
+    ((name, data),) = jpegs(1)
+    assert upload(files=[{"filename": name, "content": b64(data)}])["status"] == "success"
+    real = captions.caption_photos
+
+    def meanwhile(*args, **kwargs):
+        written = real(*args, **kwargs)
+        assert handle("delete_dataset")["status"] == "success"
+        return written
+
+    monkeypatch.setattr(captions, "caption_photos", meanwhile)
+    answer = caption_dataset()
+    assert answer["error_code"] == "not_found", answer
+    assert "matt" in answer["error"] and "was deleted while" in answer["error"]
+    assert not (data_root / "training_data" / "matt").exists()
+
+
+def test_caption_dataset_names_photos_it_cannot_read_and_captions_the_rest(data_root, captioner):
+    (a, a_bytes), (b, b_bytes) = jpegs(2)
+    assert upload(files=[{"filename": n, "content": b64(d)} for n, d in ((a, a_bytes), (b, b_bytes))])["status"] == (
+        "success"
+    )
+    stored = data_root / "training_data" / "matt" / b
+    stored.write_bytes(stored.read_bytes()[:300])  # damaged on the volume after the upload
+    answer = caption_dataset()
+    assert answer["status"] == "success", answer
+    assert answer["auto_captions"]["captions"] == {a: TINY_PERSONALIZED}
+    assert answer["warnings"][0] == f"1 image(s) have no caption: {b}"
+    assert answer["warnings"][1].startswith(f"{b}: not captioned, ")
+
+
+def test_caption_dataset_captions_the_bytes_an_unfinished_overwrite_put_in_place(data_root, monkeypatch):
+    """An overwrite killed between its manifest and its rename names new bytes not yet in place: they
+    are put in place first, so the caption is of the bytes the manifest names."""
+    from fastbackend import captions
+
+    def by_colour(images):
+        return [f"a man in a shirt of colour {image.getpixel((0, 0))}" for image in images]
+
+    monkeypatch.setattr(captions, "load_captioner", lambda *args: by_colour)
+    monkeypatch.setenv("FASTBACKEND_CAPTION_MODEL", "some/florence")
+    (name, old), (_, new) = jpegs(2)
+    assert upload(files=[{"filename": name, "content": b64(old)}])["status"] == "success"
+    folder = data_root / "training_data" / "matt"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / f".pending-{name}").write_bytes(new)
+    manifest["images"][name]["sha256"] = "new-bytes"
+    manifest["pending"] = {name: f".pending-{name}"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    from PIL import Image
+
+    with Image.open(io.BytesIO(new)) as image:
+        expected = f"[trigger] man in a shirt of colour {image.convert('RGB').getpixel((0, 0))}"
+    answer = caption_dataset()
+    assert answer["status"] == "success", answer
+    assert stored_captions(data_root) == {name: expected}
+
+
+def test_two_photos_of_one_stem_get_one_automatic_caption_on_the_photo_captioned(data_root, captioner):
+    """a.jpg and a.png share a.txt: one of them is captioned, the caption is recorded on its own
+    entry (so the answer shows it and new bytes under that name drop it)."""
+    (_, jpg), png = jpegs(1)[0], next(data for name, data, _ in nine_photos() if name.endswith(".png"))
+    sent = [{"filename": "a.png", "content": b64(png)}, {"filename": "a.jpg", "content": b64(jpg)}]
+    answer = upload(files=sent, auto_caption=True)
+    assert answer["status"] == "success", answer
+    assert answer["auto_captions"]["captions"] == {"a.jpg": TINY_PERSONALIZED}
+    assert stored_captions(data_root) == {"a.jpg": TINY_PERSONALIZED, "a.png": None}
+    (_, other) = jpegs(2)[1]
+    assert upload(files=[{"filename": "a.jpg", "content": b64(other)}], overwrite=True)["status"] == "success"
+    assert stored_captions(data_root) == {"a.jpg": None, "a.png": None}
+    assert not (data_root / "training_data" / "matt" / "a.txt").exists()
+
+
+def test_caption_dataset_says_at_once_that_a_training_run_reads_the_dataset(data_root, captioner, monkeypatch):
+    from fastbackend import captions, storage
+
+    ((name, data),) = jpegs(1)
+    assert upload(files=[{"filename": name, "content": b64(data)}])["status"] == "success"
+    monkeypatch.setattr(storage, "BUSY_LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(captions, "load_captioner", lambda *args: pytest.fail("captioned a dataset in use"))
+    with storage.locked(data_root / "training_data" / "matt", reader="some_lora"):
+        answer = caption_dataset(auto_caption=True)
+    assert answer["error_code"] == "locked", answer
+    assert "some_lora" in answer["error"]
+
+
+def test_a_users_caption_over_an_automatic_one_is_the_users_from_then_on(data_root, captioner):
+    (name, data), (_, other) = jpegs(2)
+    assert upload(files=[{"filename": name, "content": b64(data)}], auto_caption=True)["status"] == "success"
+    txt = name.rsplit(".", 1)[0] + ".txt"
+    assert upload(files=[{"filename": txt, "content": b64(b"mine")}])["status"] == "success"
+    assert upload(files=[{"filename": name, "content": b64(other)}], overwrite=True)["status"] == "success"
+    assert stored_captions(data_root) == {name: "mine"}
+
+
+def test_another_captioner_model_is_loaded_in_place_of_the_kept_one(data_root, tiny_captioner, monkeypatch):
+    from fastbackend import captions
+    from fastbackend.training import pipeline_cache
+
+    second = tiny_captioner.parent / "florence-copy"
+    if not second.exists():
+        shutil.copytree(tiny_captioner, second)
+    monkeypatch.setenv("FASTBACKEND_MODEL_DIRS", str(tiny_captioner.parent))
+    loads = []
+    real = captions.load_captioner
+    monkeypatch.setattr(captions, "load_captioner", lambda *args: loads.append(args[0]) or real(*args))
+    (a, a_bytes), (b, b_bytes) = jpegs(2)
+    assert (
+        upload(files=[{"filename": a, "content": b64(a_bytes)}], auto_caption={"model": str(tiny_captioner)})["status"]
+        == "success"
+    )
+    assert (
+        upload(files=[{"filename": b, "content": b64(b_bytes)}], auto_caption={"model": str(second)})["status"]
+        == "success"
+    )
+    assert loads == [str(tiny_captioner), str(second)] and list(pipeline_cache._loaded) == [f"captioner:{second}"]
+
+
+def test_a_training_run_drops_the_kept_captioner(data_root, captioner, tiny_models):
+    from fastbackend.training import pipeline_cache
+    from tests.training_helpers import install_model, train, user_yaml
+
+    photos = [{"filename": name, "content": b64(data)} for name, data in jpegs(3)]
+    assert upload("matt_training_test", files=photos, auto_caption=True)["status"] == "success"
+    assert list(pipeline_cache._loaded) == [f"captioner:{captioner}"]
+    answer = train(user_yaml(install_model(tiny_models, data_root, "sd15"), "sd15", steps=1))
+    assert answer["status"] == "success", answer
+    assert pipeline_cache._loaded == {}

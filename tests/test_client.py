@@ -53,3 +53,10 @@ def test_caption_asks_the_worker_to_caption_a_dataset_already_there(monkeypatch,
     client.main(["--url", "http://localhost:8000", "caption", "matt", "--again"])
     assert sent == [{"type": "caption_dataset", "training_name": "matt", "replace_automatic": True}]
     assert json.loads(capsys.readouterr().out) == {"ok": 1}
+    client.main(["--url", "http://localhost:8000", "caption", "matt", "--class-word", "woman"])
+    assert sent[1] == {
+        "type": "caption_dataset",
+        "training_name": "matt",
+        "replace_automatic": False,
+        "auto_caption": {"class_word": "woman"},
+    }

@@ -11,7 +11,7 @@ import io
 import time
 from pathlib import PurePosixPath
 
-from fastbackend import datasets, settings
+from fastbackend import datasets, settings, storage
 from fastbackend.api import Progress
 from fastbackend.errors import ErrorCode, ValidationFailed
 from fastbackend.layout import DatasetFolder
@@ -29,6 +29,7 @@ from fastbackend.storage import (
     datasets_dir,
     existing_dataset_dir,
     list_names,
+    locked,
     no_links,
     remove_tree,
 )
@@ -92,7 +93,8 @@ def _auto_captions(
     }
     if not photos:
         return {}
-    return caption_photos(photos, request.caption_options, "input.auto_caption", progress)
+    chosen = {name: photos[name] for name in datasets.one_per_stem(photos)}  # a.jpg and a.png share a.txt
+    return caption_photos(chosen, request.caption_options, "input.auto_caption", progress)
 
 
 def _shown_captions(written: dict, images: dict) -> dict:
@@ -164,14 +166,12 @@ def caption_dataset(request: CaptionDatasetRequest, progress: Progress | None = 
     from fastbackend.captions import caption_photos
 
     folder = DatasetFolder(existing_dataset_dir(request.training_name))
-    datasets.recover(folder)
-    images = folder.read_manifest()["images"]
-    keep = {
-        name: entry for name, entry in images.items() if not (request.replace_automatic and entry.get("auto_caption"))
-    }
-    taken = datasets.captioned_stems(keep)
-    wanted = sorted(name for name in images if PurePosixPath(name).stem not in taken)
-    written: dict = {"captions": {}}
+    with locked(folder.path, timeout_s=storage.BUSY_LOCK_TIMEOUT_S, create=False):
+        pass  # in use (a training run reads it): say so now, not after the captioner's work
+    images = settled_images(folder)
+    keep = {n: e for n, e in images.items() if not (request.replace_automatic and e.get("auto_caption"))}
+    wanted = datasets.one_per_stem(n for n in images if PurePosixPath(n).stem not in datasets.captioned_stems(keep))
+    written: dict = {"captions": {}, "unreadable": {}}
     if wanted:
         photos = {name: no_links(folder.path / name) for name in wanted}
         written = caption_photos(photos, request.auto_caption, "input.auto_caption", progress)
@@ -179,8 +179,19 @@ def caption_dataset(request: CaptionDatasetRequest, progress: Progress | None = 
         images = datasets.add_automatic_captions(folder, written["captions"], seen)["images"]
     uncaptioned = sorted(name for name, entry in images.items() if not entry["caption"])
     warnings = [f"{len(uncaptioned)} image(s) have no caption: {', '.join(uncaptioned[:10])}"] if uncaptioned else []
+    warnings += [f"{name}: not captioned, {why}" for name, why in sorted(written["unreadable"].items())]
     shown = _shown_captions(written, images) if wanted else {"captions": {}}
     return {"status": "success", "training_name": request.training_name, "auto_captions": shown, "warnings": warnings}
+
+
+def settled_images(folder: DatasetFolder) -> dict:
+    """The manifest's images with no overwrite half-done: while one is (``pending``), the manifest
+    already names new bytes that are not in place yet, and a photo read now would not be them."""
+    while True:
+        manifest = folder.read_manifest()
+        if not manifest.get("pending"):
+            return manifest["images"]
+        datasets.recover(folder)
 
 
 def analyze_dataset(request: AnalyzeDatasetRequest, progress: Progress | None = None) -> dict:
