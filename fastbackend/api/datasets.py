@@ -170,7 +170,8 @@ def caption_dataset(request: CaptionDatasetRequest, progress: Progress | None = 
         pass  # in use (a training run reads it): say so now, not after the captioner's work
     images = settled_images(folder)
     keep = {n: e for n, e in images.items() if not (request.replace_automatic and e.get("auto_caption"))}
-    wanted = datasets.one_per_stem(n for n in images if PurePosixPath(n).stem not in datasets.captioned_stems(keep))
+    taken = datasets.captioned_stems(keep)
+    wanted = datasets.one_per_stem(name for name in images if PurePosixPath(name).stem not in taken)
     written: dict = {"captions": {}, "unreadable": {}}
     if wanted:
         photos = {name: no_links(folder.path / name) for name in wanted}
