@@ -245,12 +245,12 @@ def test_a_model_planned_with_borrowed_shapes_is_warned_about_not_refused(data_r
     config, _ = parse_training_config(fixture_yaml())
     request = TrainWithYamlRequest(type="train_with_yaml", yaml_config=fixture_yaml(), gpu_memory_gb=12)
     warnings: list[str] = []
-    plan = plan_memory(config, request, "someone/flux-finetune", warnings)
+    plan = plan_memory(config, request, ("someone/flux-finetune", None), warnings)
     assert plan.fits is False and plan.borrowed
     assert warnings[-1].startswith("memory plan: this run needs about ")
     assert "published shapes" in warnings[-1] and warnings[-1].endswith("is not known before its download")
     with pytest.raises(FastBackendError) as refused:  # the published model itself: its shapes are known
-        plan_memory(config, request, "black-forest-labs/FLUX.1-dev", [])
+        plan_memory(config, request, ("black-forest-labs/FLUX.1-dev", None), [])
     assert refused.value.code == "out_of_memory"
 
 

@@ -310,3 +310,31 @@ def test_an_adapters_text_encoder_layers_are_left_out(tiny_models, data_root):
     lora_io.add_assistant(pipe, pipe.transformer, str(path))
     assert lora_io.ASSISTANT in pipe.transformer.peft_config
     assert not getattr(pipe.text_encoder, "peft_config", None)
+
+
+def test_the_memory_plan_counts_the_adapter_on_the_denoiser(data_root, monkeypatch):
+    """The adapter's file, as big on the GPU as on the volume, while training and sampling (it is on
+    the denoiser, which is not on the device while captions and latents are cached)."""
+    import huggingface_hub
+
+    from fastbackend.training.memory_plan import adapter_file_bytes, plan_run
+
+    path = data_root / "adapters" / "big.safetensors"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(3_000_000_000 // 1000))  # 3 MB stands for 3 GB below
+    assert adapter_file_bytes(str(path)) == 3_000_000
+    assert adapter_file_bytes(None) == 0
+    config, _ = parse_training_config(user_yaml("Tongyi-MAI/Z-Image-Turbo", "zimage:turbo"))
+    without = plan_run(config.process, "Tongyi-MAI/Z-Image-Turbo", None)
+    with_it = plan_run(config.process, "Tongyi-MAI/Z-Image-Turbo", None, adapter_bytes=3_000_000_000)
+    assert with_it.phases["training"] == pytest.approx(without.phases["training"] + 3, abs=0.06)
+    assert with_it.phases["sampling"] == pytest.approx(without.phases["sampling"] + 3, abs=0.06)
+    assert with_it.phases["caching"] == without.phases["caching"]
+    # A hub file: its size as the hub says (here: offline, so unknown and left out, never an error).
+    assert adapter_file_bytes(ZIMAGE_TURBO_ADAPTER) == 0
+
+    class Metadata:
+        size = 170_000_000
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, **options: Metadata())
+    assert adapter_file_bytes(ZIMAGE_TURBO_ADAPTER) == 170_000_000

@@ -123,7 +123,7 @@ def run_training(
     from fastbackend.training.run import Hooks, TrainJob, out_of_memory
 
     report = progress or (lambda info: None)
-    plan = plan_memory(config, request, base_model, warnings)
+    plan = plan_memory(config, request, models, warnings)
     report({"stage": "planning", "memory_plan": plan.summary()})
     pipeline_cache.release()
     output.remove_temporaries()  # of a save a killed run left half-written
@@ -168,18 +168,24 @@ def run_training(
     return answer
 
 
-def plan_memory(config: TrainingConfig, request: TrainWithYamlRequest, base_model: str, warnings: list[str]):
+def plan_memory(
+    config: TrainingConfig, request: TrainWithYamlRequest, models: tuple[str, str | None], warnings: list[str]
+):
     """Apply the preset and plan the run's GPU memory, before anything is loaded or downloaded;
     a run that cannot fit the GPU (the visible one, or the request's ``gpu_memory_gb``) is
     refused with ``out_of_memory`` and what would make it fit."""
-    from fastbackend.training.memory_plan import plan_run
+    from fastbackend.training.memory_plan import adapter_file_bytes, plan_run
+
+    base_model, adapter = models[0], adapter_file_bytes(models[1])
 
     process = config.process
     if request.gpu_memory_gb is not None and process.train.preset != "auto":
         warnings.append(f"input.gpu_memory_gb: {PREFIX}.train.preset is not auto; only the memory plan uses it")
     gpu_gb = request.gpu_memory_gb or visible_gpu_gb(process.device)
-    apply_preset(process, gpu_gb, warnings, fits=lambda candidate: plan_run(candidate, base_model, gpu_gb).fits)
-    plan = plan_run(process, base_model, gpu_gb)
+    apply_preset(
+        process, gpu_gb, warnings, fits=lambda candidate: plan_run(candidate, base_model, gpu_gb, adapter).fits
+    )
+    plan = plan_run(process, base_model, gpu_gb, adapter)
     if plan.fits is not False:
         return plan
     fixes = "; ".join(plan.suggestions) or "no change to this config fits it; use a GPU with more memory"

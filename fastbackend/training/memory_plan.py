@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 
+from fastbackend import settings
 from fastbackend.config import PREFIX, ProcessConfig
-from fastbackend.storage import HUB_ID, cached_snapshot
+from fastbackend.storage import HUB_ID, cached_snapshot, hf_cache_dir, hub_file
 from fastbackend.training.caching import encoders_stay
 from fastbackend.training.families import Family, family_for
-from fastbackend.training.setup import bitsandbytes_available
+from fastbackend.training.setup import HUB_TIMEOUT_S, bitsandbytes_available
 
 SHAPES = Path(__file__).parent / "shapes"
 GB = 1e9
@@ -94,16 +95,36 @@ class MemoryPlan:
         }
 
 
-def plan_run(process: ProcessConfig, base_model: str, gpu_gb: float | None) -> MemoryPlan:
+def plan_run(process: ProcessConfig, base_model: str, gpu_gb: float | None, adapter_bytes: int = 0) -> MemoryPlan:
     """The plan for ``process`` on a GPU of ``gpu_gb`` (None: no GPU to compare with), with
-    suggestions when it does not fit."""
+    suggestions when it does not fit; ``adapter_bytes``: a training adapter's file, on the denoiser."""
     family = family_for(process.model.resolved_arch, process.model.is_v_pred)
     shapes = count_shapes(family, *shapes_folder(family, base_model, process.model.revision))
-    plan = estimate(process, family, shapes, gpu_gb)
+    plan = estimate(process, family, shapes, gpu_gb, adapter_bytes)
     plan.borrowed = shapes.reference and base_model != family.reference_model
     if plan.fits is False:
-        plan.suggestions = suggest(process, lambda changed: estimate(changed, family, shapes, gpu_gb))
+        plan.suggestions = suggest(process, lambda changed: estimate(changed, family, shapes, gpu_gb, adapter_bytes))
     return plan
+
+
+def adapter_file_bytes(reference: str | None) -> int:
+    """The size of a training adapter's file (storage.resolve_lora_file's reference): on the volume,
+    or as the hub says; 0 when it is not known (offline: the plan leaves it out)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    if reference is None:
+        return 0
+    if Path(reference).is_absolute():
+        return Path(reference).stat().st_size
+    repo_id, filename = hub_file(reference)
+    cached = try_to_load_from_cache(repo_id, filename, cache_dir=str(hf_cache_dir()))
+    if isinstance(cached, str):
+        return Path(cached).stat().st_size
+    try:
+        url = hf_hub_url(repo_id, filename)
+        return get_hf_file_metadata(url, token=settings.HF_TOKEN.get(), timeout=HUB_TIMEOUT_S).size or 0
+    except Exception:  # offline, gated, unknown: the download itself will say
+        return 0
 
 
 def shapes_folder(family: Family, base_model: str, revision: str | None) -> tuple[Path, str]:
@@ -197,7 +218,9 @@ def lora_width(layer: torch.nn.Module) -> int:
     return layer.in_features + layer.out_features
 
 
-def estimate(process: ProcessConfig, family: Family, shapes: Shapes, gpu_gb: float | None) -> MemoryPlan:
+def estimate(
+    process: ProcessConfig, family: Family, shapes: Shapes, gpu_gb: float | None, adapter_bytes: int = 0
+) -> MemoryPlan:
     """The phases of a run of ``process`` over a pipeline of ``shapes``, in GB."""
     train = process.train
     weight = DTYPE_BYTES[train.dtype]
@@ -223,6 +246,8 @@ def estimate(process: ProcessConfig, family: Family, shapes: Shapes, gpu_gb: flo
         "training": {"denoiser": denoiser, "lora_and_optimizer": lora_bytes, "activations": activations}
         | ({"text_encoders": encoders, "vae": vae} if stays else {}),
     }
+    adapter = {"training_adapter": adapter_bytes} if adapter_bytes else {}
+    phases["training"] |= adapter
     sample = process.sample
     if sample is not None and process.sample_prompts:
         pixels = sample.width * sample.height
@@ -231,6 +256,7 @@ def estimate(process: ProcessConfig, family: Family, shapes: Shapes, gpu_gb: flo
         phases["sampling"] = {  # the prompts were encoded before training unless the encoders stay anyway
             "denoiser": denoiser,
             "lora_and_optimizer": lora_bytes,
+            **adapter,
             **({"text_encoders": encoders} if stays else {}),
             "vae": vae,
             "vae_work": vae_work * pixels,
