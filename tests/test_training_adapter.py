@@ -338,3 +338,35 @@ def test_the_memory_plan_counts_the_adapter_on_the_denoiser(data_root, monkeypat
 
     monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, **options: Metadata())
     assert adapter_file_bytes(ZIMAGE_TURBO_ADAPTER) == 170_000_000
+
+
+def test_generate_defaults_to_the_samples_steps_and_guidance_for_a_lora_trained_through_an_adapter(
+    tiny_models, data_root
+):
+    """Z-Image-Turbo shares Z-Image's pipeline and so its defaults (50 steps, CFG 5), which are wrong
+    for the distilled model: a LoRA trained through a training adapter renders as its samples did."""
+    from handler_fast import handler
+
+    write_adapter(tiny_models, data_root)
+    model_path = install_model(tiny_models, data_root, "zimage")
+    upload_photos()
+    turbo = {"guidance_scale: 4": "guidance_scale: 1"} | TURBO  # the user's samples: 2 steps, no guidance
+    assert train(user_yaml(model_path, "zimage", steps=1, replacements=turbo))["status"] == "success"
+
+    def generate(**named) -> dict:
+        request = {"type": "generate", "model": "nowy_dataset_1.3", "prompt": "Matt", "width": 64, "height": 64}
+        return handler({"id": "g", "input": request | named})
+
+    default = generate()
+    assert default["status"] == "success", default
+    assert default["steps"] == 2 and default["guidance"] == {"guidance_scale": 0.0}  # g - 1, as Z-Image takes it
+    named = generate(steps=3, guidance_scale=2.0)
+    assert named["steps"] == 3 and named["guidance"] == {"guidance_scale": 1.0}
+    assert (
+        train(user_yaml(model_path, "zimage", steps=1).replace("name: nowy_dataset_1.3", "name: plain"))["status"]
+        == "success"
+    )
+    plain = handler(
+        {"id": "g", "input": {"type": "generate", "model": "plain", "prompt": "Matt", "width": 64, "height": 64}}
+    )
+    assert plain["steps"] == 50 and plain["guidance"] == {"guidance_scale": 5.0}  # the pipeline's own
