@@ -260,7 +260,7 @@ def resolve_base_model(name_or_path: str, field: str, marker: str = "model_index
     (never elsewhere)."""
     looks_local = name_or_path.startswith(("/", ".", "~")) or (data_root() / name_or_path).exists()
     if not looks_local:
-        if HUB_ID.fullmatch(name_or_path) is None:
+        if not hub_repo_id(name_or_path):
             raise FastBackendError(
                 f"{field}: {name_or_path!r} is neither a hub id (org/name) nor a folder under the data root",
                 code=ErrorCode.INVALID_CONFIG,
@@ -291,7 +291,7 @@ def resolve_lora_file(reference: str, field: str) -> str:
     named_file = filename == LORA_WEIGHTS_NAME and repo_id.endswith(".safetensors")
     looks_local = reference.startswith(("/", ".", "~")) or named_file or (data_root() / reference).exists()
     if not looks_local:
-        if HUB_ID.fullmatch(repo_id) is None or not filename.endswith(".safetensors") or ".." in filename.split("/"):
+        if not hub_repo_id(repo_id) or not filename.endswith(".safetensors") or ".." in filename.split("/"):
             raise FastBackendError(
                 f"{field}: {reference!r} is neither a hub file (owner/repo/file.safetensors or owner/repo) "
                 "nor a file under the data root",
@@ -305,6 +305,17 @@ def resolve_lora_file(reference: str, field: str) -> str:
     if not path.is_file():
         raise NotFound(f"{field}: {reference!r} is not a LoRA file (nor a folder holding {LORA_WEIGHTS_NAME})")
     return str(path)
+
+
+def hub_repo_id(text: str) -> bool:
+    """Whether ``text`` is a repo id the hub takes (its own rule: no ``--``, ``..``, ``.git`` end, ...)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return HUB_ID.fullmatch(text) is not None
 
 
 def hub_file(reference: str) -> tuple[str, str]:

@@ -152,6 +152,8 @@ def test_an_adapter_for_sd_is_warned_about_and_ignored():
         ("owner/repo/notes.txt", ErrorCode.INVALID_CONFIG),
         ("owner/repo/../../x.safetensors", ErrorCode.INVALID_CONFIG),
         ("not a hub id", ErrorCode.INVALID_CONFIG),
+        ("owner/re--po/a.safetensors", ErrorCode.INVALID_CONFIG),  # the hub's own rule for repo ids
+        ("owner/repo.git", ErrorCode.INVALID_CONFIG),
     ],
 )
 def test_adapter_references_outside_the_root_or_malformed_are_refused_by_field(data_root, reference, code):
@@ -324,6 +326,7 @@ def test_the_memory_plan_counts_the_adapter_on_the_denoiser(data_root, monkeypat
     path.write_bytes(bytes(3_000_000_000 // 1000))  # 3 MB stands for 3 GB below
     assert adapter_file_bytes(str(path)) == 3_000_000
     assert adapter_file_bytes(None) == 0
+    assert adapter_file_bytes(str(path.parent / "gone.safetensors")) == 0  # the load will say what is wrong
     config, _ = parse_training_config(user_yaml("Tongyi-MAI/Z-Image-Turbo", "zimage:turbo"))
     without = plan_run(config.process, "Tongyi-MAI/Z-Image-Turbo", None)
     with_it = plan_run(config.process, "Tongyi-MAI/Z-Image-Turbo", None, adapter_bytes=3_000_000_000)
@@ -350,8 +353,9 @@ def test_generate_defaults_to_the_samples_steps_and_guidance_for_a_lora_trained_
     write_adapter(tiny_models, data_root)
     model_path = install_model(tiny_models, data_root, "zimage")
     upload_photos()
-    turbo = {"guidance_scale: 4": "guidance_scale: 1"} | TURBO  # the user's samples: 2 steps, no guidance
-    assert train(user_yaml(model_path, "zimage", steps=1, replacements=turbo))["status"] == "success"
+    # the user's samples: 2 steps, no guidance; network keys as `rank` / `alpha` (their header names differ)
+    turbo = {"guidance_scale: 4": "guidance_scale: 1", "linear: 16": "rank: 16", "linear_alpha: 16": "alpha: 16"}
+    assert train(user_yaml(model_path, "zimage", steps=1, replacements=turbo | TURBO))["status"] == "success"
 
     def generate(**named) -> dict:
         request = {"type": "generate", "model": "nowy_dataset_1.3", "prompt": "Matt", "width": 64, "height": 64}
@@ -370,3 +374,29 @@ def test_generate_defaults_to_the_samples_steps_and_guidance_for_a_lora_trained_
         {"id": "g", "input": {"type": "generate", "model": "plain", "prompt": "Matt", "width": 64, "height": 64}}
     )
     assert plain["steps"] == 50 and plain["guidance"] == {"guidance_scale": 5.0}  # the pipeline's own
+    # Samples past what a request may ask (steps 1-100): that one is the pipeline's own again.
+    many = {"sample_steps: 2": "sample_steps: 150", "name: nowy_dataset_1.3": "name: many"}
+    assert train(user_yaml(model_path, "zimage", steps=1, replacements=turbo | TURBO | many))["status"] == "success"
+    past = handler(
+        {"id": "g", "input": {"type": "generate", "model": "many", "prompt": "Matt", "width": 64, "height": 64}}
+    )
+    assert past["steps"] == 50 and past["guidance"] == {"guidance_scale": 0.0}
+
+
+def test_a_training_run_plans_with_its_adapter(tiny_models, data_root):
+    """What train_with_yaml plans with: the adapter's file is in the plan it answers."""
+    write_adapter(tiny_models, data_root)
+    adapter = data_root / ADAPTER_FILE
+    with adapter.open("r+b") as grown:  # a sparse 2 GB: the plan reads the size, never the bytes
+        grown.truncate(2_000_000_000)
+    model_path = install_model(tiny_models, data_root, "zimage")
+    upload_photos()
+    from fastbackend.api.train import plan_memory, resolve_assistant
+    from fastbackend.schemas import TrainWithYamlRequest
+
+    config, warnings = parse_training_config(user_yaml(model_path, "zimage", replacements=TURBO))
+    request = TrainWithYamlRequest(type="train_with_yaml", yaml_config="x: 1")
+    base = str(data_root / "models" / "zimage")
+    with_it = plan_memory(config, request, (base, resolve_assistant(config)), warnings)
+    without = plan_memory(config, request, (base, None), warnings)
+    assert with_it.phases["training"] == pytest.approx(without.phases["training"] + 2, abs=0.06)

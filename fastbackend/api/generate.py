@@ -10,13 +10,16 @@ pipeline stays loaded between jobs (``training.pipeline_cache``): a warm worker 
 from __future__ import annotations
 
 import base64
+import contextlib
 import inspect
 import io
+import json
 
 import torch
+from pydantic import ValidationError
 
 from fastbackend.api import Progress, check_result_size
-from fastbackend.config import TrainingConfig
+from fastbackend.config import SampleConfig
 from fastbackend.errors import ErrorCode, FastBackendError, NotFound
 from fastbackend.images import PIL_FORMATS
 from fastbackend.layout import HeaderKey, LoraFolder, read_header
@@ -42,7 +45,7 @@ def generate(request: GenerateRequest, progress: Progress | None = None) -> dict
             code=ErrorCode.UNKNOWN_LORA,
         )
     family = family_for(family_name)
-    request = request.model_copy(update=distilled_defaults(header, request))
+    request = distilled_defaults(header, request)
     with pipeline_cache.lock:  # one pipeline, one LoRA at a time
         pipe = pipeline_cache.pipeline(family, resolve_base_model(base, BASE_MODEL_FIELD), BASE_MODEL_FIELD)
         try:
@@ -64,20 +67,32 @@ def generate(request: GenerateRequest, progress: Progress | None = None) -> dict
     return answer | render_settings(family, pipe, request) | {"images": encoded}
 
 
-def distilled_defaults(header: dict[str, str], request: GenerateRequest) -> dict:
+def distilled_defaults(header: dict[str, str], request: GenerateRequest) -> GenerateRequest:
     """A LoRA trained through a training adapter (``zimage:turbo``, FLUX.1-schnell's) is for a step-
     distilled base, which shares its pipeline, and so that pipeline's defaults, with the undistilled
     model (Z-Image: 50 steps at CFG 5; Turbo wants about 9 without guidance). For such a LoRA the steps
-    and guidance its samples were rendered with are the defaults instead; what the request names wins."""
+    and guidance its samples were rendered with are the defaults instead; what the request names wins,
+    and a value past what a request may ask is left to the pipeline.
+
+    Read from the header's config as written (three keys), not by validating it again: a config the
+    schema of this worker would no longer take must not silently lose its defaults."""
     try:
-        process = TrainingConfig.model_validate_json(header.get(HeaderKey.CONFIG, "")).process
-    except ValueError:  # not a config this worker reads: the pipeline's own defaults
-        return {}
-    sample = process.sample
-    if process.model.assistant_lora_path is None or sample is None:
-        return {}
-    defaults = {"steps": sample.sample_steps, "guidance_scale": sample.guidance_scale}
-    return {name: value for name, value in defaults.items() if getattr(request, name) is None}
+        process = json.loads(header.get(HeaderKey.CONFIG, ""))["config"]["process"][0]
+        sample, adapter = process.get("sample"), process["model"].get("assistant_lora_path")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return request
+    if not adapter or not isinstance(sample, dict):
+        return request
+    fields = SampleConfig.model_fields
+    samples = {
+        "steps": sample.get("sample_steps", fields["sample_steps"].default),
+        "guidance_scale": sample.get("guidance_scale", fields["guidance_scale"].default),
+    }
+    for name, value in samples.items():
+        if getattr(request, name) is None:
+            with contextlib.suppress(ValidationError):  # past a request's limits: the pipeline's own
+                request = GenerateRequest.model_validate(request.model_dump() | {name: value})
+    return request
 
 
 @torch.no_grad()

@@ -109,21 +109,22 @@ def plan_run(process: ProcessConfig, base_model: str, gpu_gb: float | None, adap
 
 def adapter_file_bytes(reference: str | None) -> int:
     """The size of a training adapter's file (storage.resolve_lora_file's reference): on the volume,
-    or as the hub says; 0 when it is not known (offline: the plan leaves it out)."""
+    or as the hub says; 0 when it is not known (offline, gone: the plan leaves it out, and the load
+    itself says what is wrong)."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
 
     if reference is None:
         return 0
-    if Path(reference).is_absolute():
-        return Path(reference).stat().st_size
-    repo_id, filename = hub_file(reference)
-    cached = try_to_load_from_cache(repo_id, filename, cache_dir=str(hf_cache_dir()))
-    if isinstance(cached, str):
-        return Path(cached).stat().st_size
     try:
+        if Path(reference).is_absolute():
+            return Path(reference).stat().st_size
+        repo_id, filename = hub_file(reference)
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=str(hf_cache_dir()))
+        if isinstance(cached, str):
+            return Path(cached).stat().st_size
         url = hf_hub_url(repo_id, filename)
         return get_hf_file_metadata(url, token=settings.HF_TOKEN.get(), timeout=HUB_TIMEOUT_S).size or 0
-    except Exception:  # offline, gated, unknown: the download itself will say
+    except Exception:
         return 0
 
 
