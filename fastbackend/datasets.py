@@ -360,6 +360,16 @@ def finish_pending(folder: DatasetFolder) -> Manifest:
     return manifest
 
 
+def settled_manifest(folder: DatasetFolder) -> Manifest:
+    """The manifest with no overwrite half-done: while one is (``pending``), it already names new
+    bytes that are not in place yet, and a photo read now would not be them."""
+    while True:
+        manifest = folder.read_manifest()
+        if not manifest.get("pending"):
+            return manifest
+        recover(folder)
+
+
 def recover(folder: DatasetFolder) -> None:
     """Finish what a killed upload left half-done, before a run reads the dataset."""
     if folder.read_manifest().get("pending"):

@@ -52,8 +52,7 @@ def upload_training_data(request: UploadTrainingDataRequest, progress: Progress 
             folder, batch, replace=request.mode == "replace", overwrite=request.overwrite, auto_captions=written
         )
     images = manifest["images"]
-    uncaptioned = sorted(name for name, entry in images.items() if not entry["caption"])
-    warnings = [f"{len(uncaptioned)} image(s) have no caption: {', '.join(uncaptioned[:10])}"] if uncaptioned else []
+    warnings = uncaptioned_warning(images)
     extra = {"auto_captions": _shown_captions(written, images)} if written else {}
     return extra | {
         "status": "success",
@@ -168,7 +167,7 @@ def caption_dataset(request: CaptionDatasetRequest, progress: Progress | None = 
     folder = DatasetFolder(existing_dataset_dir(request.training_name))
     with locked(folder.path, timeout_s=storage.BUSY_LOCK_TIMEOUT_S, create=False):
         pass  # in use (a training run reads it): say so now, not after the captioner's work
-    images = settled_images(folder)
+    images = datasets.settled_manifest(folder)["images"]
     keep = {n: e for n, e in images.items() if not (request.replace_automatic and e.get("auto_caption"))}
     taken = datasets.captioned_stems(keep)
     wanted = datasets.one_per_stem(name for name in images if PurePosixPath(name).stem not in taken)
@@ -178,21 +177,16 @@ def caption_dataset(request: CaptionDatasetRequest, progress: Progress | None = 
         written = caption_photos(photos, request.auto_caption, "input.auto_caption", progress)
         seen = {name: images[name]["sha256"] for name in wanted}
         images = datasets.add_automatic_captions(folder, written["captions"], seen)["images"]
-    uncaptioned = sorted(name for name, entry in images.items() if not entry["caption"])
-    warnings = [f"{len(uncaptioned)} image(s) have no caption: {', '.join(uncaptioned[:10])}"] if uncaptioned else []
+    warnings = uncaptioned_warning(images)
     warnings += [f"{name}: not captioned, {why}" for name, why in sorted(written["unreadable"].items())]
     shown = _shown_captions(written, images) if wanted else {"captions": {}}
     return {"status": "success", "training_name": request.training_name, "auto_captions": shown, "warnings": warnings}
 
 
-def settled_images(folder: DatasetFolder) -> dict:
-    """The manifest's images with no overwrite half-done: while one is (``pending``), the manifest
-    already names new bytes that are not in place yet, and a photo read now would not be them."""
-    while True:
-        manifest = folder.read_manifest()
-        if not manifest.get("pending"):
-            return manifest["images"]
-        datasets.recover(folder)
+def uncaptioned_warning(images: dict) -> list[str]:
+    """The answer's warning for the dataset's images that have no caption (the first ten named)."""
+    uncaptioned = sorted(name for name, entry in images.items() if not entry["caption"])
+    return [f"{len(uncaptioned)} image(s) have no caption: {', '.join(uncaptioned[:10])}"] if uncaptioned else []
 
 
 def analyze_dataset(request: AnalyzeDatasetRequest, progress: Progress | None = None) -> dict:

@@ -95,6 +95,12 @@ class PerUnit:
 NOISE_LEVELS = 1000
 
 
+def linear_layers_under(module: torch.nn.Module, prefixes: str | tuple[str, ...]) -> list[str]:
+    """The Linear layers of ``module`` whose names start with one of ``prefixes`` (a transformer's
+    main blocks: where ai-toolkit's ``transformer_only`` LoRA goes)."""
+    return module_names(module, lambda name, m: name.startswith(prefixes) and isinstance(m, torch.nn.Linear))
+
+
 PEFT_PARTS = re.compile(r"\.lora_\w+(\.|$)")  # peft's parts of a LoRA layer: lora_A.<adapter>, lora_dropout, ...
 
 

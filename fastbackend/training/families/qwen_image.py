@@ -22,7 +22,7 @@ from fastbackend.training.families.base import (
     LossOptions,
     PerToken,
     TrainingBatch,
-    module_names,
+    linear_layers_under,
     noise_level_indices,
 )
 from fastbackend.training.families.flux import flow_loss, packed_weights, pipeline_scheduler, sigma_table
@@ -55,7 +55,7 @@ class QwenImage(Family):
     classifier_free_guidance = True
 
     def lora_targets(self, denoiser: torch.nn.Module) -> list[str]:
-        return module_names(denoiser, lambda name, m: name.startswith(BLOCKS) and isinstance(m, torch.nn.Linear))
+        return linear_layers_under(denoiser, BLOCKS)
 
     def pixel_multiple(self, pipe) -> int:
         return pipe.vae_scale_factor * 2  # 2x2 latent patches
