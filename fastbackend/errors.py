@@ -28,6 +28,8 @@ class ErrorCode(StrEnum):
     INVALID_UPLOAD = "invalid_upload"
     INVALID_CONFIG = "invalid_config"
     INVALID_DATASET = "invalid_dataset"
+    # A training request's `datasets` names photos this worker's volume does not hold, and brings none.
+    DATASET_MISMATCH = "dataset_mismatch"
     MODEL_LOAD_FAILED = "model_load_failed"
     NON_FINITE_LOSS = "non_finite_loss"
     UNKNOWN_LORA = "unknown_lora"

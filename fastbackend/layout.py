@@ -16,7 +16,9 @@ A LoRA file's header (safetensors ``__metadata__``) says how it was made, under 
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -61,6 +63,16 @@ class Manifest(TypedDict, total=False):
 PENDING_PREFIX = ".pending-"
 
 
+def content_sha256(photos: Iterable[tuple[str, str | None]]) -> str:
+    """What a dataset holds, as a client computes it over a folder of photos and the worker over a
+    dataset: the sha256 of the sorted lines ``<photo's sha256> <caption>``, from (photo sha256, user
+    caption) pairs. Each photo counts once (an upload keeps one of two equal photos) and a caption the
+    worker wrote itself counts as none, so a training request can tell whether the volume it landed on
+    holds the photos its client has."""
+    lines = sorted({f"{sha256} {(caption or '').strip()}\n" for sha256, caption in photos})
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class DatasetFolder:
     """``training_data/<name>/``: images, captions, the manifest and the latent cache."""
@@ -102,6 +114,13 @@ class DatasetFolder:
             p
             for p in self.path.iterdir()
             if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and not p.is_symlink()
+        )
+
+    def content_sha256(self) -> str:
+        """The dataset's photos and user captions, by ``content_sha256``."""
+        return content_sha256(
+            (entry["sha256"], None if entry.get("auto_caption") else entry["caption"])
+            for entry in self.images().values()
         )
 
     def write_manifest(self, manifest: Manifest) -> None:

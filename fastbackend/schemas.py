@@ -183,12 +183,35 @@ class UploadTrainingDataRequest(Request):
         return self
 
 
+class DatasetSource(BaseModel):
+    """A dataset a training request brings with it, so that it trains on whichever volume it lands."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="The photos and captions as the client has them (content_sha256)."
+    )
+    files: list[UploadFile] = Field(default_factory=list)
+    urls: list[str] = Field(default_factory=list, max_length=MAX_URLS)
+    zip: str | None = Field(None, description="A .zip of images and .txt captions, base64-encoded.")
+
+    @property
+    def brings_photos(self) -> bool:
+        return bool(self.files or self.urls or self.zip is not None)
+
+
 class TrainWithYamlRequest(Request):
     yaml_config: str | None = Field(None, description="An ai-toolkit YAML config, as text.")
     config: dict[str, Any] | None = Field(None, description="The same config, already parsed.")
     resume: bool = Field(True, description="Continue from the newest saved state of this model, if any.")
     gpu_memory_gb: float | None = Field(
         None, gt=0, le=4096, description="Plan for a GPU of this size instead of the visible one (train.preset: auto)."
+    )
+    datasets: dict[SafeName, DatasetSource] = Field(
+        default_factory=dict,
+        max_length=8,
+        description="By dataset name: the photos the run must train on (their sha256, and the photos to "
+        "upload first when this worker's volume does not hold them).",
     )
 
     @property

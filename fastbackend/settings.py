@@ -235,6 +235,11 @@ def on_runpod() -> bool:
     return bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
 
 
+def datacenter() -> str | None:
+    """The data centre RunPod placed this worker in (``RUNPOD_DC_ID``), when it says."""
+    return os.environ.get("RUNPOD_DC_ID") or None
+
+
 def runpod_log_level_set() -> bool:
     """Whether the operator asked for a runpod SDK log level (then the worker leaves it alone)."""
     return bool(os.environ.get("RUNPOD_LOG_LEVEL") or os.environ.get("RUNPOD_DEBUG_LEVEL"))

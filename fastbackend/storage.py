@@ -29,6 +29,7 @@ import shutil
 import stat
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +58,24 @@ def data_root() -> Path:
     if RUNPOD_VOLUME.is_dir():
         return RUNPOD_VOLUME
     return Path("data").absolute()
+
+
+VOLUME_ID_FILE = ".volume-id"
+
+
+def volume_description() -> str:
+    """Which volume this worker has, for an error about data that is not on it: an endpoint with
+    network volumes in several data centres gives each worker one of them, and they are not synced."""
+    root = data_root()
+    marker = root / VOLUME_ID_FILE
+    try:
+        if not marker.is_file():
+            atomic_write_bytes(marker, uuid.uuid4().hex[:12].encode())
+        volume_id = marker.read_text().strip()[:64]
+    except OSError:  # a read-only root: the path alone names it
+        volume_id = "unknown"
+    place = settings.datacenter()
+    return f"volume {volume_id} at {root}" + (f" in data centre {place}" if place else "")
 
 
 def datasets_dir() -> Path:

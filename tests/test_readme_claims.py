@@ -324,49 +324,6 @@ def test_training_drops_the_warm_generate_pipeline(tiny_models, data_root):
 # ---------------------------------------------------------------- the client
 
 
-class FakeRunPod(http.server.BaseHTTPRequestHandler):
-    """RunPod's /run and /status: the job is IN_PROGRESS twice, then COMPLETED."""
-
-    polls = 0
-
-    def do_POST(self):
-        self._answer({"id": "job-1", "status": "IN_QUEUE"})
-
-    def do_GET(self):
-        FakeRunPod.polls += 1
-        done = FakeRunPod.polls > 2
-        progress = {"step": FakeRunPod.polls, "total_steps": 3, "loss": 0.5}
-        self._answer(
-            {"status": "COMPLETED", "output": {"status": "success"}}
-            if done
-            else {"status": "IN_PROGRESS", "output": progress}
-        )
-
-    def _answer(self, body):
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_the_client_polls_status_for_run_jobs(monkeypatch, capsys):
-    from fastbackend import client
-
-    monkeypatch.setattr(client, "POLL_INTERVAL_S", 0.01)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeRunPod)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        answer = client.Client(f"http://127.0.0.1:{server.server_address[1]}", route="run").call({"type": "health"})
-    finally:
-        server.shutdown()
-    assert answer == {"status": "success"} and FakeRunPod.polls == 3
-    assert "step 1/3 loss 0.5" in capsys.readouterr().err
-
-
 def test_the_log_level_follows_the_environment(tmp_path):
     import os
     import subprocess

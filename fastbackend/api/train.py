@@ -18,9 +18,10 @@ from fastbackend.datasets import recover as recover_dataset
 from fastbackend.errors import ErrorCode, FastBackendError, ValidationFailed
 from fastbackend.layout import DatasetFolder, LoraFolder
 from fastbackend.presets import apply_preset
-from fastbackend.schemas import TrainWithYamlRequest
+from fastbackend.schemas import TrainWithYamlRequest, UploadTrainingDataRequest
 from fastbackend.storage import (
     atomic_write_bytes,
+    dataset_dir,
     datasets_dir,
     list_names,
     locked,
@@ -35,6 +36,7 @@ from fastbackend.storage import (
 
 def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = None) -> dict:
     config, warnings = parse_training_config(request.source)
+    bring_datasets(config, request, progress or (lambda info: None))
     datasets = resolve_datasets(config)
     base_model = resolve_base_model(config.process.model.name_or_path, f"{PREFIX}.model.name_or_path")
     assistant = resolve_assistant(config)
@@ -53,6 +55,50 @@ def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = N
         except BaseException:
             remove_if_nothing_saved(output)
             raise
+
+
+def bring_datasets(config: TrainingConfig, request: TrainWithYamlRequest, progress: Progress) -> None:
+    """Make the volume hold the photos the request names (``input.datasets``): a dataset that is
+    missing or differs is uploaded from what the request brings (replacing it, all or nothing, as
+    ``upload_training_data`` does), or the run is refused before anything loads."""
+    from fastbackend.api.datasets import upload_training_data
+
+    trained = {dataset_folder(d.folder_path, f"{PREFIX}.datasets").name for d in config.process.datasets}
+    for name, source in request.datasets.items():
+        field = f"input.datasets.{name}"
+        if name not in trained:
+            raise FastBackendError(
+                f"{field}: the config trains on no dataset named {name!r} (it trains on {sorted(trained)})",
+                code=ErrorCode.VALIDATION_ERROR,
+            )
+        folder = DatasetFolder(dataset_dir(name))
+        if folder.path.is_dir():
+            recover_dataset(folder)
+        if folder.content_sha256() == source.sha256:
+            continue
+        if not source.brings_photos:
+            state = "holds other photos" if folder.image_files() else "does not exist"
+            raise FastBackendError(
+                f"{field}: dataset {name!r} {state} on this worker's {storage.volume_description()}; an endpoint "
+                "with network volumes in several data centres does not share datasets between them: send the "
+                "photos with the training (python -m fastbackend.client train --photos FOLDER)",
+                code=ErrorCode.DATASET_MISMATCH,
+            )
+        progress({"stage": "uploading_dataset", "dataset": name})
+        upload = UploadTrainingDataRequest(
+            type="upload_training_data",
+            training_name=name,
+            files=source.files,
+            urls=source.urls,
+            zip=source.zip,
+            mode="replace",
+        )
+        upload_training_data(upload, progress)
+        if (got := folder.content_sha256()) != source.sha256:
+            raise FastBackendError(
+                f"{field}.sha256: the photos sent hash to {got}, not to {source.sha256}",
+                code=ErrorCode.INVALID_UPLOAD,
+            )
 
 
 def resolve_assistant(config: TrainingConfig) -> str | None:
@@ -231,7 +277,9 @@ def resolve_datasets(config: TrainingConfig) -> list[Path]:
         if not on_volume.image_files():
             state = "is empty" if folder.is_dir() else "does not exist"
             problems.append(
-                f"{field}: dataset {folder.name!r} {state}; upload it first (existing datasets: {existing or 'none'})"
+                f"{field}: dataset {folder.name!r} {state} on this worker's {storage.volume_description()}; "
+                f"upload it first (datasets here: {existing or 'none'}); an endpoint with network volumes in "
+                "several data centres does not share datasets between them"
             )
         folders.append(folder)
     if problems:
