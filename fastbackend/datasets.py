@@ -46,6 +46,7 @@ from fastbackend.storage import (
     TEMP_SUFFIX,
     atomic_write_bytes,
     locked,
+    mark_volume,
     move_into_place,
     name_problem,
     no_links,
@@ -268,6 +269,7 @@ def commit(
     under a name the dataset already holds with other bytes is refused unless ``overwrite``. Automatic captions
     (``captions.caption_photos``) go only to images that still have none.
     """
+    mark_volume()  # so that an error about a dataset missing elsewhere can name this volume
     with locked(folder.path):
         current = finish_pending(folder)
         on_disk = set(current["images"])

@@ -65,17 +65,23 @@ VOLUME_ID_FILE = ".volume-id"
 
 def volume_description() -> str:
     """Which volume this worker has, for an error about data that is not on it: an endpoint with
-    network volumes in several data centres gives each worker one of them, and they are not synced."""
+    network volumes in several data centres gives each worker one of them, and they are not synced.
+    Reading it writes nothing (a refusal leaves the volume as it was); uploads mark the volume."""
     root = data_root()
-    marker = root / VOLUME_ID_FILE
     try:
-        if not marker.is_file():
-            atomic_write_bytes(marker, uuid.uuid4().hex[:12].encode())
-        volume_id = marker.read_text().strip()[:64]
-    except OSError:  # a read-only root: the path alone names it
-        volume_id = "unknown"
+        volume_id = (root / VOLUME_ID_FILE).read_text().strip()[:64]
+    except OSError:
+        volume_id = ""
+    name = f"volume {volume_id}" if volume_id else "volume (nothing uploaded to it yet)"
     place = settings.datacenter()
-    return f"volume {volume_id} at {root}" + (f" in data centre {place}" if place else "")
+    return f"{name} at {root}" + (f" in data centre {place}" if place else "")
+
+
+def mark_volume() -> None:
+    """Give the volume an id of its own, once, for ``volume_description``."""
+    marker = data_root() / VOLUME_ID_FILE
+    if not marker.exists():
+        atomic_write_bytes(marker, uuid.uuid4().hex[:12].encode())
 
 
 def datasets_dir() -> Path:

@@ -335,3 +335,39 @@ def test_photos_are_fingerprinted_as_the_worker_fingerprints_a_dataset(tmp_path)
     assert DatasetFolder(dataset_dir("matt")).content_sha256() == client.folder_sha256(folder)
     (folder / "IMG_0000.txt").write_text("another caption")
     assert DatasetFolder(dataset_dir("matt")).content_sha256() != client.folder_sha256(folder)
+
+
+def test_train_photos_go_inside_the_request_when_they_fit_and_by_upload_then_fingerprint_when_not(
+    tmp_path, monkeypatch
+):
+    from tests.training_helpers import fixture_yaml
+
+    for index in range(3):
+        (tmp_path / f"img{index}.jpg").write_bytes(bytes([index]) * 1000)
+    sent, uploads = [], []
+
+    def run(self, payload, notify=True):
+        sent.append(payload)
+        answer = next(answers, {"ok": 1})
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(client.Client, "run", run)
+    monkeypatch.setattr(client.Client, "upload_folder", lambda self, name, folder, mode: uploads.append((name, mode)))
+    user = client.Client("http://127.0.0.1:1/v2/e", out=io.StringIO())
+    sha256 = client.folder_sha256(tmp_path)
+
+    answers = iter([{"ok": 1}])
+    assert user.train(fixture_yaml(), tmp_path) == {"ok": 1}  # small: one request
+    (dataset,) = sent[0]["datasets"].values()
+    assert list(sent[0]["datasets"]) == ["matt_training_test"] and dataset["sha256"] == sha256
+    assert [f["filename"] for f in dataset["files"]] == ["img0.jpg", "img1.jpg", "img2.jpg"] and uploads == []
+
+    monkeypatch.setattr(client, "BATCH_BYTES", 2000)  # too large for one request now
+    sent.clear()
+    answers = iter([client.WorkerError("dataset_mismatch: landed elsewhere"), {"ok": 1}])
+    assert user.train(fixture_yaml(), tmp_path) == {"ok": 1}
+    assert uploads == [("matt_training_test", "replace")] * 2  # uploaded again where the training landed
+    assert all(payload["datasets"] == {"matt_training_test": {"sha256": sha256}} for payload in sent)
+    assert "landed on another volume" in user.out.getvalue()

@@ -118,8 +118,9 @@ def refused(data_root, yaml_text: str) -> dict:
 def test_refusals_write_nothing(tiny_models, data_root):
     model_path = install_model(tiny_models, data_root, "flux")
     assert refused(data_root, user_yaml(model_path))["error"] == (
-        "config.process[0].datasets[0].folder_path: dataset 'matt_training_test' does not exist; "
-        "upload it first (existing datasets: none)"
+        "config.process[0].datasets[0].folder_path: dataset 'matt_training_test' does not exist on this worker's "
+        f"volume (nothing uploaded to it yet) at {data_root}; upload it first (datasets here: none); an endpoint "
+        "with network volumes in several data centres does not share datasets between them"
     )
     upload_photos()
     outside = refused(data_root, user_yaml(model_path).replace("/workspace/training_data/matt_training_test", "/etc"))

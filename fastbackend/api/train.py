@@ -36,11 +36,12 @@ from fastbackend.storage import (
 
 def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = None) -> dict:
     config, warnings = parse_training_config(request.source)
-    bring_datasets(config, request, progress or (lambda info: None))
-    datasets = resolve_datasets(config)
+    datasets = dataset_paths(config)
     base_model = resolve_base_model(config.process.model.name_or_path, f"{PREFIX}.model.name_or_path")
     assistant = resolve_assistant(config)
     output = resolve_output(config)
+    bring_datasets(request, datasets, progress or (lambda info: None))  # the only write before the run
+    check_datasets_present(datasets)
     with contextlib.ExitStack() as held:
         held.enter_context(locked(output.path, timeout_s=storage.BUSY_LOCK_TIMEOUT_S))  # one job per model
         try:
@@ -57,18 +58,18 @@ def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = N
             raise
 
 
-def bring_datasets(config: TrainingConfig, request: TrainWithYamlRequest, progress: Progress) -> None:
+def bring_datasets(request: TrainWithYamlRequest, folders: list[Path], progress: Progress) -> None:
     """Make the volume hold the photos the request names (``input.datasets``): a dataset that is
     missing or differs is uploaded from what the request brings (replacing it, all or nothing, as
     ``upload_training_data`` does), or the run is refused before anything loads."""
     from fastbackend.api.datasets import upload_training_data
 
-    trained = {dataset_folder(d.folder_path, f"{PREFIX}.datasets").name for d in config.process.datasets}
+    trained = sorted(folder.name for folder in folders)
     for name, source in request.datasets.items():
         field = f"input.datasets.{name}"
         if name not in trained:
             raise FastBackendError(
-                f"{field}: the config trains on no dataset named {name!r} (it trains on {sorted(trained)})",
+                f"{field}: the config trains on no dataset named {name!r} (it trains on {trained})",
                 code=ErrorCode.VALIDATION_ERROR,
             )
         folder = DatasetFolder(dataset_dir(name))
@@ -110,7 +111,7 @@ def resolve_assistant(config: TrainingConfig) -> str | None:
 
 
 def refuse_unfinished_commit(folder: DatasetFolder) -> None:
-    """``resolve_datasets`` finished any overwrite a killed upload left half-done; one killed again
+    """``check_datasets_present`` finished any overwrite a killed upload left half-done; one killed again
     before this run's reader lock was taken would have the run read old bytes under new hashes."""
     if folder.read_manifest().get("pending"):
         raise FastBackendError(
@@ -261,30 +262,42 @@ def visible_gpu_gb(device: str) -> float | None:
 
 
 def resolve_datasets(config: TrainingConfig) -> list[Path]:
-    """Each ``folder_path`` as an uploaded, non-empty dataset folder; every problem at once."""
+    """Each ``folder_path`` as an uploaded, non-empty dataset folder under the data root."""
+    folders = dataset_paths(config)
+    check_datasets_present(folders)
+    return folders
+
+
+def dataset_paths(config: TrainingConfig) -> list[Path]:
+    """Each ``folder_path`` as a dataset folder under the data root; every problem at once."""
     folders, problems = [], []
-    existing = list_names(datasets_dir())
     for index, dataset in enumerate(config.process.datasets):
-        field = f"{PREFIX}.datasets[{index}].folder_path"
         try:
-            folder = dataset_folder(dataset.folder_path, field)
+            folders.append(dataset_folder(dataset.folder_path, f"{PREFIX}.datasets[{index}].folder_path"))
         except FastBackendError as exc:
             problems.append(exc.message)
-            continue
+    if problems:
+        raise ValidationFailed.from_problems(problems, code=ErrorCode.INVALID_DATASET)
+    return folders
+
+
+def check_datasets_present(folders: list[Path]) -> None:
+    """Each dataset uploaded and not empty; every problem at once, naming this worker's volume."""
+    problems = []
+    existing = list_names(datasets_dir())
+    for index, folder in enumerate(folders):
         on_volume = DatasetFolder(folder)
         if folder.is_dir():
             recover_dataset(on_volume)
         if not on_volume.image_files():
             state = "is empty" if folder.is_dir() else "does not exist"
             problems.append(
-                f"{field}: dataset {folder.name!r} {state} on this worker's {storage.volume_description()}; "
-                f"upload it first (datasets here: {existing or 'none'}); an endpoint with network volumes in "
-                "several data centres does not share datasets between them"
+                f"{PREFIX}.datasets[{index}].folder_path: dataset {folder.name!r} {state} on this worker's "
+                f"{storage.volume_description()}; upload it first (datasets here: {existing or 'none'}); an "
+                "endpoint with network volumes in several data centres does not share datasets between them"
             )
-        folders.append(folder)
     if problems:
         raise ValidationFailed.from_problems(problems, code=ErrorCode.INVALID_DATASET)
-    return folders
 
 
 def dataset_folder(text: str, field: str) -> Path:
