@@ -168,6 +168,10 @@ async def async_handler(job: Any) -> dict:
     drops its staging folder) and the cancellation goes on to runpod, which takes the next job.
     """
     _stop_running_jobs_on_sigterm()
+    if _worker_shutting_down():  # a job a job-take already under way handed out after SIGTERM
+        stopping.request_shutdown()
+        log.warning("job %s: the worker is shutting down; not started", _job_id(job))
+        return error_response(stopping.JobStopped("the worker is shutting down and starts no new job; send it again"))
     stop = threading.Event()
     work = asyncio.ensure_future(asyncio.to_thread(_handle_watching, job, stop))
     try:
@@ -191,7 +195,7 @@ _running: set[threading.Event] = set()  # the stop events of the jobs running no
 def _handle_watching(job: Any, stop: threading.Event) -> dict:
     with _one_job_at_a_time:
         if stop.is_set():  # stopped while it waited for its turn: nothing was started
-            return error_response(FastBackendError("stopped before it started", code=ErrorCode.STOPPED))
+            return error_response(stopping.JobStopped("stopped before it started"))
         _running.add(stop)
         try:
             with stopping.watching(stop):
@@ -208,6 +212,7 @@ def _stop_running_jobs_on_sigterm() -> None:
         return
 
     def stop_then_previous(signum: int, frame: Any) -> None:
+        stopping.request_shutdown()  # before the events: a stop seen now says it was the shutdown
         for event in list(_running):
             event.set()
         if callable(previous):
@@ -216,7 +221,19 @@ def _stop_running_jobs_on_sigterm() -> None:
             raise SystemExit(128 + signum)
 
     stop_then_previous.stops_jobs = True  # type: ignore[attr-defined]
+    stop_then_previous.previous = previous  # type: ignore[attr-defined]
     signal.signal(signal.SIGTERM, stop_then_previous)
+
+
+def _worker_shutting_down() -> bool:
+    """Whether SIGTERM came: through the chain above, or (before any job chained onto it) to runpod's
+    scaler, whose SIGTERM handler is its own bound method and which then says it is not alive."""
+    if stopping.shutting_down():
+        return True
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    scaler = getattr(getattr(on_sigterm, "previous", on_sigterm), "__self__", None)
+    is_alive = getattr(scaler, "is_alive", None)
+    return callable(is_alive) and not is_alive()
 
 
 def _job_id(job: Any) -> object:

@@ -53,6 +53,7 @@ FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
 DEFAULT_MAX_HOURS = 6.0  # a training's execution timeout; an endpoint's own default is 10 minutes
 CANCEL_WAIT_S = 60.0  # after Ctrl-C, how long to wait for RunPod to confirm the stop
 MISMATCH_TRIES = 3  # uploads + trainings when each lands on a volume without the photos
+SHUTDOWN_RESENDS = 3  # a job sent again after the worker running it shut down
 
 
 class WorkerError(RuntimeError):
@@ -61,6 +62,11 @@ class WorkerError(RuntimeError):
 
 class JobStopped(WorkerError):
     """A job RunPod stopped (cancelled, or past its execution timeout) before it finished."""
+
+
+class WorkerShutDown(JobStopped):
+    """The worker was shut down (RunPod scaled it down) before or while it ran the job: sent again,
+    it runs on another worker, a training resuming from its newest save."""
 
 
 def number(value: object) -> float | None:
@@ -242,6 +248,14 @@ class Client:
         progress shown, Ctrl-C turned into ``/cancel``."""
         if self.local:  # the local server runs it while /runsync waits: no id to follow, nothing to cancel
             return output_of(self.submit(payload, "runsync", notify=notify))
+        for _ in range(SHUTDOWN_RESENDS):
+            try:
+                return self._run_once(payload, notify)
+            except WorkerShutDown as exc:
+                print(f"{exc}; sending it again", file=self.out, flush=True)
+        return self._run_once(payload, notify)
+
+    def _run_once(self, payload: dict, notify: bool) -> dict:
         view = self.submit(payload, "run", policy=self.policy(), notify=notify)
         job_id = str(view.get("id"))
         print(f"job {job_id} sent; follow it: {self.command('wait', job_id)}", file=self.out, flush=True)
@@ -392,6 +406,8 @@ def output_of(view: dict) -> dict:
     if status not in FINAL:
         raise WorkerError(f"job {job} is {status}")
     code = output.get("error_code") if isinstance(output, dict) else None
+    if isinstance(output, dict) and output.get("stopped_by") == "shutdown":
+        raise WorkerShutDown(f"job {job}: the worker running it shut down")
     error = str(view.get("error") or f"job ended {status}")
     line = (error.splitlines() or [f"job ended {status}"])[0][:2000]
     raise WorkerError(f"{code}: {line}" if code else line)

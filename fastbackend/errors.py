@@ -49,6 +49,8 @@ class FastBackendError(Exception):
     """
 
     code: ErrorCode
+    # More fields for the failure answer (a stopped job's cause); an instance sets its own, never mutates this.
+    extra: dict[str, object] = {}  # noqa: RUF012
 
     def __init__(self, message: str, details: list[str] | None = None, code: ErrorCode | None = None):
         super().__init__(message)
@@ -95,7 +97,7 @@ def show_value(value: object) -> str:
 
 def error_response(error: FastBackendError) -> dict:
     """The failure answer for ``error``; ``error`` stays one line."""
-    return {
+    return error.extra | {
         "status": "error",
         "error": " ".join(error.message.split()),
         "error_code": error.code.value,

@@ -1,10 +1,11 @@
-"""A job's stop request (RunPod's ``/cancel`` and execution timeout), seen by long work between steps.
+"""A job's stop request (RunPod's ``/cancel`` and execution timeout, or the worker's shutdown), seen
+by long work between steps.
 
-RunPod stops a job by cancelling its asyncio task. The work itself runs in a thread, so that
-the event loop stays free to hear the signal, and a thread cannot be cancelled: the async
-handler sets the job's stop event instead (``watching``), and long work asks ``requested()`` at
-points where stopping loses nothing: training after a step (it saves a resumable state first),
-an upload between chunks (its staging folder goes, nothing was committed).
+RunPod stops a job by cancelling its asyncio task, and a worker it scales down by SIGTERM. The
+work itself runs in a thread, so that the event loop stays free to hear the signal, and a thread
+cannot be cancelled: the async handler sets the job's stop event instead (``watching``), and long
+work asks ``requested()`` at points where stopping loses nothing: training after a step (it saves
+a resumable state first), an upload between chunks (its staging folder goes, nothing was committed).
 """
 
 from __future__ import annotations
@@ -18,10 +19,36 @@ from fastbackend.errors import ErrorCode, FastBackendError
 
 # The running job's stop event; asyncio.to_thread copies it into the job's thread.
 _current: ContextVar[threading.Event | None] = ContextVar("fastbackend_stop", default=None)
+# Set on SIGTERM: the worker is going away. A stop then is told apart from a cancel or a timeout,
+# which RunPod sends the same way (the worker cannot tell those two apart).
+_shutdown = threading.Event()
+SHUTDOWN = "shutdown"
+CANCEL_OR_TIMEOUT = "cancel_or_timeout"
+CAUSES = {SHUTDOWN: "the worker shutting down", CANCEL_OR_TIMEOUT: "a cancel or the execution timeout"}
 
 
 class JobStopped(FastBackendError):
+    """A stopped job's answer: what stopped it (``stopped_by``) and what to do (``resend``) ride in
+    its output, beside the message."""
+
     code = ErrorCode.STOPPED
+
+    def __init__(self, message: str, resend: str = "send the same request again"):
+        super().__init__(message)
+        self.extra = {"stopped_by": cause(), "resend": resend}
+
+
+def request_shutdown() -> None:
+    _shutdown.set()
+
+
+def shutting_down() -> bool:
+    return _shutdown.is_set()
+
+
+def cause() -> str:
+    """Why work stops now: ``shutdown`` or ``cancel_or_timeout``."""
+    return SHUTDOWN if _shutdown.is_set() else CANCEL_OR_TIMEOUT
 
 
 @contextlib.contextmanager
@@ -41,4 +68,4 @@ def requested() -> bool:
 
 def stop_if_requested(what: str) -> None:
     if requested():
-        raise JobStopped(f"{what} stopped by a cancel or the execution timeout")
+        raise JobStopped(f"{what} stopped by {CAUSES[cause()]}")

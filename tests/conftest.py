@@ -42,6 +42,15 @@ def data_root(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def no_shutdown_between_tests():
+    """A test that sends SIGTERM leaves the worker's shutdown flag set; the next test's worker is new."""
+    yield
+    from fastbackend import stopping
+
+    stopping._shutdown.clear()
+
+
+@pytest.fixture(autouse=True)
 def no_warm_pipeline_between_tests():
     """generate keeps its base pipeline loaded between jobs; tests must not inherit one."""
     yield

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -171,3 +172,29 @@ def test_two_workers_with_separate_volumes_still_train_the_users_photos(tmp_path
         assert (second.volume / "output" / "nowy_dataset_1.3" / trained["filename"]).is_file()
         held = sorted(p.name for p in (second.volume / "training_data" / DATASET).glob("*.jpg"))
         assert held == sorted(p.name for p in photos.glob("*.jpg"))
+
+
+def test_a_worker_shut_down_mid_training_saves_and_the_client_sends_the_job_again(tmp_path, tiny_models):
+    photos = photo_folder(tmp_path / "photos", 3, 512, 512)
+    data = volume(tmp_path / "volume", tiny_models)
+    with Endpoint(tmp_path / "endpoint", time_scale=0.01) as endpoint:
+        first = endpoint.start_worker(data, WORKER_ENV)
+        endpoint.wait_until_ready()
+        laptop = user(endpoint)
+        laptop.upload_folder(DATASET, photos)
+        real_status, events = laptop.status, []
+
+        def scale_down_at_step_3(job_id):
+            view = real_status(job_id)
+            step = (view.get("output") or {}).get("step") or 0
+            if not events and view.get("workerId") == first.id and step >= 3:
+                events.append(endpoint.start_worker(data, WORKER_ENV))  # RunPod brings up another worker
+                threading.Thread(target=endpoint.stop_workers, args=([first],)).start()  # and SIGTERMs this one
+            return view
+
+        laptop.status = scale_down_at_step_3  # type: ignore[method-assign]
+        trained = laptop.train(config("scaled_down", steps=400, every=100_000))
+        assert "the worker running it shut down; sending it again" in laptop.out.getvalue()
+        assert first.process.returncode is not None and endpoint.queue.taken_by[events[0].id] == 1
+        assert trained["steps"] == 400 and 3 <= trained["resumed_from_step"] < 400
+        assert "training stopped by the worker shutting down" in first.log.read_text()

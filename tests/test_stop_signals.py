@@ -230,3 +230,100 @@ def test_a_stop_during_sampling_ends_the_round_and_saves_the_step(tiny_models, d
     folder = LoraFolder(data_root / "output" / MODEL)
     assert len(list(folder.samples.glob("*"))) == 1  # the round ended after its first image
     assert folder.step_save(1).is_file() and folder.state.is_file()
+
+
+def run_scaler_until_sigterm(first: list[dict], after_sigterm: list[dict], monkeypatch, send_sigterm=None):
+    """runpod's JobScaler with its own SIGTERM handler installed (as ``JobScaler.start`` does), ``first``
+    handed out one at a time; then a job-take in flight when SIGTERM comes hands out ``after_sigterm``.
+    SIGTERM is a real signal to this process: sent once the first jobs are done, or by ``send_sigterm``."""
+    import os
+    import signal
+
+    from runpod.serverless.modules import rp_job, rp_scale
+
+    import handler_fast
+
+    posted: list[tuple[str, dict]] = []
+
+    async def capture(session, job_data, job, is_stream=False):
+        posted.append((job["id"], job_data))
+
+    monkeypatch.setattr(rp_job, "send_result", capture)
+    pending = list(first)
+
+    async def jobs_fetcher(session, count):
+        await asyncio.sleep(0.05)
+        if pending:
+            return [pending.pop(0)]
+        if send_sigterm is None and len(posted) == len(first):
+            os.kill(os.getpid(), signal.SIGTERM)  # the worker is idle, this take is in flight
+        for _ in range(100):
+            if not scaler.is_alive():
+                return list(after_sigterm)  # handed out after the signal: the scaler still runs them
+            await asyncio.sleep(0.05)
+        return []
+
+    async def no_stop_signals(session):
+        await asyncio.sleep(0.05)
+        return []
+
+    scaler = rp_scale.JobScaler(
+        {
+            "handler": handler_fast.async_handler,
+            "jobs_fetcher": jobs_fetcher,
+            "stop_signals_fetcher": no_stop_signals,
+            "jobs_fetcher_timeout": 10,
+            "stop_signals_fetcher_timeout": 5,
+        }
+    )
+    before = signal.signal(signal.SIGTERM, scaler.handle_shutdown)
+    try:
+        asyncio.run(asyncio.wait_for(scaler.run(), timeout=240))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    return posted
+
+
+@pytest.mark.parametrize("jobs_before", [0, 1])
+def test_no_job_starts_after_sigterm_it_is_answered_at_once_as_a_shutdown(jobs_before, monkeypatch):
+    """With no job before, only runpod's own SIGTERM handler is installed; with one, the worker's chain."""
+    first = [{"id": "health-0", "input": {"type": "health"}}] * jobs_before
+    late = {"id": "health-late", "input": {"type": "health"}}
+    started = time.monotonic()
+    posted = run_scaler_until_sigterm(first, [late], monkeypatch)
+    assert [job_id for job_id, _ in posted] == ["health-0"] * jobs_before + ["health-late"]
+    answer = posted[-1][1]
+    assert answer["error"] == "the worker is shutting down and starts no new job; send it again"
+    assert answer["output"]["error_code"] == "stopped" and answer["output"]["stopped_by"] == "shutdown"
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.slow
+def test_sigterm_mid_training_saves_and_the_answer_says_the_shutdown_stopped_it(tiny_models, data_root, monkeypatch):
+    import os
+    import signal
+
+    from fastbackend.layout import LoraFolder
+    from fastbackend.training import trainer
+
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    real_report = trainer.report_step
+
+    def report_then_sigterm(run, hooks, loss, seconds, bar):
+        real_report(run, hooks, loss, seconds, bar)
+        if run.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # RunPod scales the worker down mid-run
+        time.sleep(0.05)
+
+    monkeypatch.setattr(trainer, "report_step", report_then_sigterm)
+    train_job = {"id": "train-1", "input": {"type": "train_with_yaml", "yaml_config": user_yaml(model_path, steps=200)}}
+    posted = run_scaler_until_sigterm([train_job], [], monkeypatch, send_sigterm="from the run")
+    ((job_id, stopped),) = posted  # runpod posts what the stopped job answered: it was not cancelled
+    assert job_id == "train-1"
+    assert stopped["error"].startswith("training stopped by the worker shutting down at step ")
+    step = int(stopped["error"].split("at step ")[1].split(":")[0])
+    assert 3 <= step <= 4  # the step in flight, no more
+    assert stopped["output"]["stopped_by"] == "shutdown"
+    assert stopped["output"]["resend"] == f"send the same train_with_yaml again: it resumes from step {step}"
+    assert LoraFolder(data_root / "output" / MODEL).state.is_file()

@@ -19,6 +19,7 @@ import torch
 from fastbackend.config import ProcessConfig, TrainingConfig
 from fastbackend.errors import ErrorCode, FastBackendError
 from fastbackend.layout import LoraFolder
+from fastbackend.stopping import JobStopped
 from fastbackend.training import data, lora_io
 from fastbackend.training.caching import TextCache
 from fastbackend.training.families import Family, LossOptions
@@ -79,8 +80,8 @@ class NonFiniteLoss(FastBackendError):
     code = ErrorCode.NON_FINITE_LOSS
 
 
-class TrainingStopped(FastBackendError):
-    code = ErrorCode.STOPPED
+class TrainingStopped(JobStopped):
+    """A stopped run, saved: sent again, it resumes."""
 
 
 @dataclass(kw_only=True)

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from fastbackend import stopping
 from fastbackend.training import data, likeness
 from fastbackend.training.checkpoint import restore_state, save_checkpoint, write_model_record
 from fastbackend.training.families import TrainingBatch
@@ -140,7 +141,10 @@ def stops(run: Run, hooks: Hooks, resumed_from: int) -> bool:
     if run.step > resumed_from and not saved_now and run.is_main:
         save_checkpoint(run, final=False)
     kept = f"step {run.step} is saved; send the same request again to resume from it" if run.step else "nothing saved"
-    raise TrainingStopped(f"training stopped by a cancel or the execution timeout at step {run.step}: {kept}")
+    resend = f"send the same train_with_yaml again: it resumes from step {run.step}" if run.step else "send it again"
+    raise TrainingStopped(
+        f"training stopped by {stopping.CAUSES[stopping.cause()]} at step {run.step}: {kept}", resend=resend
+    )
 
 
 # ---------------------------------------------------------------- one step
