@@ -47,6 +47,24 @@ DEFAULT_EXECUTION_TIMEOUT_S = 600.0  # an endpoint's default execution timeout
 DEFAULT_TTL_S = 24 * 3600.0
 LONG_POLL_S = 2.0  # how long job-take and job-stop hold a worker's request (real seconds)
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
+WEEK_MS = 7 * 24 * 3600 * 1000
+# RunPod's bounds for a request's policy, in ms: executionTimeout 5 s to 7 days, ttl 10 s to 7 days.
+POLICY_BOUNDS = {"executionTimeout": (5_000, WEEK_MS), "ttl": (10_000, WEEK_MS)}
+WEBHOOK_RETRY_S = 10.0  # RunPod tries a webhook 3 times, 10 s apart
+
+
+def policy_problem(body: dict) -> str | None:
+    """What is wrong with a request's ``policy``, as RunPod would refuse it (400)."""
+    policy = body.get("policy", {})
+    if not isinstance(policy, dict):
+        return "policy must be an object"
+    for key, value in policy.items():
+        if key not in POLICY_BOUNDS:
+            continue  # RunPod's other policy keys (lowPriority, ...) mean nothing here
+        low, high = POLICY_BOUNDS[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+            return f"policy.{key}: {value!r} is not a number of ms from {low} to {high}"
+    return None
 
 
 @dataclass
@@ -93,11 +111,10 @@ class Queue:
         self.taken_by: dict[str, int] = {}  # worker id -> jobs it took (for tests)
 
     def submit(self, body: dict, sync: bool) -> Job:
+        """Queue a job (``body`` checked by ``policy_problem`` first)."""
         policy = body.get("policy") or {}
-        timeout_ms = policy.get("executionTimeout")
-        ttl_ms = policy.get("ttl")
-        timeout_s = DEFAULT_EXECUTION_TIMEOUT_S if timeout_ms is None else float(timeout_ms) / 1000
-        ttl_s = DEFAULT_TTL_S if ttl_ms is None else float(ttl_ms) / 1000
+        timeout_s = policy.get("executionTimeout", DEFAULT_EXECUTION_TIMEOUT_S * 1000) / 1000
+        ttl_s = policy.get("ttl", DEFAULT_TTL_S * 1000) / 1000
         job = Job(
             id=("sync-" if sync else "") + str(uuid.uuid4()),
             input=body["input"],
@@ -160,6 +177,15 @@ class Queue:
                 if over_time or now > job.expires_at:
                     self._stop(job, "TIMED_OUT")
 
+    def lost(self, worker: str) -> None:
+        """The worker process is gone: the jobs it held fail (RunPod's answer to a worker lost mid-job)."""
+        with self.changed:
+            for job in self.jobs.values():
+                if job.worker == worker and job.status == "IN_PROGRESS":
+                    job.error = f"the worker running it ({worker}) was lost; send the job again"
+                    self._finish(job, "FAILED")
+            self.changed.notify_all()
+
     def wait_final(self, job: Job, wait_s: float) -> None:
         with self.changed:
             self.changed.wait_for(lambda: job.status in FINAL, timeout=wait_s)
@@ -190,17 +216,18 @@ class Queue:
     def _finish(self, job: Job, status: str) -> None:
         job.status, job.finished = status, time.monotonic()
         if job.webhook:
-            threading.Thread(target=post_webhook, args=(job.webhook, job.view()), daemon=True).start()
+            retry_s = WEBHOOK_RETRY_S * self.scale
+            threading.Thread(target=post_webhook, args=(job.webhook, job.view(), retry_s), daemon=True).start()
 
 
-def post_webhook(url: str, body: dict) -> None:
-    """RunPod posts the final status to the request's webhook, retrying a failed post twice."""
+def post_webhook(url: str, body: dict, retry_s: float) -> None:
+    """RunPod posts the final status to the request's webhook: three tries, ``retry_s`` apart."""
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     for _ in range(3):
         with contextlib.suppress(OSError):
             urllib.request.urlopen(request, timeout=10).close()
             return
-        time.sleep(1)
+        time.sleep(retry_s)
 
 
 PUBLIC = re.compile(r"^/v2/(?P<endpoint>[^/]+)/(?P<route>run|runsync|health|status|cancel)(?:/(?P<job>[^/?]+))?$")
@@ -277,6 +304,8 @@ class Handler(BaseHTTPRequestHandler):
                 raise ValueError
         except ValueError:
             return 400, {"error": 'the body must be JSON {"input": ...}'}
+        if problem := policy_problem(body):
+            return 400, {"error": problem}
         job = queue.submit(body, sync=route == "runsync")
         if route == "run":
             return 200, {"id": job.id, "status": job.status}
@@ -354,6 +383,9 @@ class Endpoint:
     def _tick(self) -> None:
         while self._running.is_set():
             self.queue.expire()
+            for worker in self.workers:
+                if worker.process.poll() is not None:
+                    self.queue.lost(worker.id)
             time.sleep(0.05)
 
     def start_worker(self, volume: Path, env: dict[str, str] | None = None, datacenter: str = "LOCAL-1") -> Worker:
@@ -433,11 +465,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped like Ctrl-C: the workers go too
     with Endpoint(args.data / "endpoint-logs", args.time_scale, args.api_key, args.port) as endpoint:
         endpoint.start_workers(args.workers, args.volumes, args.data.resolve())
-        print(f"endpoint: {endpoint.url}\napi key:  {endpoint.api_key}", flush=True)
-        print(
-            f"try:      python -m fastbackend.client --url {endpoint.url} --api-key {endpoint.api_key} health",
-            flush=True,
-        )
+        print(f"endpoint: {endpoint.url}", flush=True)
+        if args.api_key is None:  # one of its own, printed once; a key given is never echoed
+            print(f"api key:  {endpoint.api_key}", flush=True)
+        print(f"try:      RUNPOD_API_KEY=<key> python -m fastbackend.client --url {endpoint.url} health", flush=True)
         print(f"workers log to {args.data / 'endpoint-logs'}; Ctrl-C stops everything", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while all(worker.process.poll() is None for worker in endpoint.workers):

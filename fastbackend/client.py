@@ -36,7 +36,7 @@ import requests
 import yaml
 from urllib3.exceptions import NewConnectionError
 
-from fastbackend.layout import content_sha256
+from fastbackend.fingerprint import content_sha256
 
 REQUEST_LIMIT_BYTES = 10_000_000
 # Room for the JSON around the files, so that a batch never lands exactly on the limit.
@@ -51,6 +51,8 @@ RETRIED_STATUS = {429, 500, 502, 503, 504}
 RETRIED_SUBMIT_STATUS = {429, 503}
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
 DEFAULT_MAX_HOURS = 6.0  # a training's execution timeout; an endpoint's own default is 10 minutes
+MAX_HOURS = 144.0  # RunPod takes a per-request execution timeout and ttl of at most 7 days
+MAX_TTL_MS = 7 * 24 * 3600 * 1000
 CANCEL_WAIT_S = 60.0  # after Ctrl-C, how long to wait for RunPod to confirm the stop
 MISMATCH_TRIES = 3  # uploads + trainings when each lands on a volume without the photos
 SHUTDOWN_RESENDS = 3  # a job sent again after the worker running it shut down
@@ -212,14 +214,24 @@ class Client:
 
     # ------------------------------------------------------------ jobs
 
-    def submit(self, payload: dict, route: str, policy: dict | None = None, notify: bool = False) -> dict:
-        """Send one job by ``/run`` or ``/runsync``; returns RunPod's view of it (id, status, ...)."""
+    def submit(
+        self, payload: dict, route: str, policy: dict | None = None, notify: bool = False, once: bool = True
+    ) -> dict:
+        """Send one job by ``/run`` or ``/runsync``; returns RunPod's view of it (id, status, ...).
+        ``once``: a job that must not run twice (a training) is sent again only when it cannot have
+        been queued; the client's short requests may run twice harmlessly (an upload sent again
+        skips the photos it brought, a listing or a chunk is read again)."""
         body: dict[str, Any] = {"input": payload}
         if notify and self.webhook:
             body["webhook"] = self.webhook
         if policy and not self.local:
             body["policy"] = policy
-        return self._request("POST", route, body, submit=True)
+        try:
+            return self._request("POST", route, body, submit=once)
+        except KeyboardInterrupt:
+            if once:
+                print("interrupted while sending: the job may have been queued; see RunPod's console", file=self.out)
+            raise
 
     def status(self, job_id: str) -> dict:
         return self._request("GET", f"status/{job_id}")
@@ -240,7 +252,7 @@ class Client:
 
     def call(self, payload: dict) -> dict:
         """A short request (upload batch, listing, download chunk): its output, or WorkerError."""
-        view = self.submit(payload, "runsync")
+        view = self.submit(payload, "runsync", once=False)
         return output_of(self.wait(view))
 
     def run(self, payload: dict, notify: bool = True) -> dict:
@@ -262,14 +274,22 @@ class Client:
         print(f"  cancel it: {self.command('cancel', job_id)}", file=self.out, flush=True)
         return self.follow(view)
 
-    def follow(self, view: dict) -> dict:
-        """``wait`` with a progress view, and Ctrl-C sending ``/cancel``."""
+    def follow(self, view: dict, cancel_on_interrupt: bool = True) -> dict:
+        """``wait`` with a progress view; Ctrl-C sends ``/cancel`` (or, watching a job sent earlier,
+        only stops watching and says how to cancel it)."""
         shown = ProgressView(self.out)
         try:
             final = self.wait(view, shown.update)
         except KeyboardInterrupt:
             shown.close()
-            self.stop_after_interrupt(str(view["id"]))
+            if cancel_on_interrupt:
+                self.stop_after_interrupt(str(view["id"]))
+            else:
+                print(
+                    f"\nstopped watching; the job goes on. Cancel it: {self.command('cancel', str(view['id']))}",
+                    file=self.out,
+                    flush=True,
+                )
             raise
         except BaseException:
             shown.close()
@@ -295,9 +315,10 @@ class Client:
 
     def policy(self) -> dict:
         """RunPod's per-request execution policy: ``executionTimeout`` from ``--max-hours`` (an endpoint's
-        default stops a job after 10 minutes), and a ``ttl`` that leaves a day in the queue besides."""
+        default stops a job after 10 minutes), and a ``ttl`` (queue and run together, at most 7 days)
+        that leaves a day in the queue besides."""
         timeout_ms = int(self.max_hours * 3600 * 1000)
-        return {"executionTimeout": timeout_ms, "ttl": timeout_ms + 24 * 3600 * 1000}
+        return {"executionTimeout": timeout_ms, "ttl": min(timeout_ms + 24 * 3600 * 1000, MAX_TTL_MS)}
 
     def command(self, verb: str, job_id: str) -> str:
         key = " --api-key $RUNPOD_API_KEY" if "Authorization" in self.session.headers else ""
@@ -306,23 +327,32 @@ class Client:
     # ------------------------------------------------------------ the user's chores
 
     def train(self, yaml_text: str, photos: Path | None = None, resume: bool = True) -> dict:
-        """Train ``yaml_text``; with ``photos``, on that folder whatever volume the job lands on."""
+        """Train ``yaml_text``; with ``photos``, on that folder whatever volume the job lands on: the
+        training names the photos' fingerprint, and brings them only when the volume it landed on
+        lacks them (inside the request when they fit; else uploaded first, which an endpoint with
+        several volumes cannot promise to land on the same volume)."""
         payload: dict[str, Any] = {"type": "train_with_yaml", "yaml_config": yaml_text, "resume": resume}
         if photos is None:
             return self.run(payload)
-        name = dataset_name(yaml_text)
-        entries, sha256 = photo_entries(photos), folder_sha256(photos)
-        if len(json.dumps(payload)) + len(json.dumps(entries)) < BATCH_BYTES:  # all in one request
-            return self.run(payload | {"datasets": {name: {"sha256": sha256, "files": entries}}})
-        for attempt in range(1, MISMATCH_TRIES + 1):
-            self.upload_folder(name, photos, mode="replace")
-            try:
-                return self.run(payload | {"datasets": {name: {"sha256": sha256}}})
-            except WorkerError as exc:
-                if "dataset_mismatch" not in str(exc) or attempt == MISMATCH_TRIES:
-                    raise
-                print(f"the training landed on another volume ({exc}); uploading there", file=self.out)
-        raise AssertionError("unreachable")
+        name, sha256 = dataset_name(yaml_text), folder_sha256(photos)
+        try:
+            return self.run(payload | {"datasets": {name: {"sha256": sha256}}})
+        except WorkerError as exc:
+            if not str(exc).startswith("dataset_mismatch:"):
+                raise
+        if request_bytes(photos) + len(yaml_text) < BATCH_BYTES:
+            print(f"sending the photos with the training ({name})", file=self.out, flush=True)
+            return self.run(payload | {"datasets": {name: {"sha256": sha256, "files": photo_entries(photos)}}})
+        self.upload_folder(name, photos, mode="replace")
+        try:
+            return self.run(payload | {"datasets": {name: {"sha256": sha256}}})
+        except WorkerError as exc:
+            if not str(exc).startswith("dataset_mismatch:"):
+                raise
+            raise WorkerError(
+                f"{exc}; the photos ({request_bytes(photos) / 1e6:.0f} MB) need several requests, which an endpoint "
+                "with volumes in several data centres spreads over them: keep the endpoint to one volume"
+            ) from None
 
     def upload_folder(self, name: str, folder: Path, mode: str = "append", auto_caption: bool = False) -> dict:
         """Every image in ``folder`` with its ``.txt`` caption, in as many requests as the limit needs;
@@ -355,13 +385,17 @@ class Client:
         )
 
     def download(
-        self, model: str, destination: Path, filename: str | None = None, chunk_bytes: int | None = None
+        self, model: str, destination: Path | str, filename: str | None = None, chunk_bytes: int | None = None
     ) -> Path:
         """A LoRA in chunks into ``<file>.<sha256>.part``, resumed from its size when a download was cut,
         checked against the worker's sha256, then renamed: the final name only ever holds the whole file."""
         ask = {"type": "download_model", "model": model} | ({"filename": filename} if filename else {})
         first = self.call(ask | {"length": 1})
-        target = destination / first["filename"] if destination.is_dir() else destination
+        name = Path(str(first["filename"])).name  # the worker's name, never a path it could lead out by
+        if not name.endswith(".safetensors"):
+            raise WorkerError(f"{model}: the worker named the file {first['filename']!r}")
+        target = Path(destination, name) if _is_folder(destination) else Path(destination)
+        target.parent.mkdir(parents=True, exist_ok=True)
         if target.is_file() and _sha256_of(target) == first["sha256"]:
             return target
         part = target.with_name(f"{target.name}.{first['sha256'][:16]}.part")  # another version never resumes
@@ -374,7 +408,11 @@ class Client:
                 chunk = self.call(ask | {"offset": offset} | ({"length": chunk_bytes} if chunk_bytes else {}))
                 if chunk["sha256"] != first["sha256"]:
                     raise WorkerError(f"{model}: the file changed on the worker during the download; run it again")
-                handle.write(base64.b64decode(chunk["content"]))
+                data = base64.b64decode(chunk["content"])
+                end = chunk["next_offset"] if chunk["next_offset"] is not None else first["total_size"]
+                if end <= offset or len(data) != end - offset:
+                    raise WorkerError(f"{model}: a chunk at {offset} does not follow on; run the download again")
+                handle.write(data)
                 handle.flush()
                 offset = chunk["next_offset"]
         if _sha256_of(part) != first["sha256"]:
@@ -436,12 +474,27 @@ def _merged_captions(answers: list[dict]) -> dict:
 
 
 def photo_paths(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """The folder's photos, sorted, as an upload takes them: no hidden files (macOS ``._`` copies),
+    and one photo per name stem (``a.jpg`` and ``a.png`` would share ``a.txt``)."""
+    paths = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+    stems: dict[str, Path] = {}
+    for path in paths:
+        if (other := stems.setdefault(path.stem.lower(), path)) is not path:
+            raise WorkerError(f"{other.name} and {path.name} share one caption file; rename one of them")
+    return paths
 
 
 def _caption(path: Path) -> str | None:
-    caption = path.with_suffix(".txt")
-    return caption.read_text(encoding="utf-8").strip() if caption.is_file() else None
+    """The photo's ``.txt`` caption (any case of the extension), as UTF-8."""
+    for caption in (path.with_suffix(".txt"), path.with_suffix(".TXT")):
+        if caption.is_file():
+            try:
+                return caption.read_text(encoding="utf-8-sig").strip()
+            except UnicodeDecodeError:
+                raise WorkerError(f"{caption}: not UTF-8 text; save the caption as UTF-8") from None
+    return None
 
 
 def photo_entries(folder: Path) -> list[dict]:
@@ -455,9 +508,19 @@ def photo_entries(folder: Path) -> list[dict]:
     return entries
 
 
+def request_bytes(folder: Path) -> int:
+    """About what the folder's photos come to inside a request (base64, with their captions)."""
+    return sum(path.stat().st_size * 4 // 3 + 1000 for path in photo_paths(folder))
+
+
 def folder_sha256(folder: Path) -> str:
-    """The folder's photos and captions as the worker fingerprints a dataset (layout.content_sha256)."""
+    """The folder's photos and captions as the worker fingerprints a dataset (fingerprint.content_sha256)."""
     return content_sha256((_sha256_of(path), _caption(path)) for path in photo_paths(folder))
+
+
+def _is_folder(destination: Path | str) -> bool:
+    """``download MODEL ./loras/``: a folder that exists, or a name written with a trailing slash."""
+    return Path(destination).is_dir() or str(destination).endswith(("/", os.sep))
 
 
 def dataset_name(yaml_text: str) -> str:
@@ -487,6 +550,17 @@ def batches(folder: Path) -> list[list[dict]]:
     return groups + ([current] if current else [])
 
 
+def max_hours(text: str) -> float:
+    """``--max-hours``: more than 0, at most RunPod's 7 days."""
+    try:
+        hours = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of hours: {text!r}") from None
+    if not 0.01 <= hours <= MAX_HOURS:
+        raise argparse.ArgumentTypeError(f"{hours:g} is outside 0.01 to {MAX_HOURS:g} hours (RunPod's 7 days)")
+    return hours
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Talk to a FastBackend worker.")
     parser.add_argument("--url", required=True, help="your RunPod endpoint's URL, or http://localhost:8000")
@@ -508,14 +582,15 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--photos", type=Path, help="a folder of photos (+ .txt) the run trains on, sent with it")
     train.add_argument("--fresh", action="store_true", help="start over instead of resuming the newest save")
     train.add_argument(
-        "--max-hours", type=float, default=DEFAULT_MAX_HOURS, help="the job's execution timeout (default 6)"
+        "--max-hours", type=max_hours, default=DEFAULT_MAX_HOURS, help="the job's execution timeout (default 6)"
     )
+    commands.add_parser("health", help="the worker's health (its volume, version)")
     for verb, text in (("status", "a job's status"), ("wait", "follow a job to its end"), ("cancel", "cancel a job")):
         commands.add_parser(verb, help=text).add_argument("job")
     commands.add_parser("list", help="list the trained LoRAs")
     download = commands.add_parser("download", help="download a LoRA")
     download.add_argument("model")
-    download.add_argument("destination", type=Path)
+    download.add_argument("destination", help="a folder (existing, or written with a trailing /) or a file name")
     return parser
 
 
@@ -535,7 +610,9 @@ def run_command(client: Client, args: argparse.Namespace) -> dict:
     if args.command == "cancel":
         return client.cancel(args.job)
     if args.command == "wait":
-        return client.follow(client.status(args.job))
+        return client.follow(client.status(args.job), cancel_on_interrupt=False)
+    if args.command == "health":
+        return client.call({"type": "health"})
     if args.command == "list":
         return client.call({"type": "list_models"})
     return {"path": str(client.download(args.model, args.destination))}

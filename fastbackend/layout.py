@@ -16,15 +16,14 @@ A LoRA file's header (safetensors ``__metadata__``) says how it was made, under 
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import NotRequired, TypedDict
 
+from fastbackend.fingerprint import content_sha256
 from fastbackend.storage import TEMP_SUFFIX, atomic_write_bytes, no_links
 
 # The image formats a dataset holds (Pillow's names) and the extensions their files carry.
@@ -61,16 +60,6 @@ class Manifest(TypedDict, total=False):
 
 
 PENDING_PREFIX = ".pending-"
-
-
-def content_sha256(photos: Iterable[tuple[str, str | None]]) -> str:
-    """What a dataset holds, as a client computes it over a folder of photos and the worker over a
-    dataset: the sha256 of the sorted lines ``<photo's sha256> <caption>``, from (photo sha256, user
-    caption) pairs. Each photo counts once (an upload keeps one of two equal photos) and a caption the
-    worker wrote itself counts as none, so a training request can tell whether the volume it landed on
-    holds the photos its client has."""
-    lines = sorted({f"{sha256} {(caption or '').strip()}\n" for sha256, caption in photos})
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -337,37 +337,143 @@ def test_photos_are_fingerprinted_as_the_worker_fingerprints_a_dataset(tmp_path)
     assert DatasetFolder(dataset_dir("matt")).content_sha256() != client.folder_sha256(folder)
 
 
-def test_train_photos_go_inside_the_request_when_they_fit_and_by_upload_then_fingerprint_when_not(
-    tmp_path, monkeypatch
-):
-    from tests.training_helpers import fixture_yaml
+class ScriptedTrainings:
+    """``Client.run`` answering from a script (a WorkerError is raised), recording what was sent."""
 
-    for index in range(3):
-        (tmp_path / f"img{index}.jpg").write_bytes(bytes([index]) * 1000)
-    sent, uploads = [], []
+    def __init__(self, *answers):
+        self.answers, self.sent, self.uploads = list(answers), [], []
 
-    def run(self, payload, notify=True):
-        sent.append(payload)
-        answer = next(answers, {"ok": 1})
+    def install(self, monkeypatch):
+        monkeypatch.setattr(client.Client, "run", lambda _, payload, notify=True: self._run(payload))
+        monkeypatch.setattr(client.Client, "upload_folder", lambda _, name, folder, mode: self.uploads.append(mode))
+
+    def _run(self, payload):
+        self.sent.append(payload)
+        answer = self.answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
         return answer
 
-    monkeypatch.setattr(client.Client, "run", run)
-    monkeypatch.setattr(client.Client, "upload_folder", lambda self, name, folder, mode: uploads.append((name, mode)))
-    user = client.Client("http://127.0.0.1:1/v2/e", out=io.StringIO())
-    sha256 = client.folder_sha256(tmp_path)
 
-    answers = iter([{"ok": 1}])
-    assert user.train(fixture_yaml(), tmp_path) == {"ok": 1}  # small: one request
-    (dataset,) = sent[0]["datasets"].values()
-    assert list(sent[0]["datasets"]) == ["matt_training_test"] and dataset["sha256"] == sha256
-    assert [f["filename"] for f in dataset["files"]] == ["img0.jpg", "img1.jpg", "img2.jpg"] and uploads == []
+def three_photos(folder):
+    for index in range(3):
+        (folder / f"img{index}.jpg").write_bytes(bytes([index]) * 1000)
+    return folder
 
-    monkeypatch.setattr(client, "BATCH_BYTES", 2000)  # too large for one request now
-    sent.clear()
-    answers = iter([client.WorkerError("dataset_mismatch: landed elsewhere"), {"ok": 1}])
-    assert user.train(fixture_yaml(), tmp_path) == {"ok": 1}
-    assert uploads == [("matt_training_test", "replace")] * 2  # uploaded again where the training landed
-    assert all(payload["datasets"] == {"matt_training_test": {"sha256": sha256}} for payload in sent)
-    assert "landed on another volume" in user.out.getvalue()
+
+MISMATCH = client.WorkerError("dataset_mismatch: input.datasets.matt_training_test: ... does not exist")
+
+
+def test_train_photos_name_their_fingerprint_and_travel_only_where_missing(tmp_path, monkeypatch):
+    from tests.training_helpers import fixture_yaml
+
+    photos, user = three_photos(tmp_path), client.Client("http://127.0.0.1:1/v2/e", out=io.StringIO())
+    sha256 = {"sha256": client.folder_sha256(photos)}
+    already_there = ScriptedTrainings({"ok": 1})
+    already_there.install(monkeypatch)
+    assert user.train(fixture_yaml(), photos) == {"ok": 1}
+    assert already_there.sent[0]["datasets"] == {"matt_training_test": sha256} and already_there.uploads == []
+
+    missing = ScriptedTrainings(MISMATCH, {"ok": 2})  # small: the photos go inside the second request
+    missing.install(monkeypatch)
+    assert user.train(fixture_yaml(), photos) == {"ok": 2}
+    dataset = missing.sent[1]["datasets"]["matt_training_test"]
+    assert dataset["sha256"] == sha256["sha256"] and [f["filename"] for f in dataset["files"]] == [
+        "img0.jpg",
+        "img1.jpg",
+        "img2.jpg",
+    ]
+    assert missing.uploads == []
+
+
+def test_train_photos_too_large_for_one_request_are_uploaded_first_and_a_second_volume_is_named(tmp_path, monkeypatch):
+    from tests.training_helpers import fixture_yaml
+
+    photos, user = three_photos(tmp_path), client.Client("http://127.0.0.1:1/v2/e", out=io.StringIO())
+    monkeypatch.setattr(client, "BATCH_BYTES", 2000)
+    lands = ScriptedTrainings(MISMATCH, {"ok": 1})
+    lands.install(monkeypatch)
+    assert user.train(fixture_yaml(), photos) == {"ok": 1}
+    assert lands.uploads == ["replace"] and all("files" not in p["datasets"]["matt_training_test"] for p in lands.sent)
+    elsewhere = ScriptedTrainings(MISMATCH, MISMATCH)
+    elsewhere.install(monkeypatch)
+    with pytest.raises(client.WorkerError, match=r"need several requests, .* keep the endpoint to one volume$"):
+        user.train(fixture_yaml(), photos)
+
+
+def upload_and_fingerprint(folder) -> tuple[str, str]:
+    """The client's fingerprint of ``folder``, and the worker's of the dataset the client's upload made."""
+    from fastbackend.layout import DatasetFolder
+    from fastbackend.storage import dataset_dir
+    from handler_fast import handler
+
+    job = {"type": "upload_training_data", "training_name": "matt", "files": client.photo_entries(folder)}
+    answer = handler({"id": "up", "input": job})
+    assert answer["status"] == "success", answer
+    return client.folder_sha256(folder), DatasetFolder(dataset_dir("matt")).content_sha256()
+
+
+FOLDERS = {
+    "distinct photos, some captioned": {"a.jpg": (0, "Matt, photo"), "b.jpg": (1, None), "c.png": (2, "Matt")},
+    "equal photos, other captions": {"a.jpg": (0, "first"), "b.jpg": (0, "second")},
+    "equal photos, only the second captioned": {"a.jpg": (0, None), "b.jpg": (0, "a caption")},
+    "a caption asking for an automatic one": {"a.jpg": (0, None), "b.jpg": (1, "Matt")},
+    "upper-case names and a BOM": {"A.JPG": (0, "\ufeffMatt, photo"), "b.jpg": (1, None)},
+}
+
+
+@pytest.mark.parametrize("layout", list(FOLDERS), ids=list(FOLDERS))
+def test_photos_are_fingerprinted_as_the_worker_fingerprints_what_their_upload_made(layout, tmp_path, data_root):
+    from tests.photos import photo
+
+    for name, (seed, caption) in FOLDERS[layout].items():
+        (tmp_path / name).write_bytes(photo(320, 300, "PNG" if name.endswith("png") else "JPEG", seed=seed))
+        if caption is not None:
+            (tmp_path / name).with_suffix(".TXT" if name.isupper() else ".txt").write_text(caption, encoding="utf-8")
+    (tmp_path / "._a.jpg").write_bytes(b"macOS resource fork")  # skipped, as the worker would
+    client_side, worker_side = upload_and_fingerprint(tmp_path)
+    assert client_side == worker_side
+
+
+def test_photos_sharing_a_caption_file_or_with_a_caption_that_is_not_utf8_are_named(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"1")
+    (tmp_path / "a.txt").write_bytes("Mateusz, zdjęcie".encode("cp1250"))
+    with pytest.raises(client.WorkerError, match=r"a\.txt: not UTF-8 text"):
+        client.folder_sha256(tmp_path)
+    (tmp_path / "a.txt").write_text("ok")
+    (tmp_path / "a.png").write_bytes(b"2")
+    with pytest.raises(client.WorkerError, match=r"^a\.jpg and a\.png share one caption file"):
+        client.photo_paths(tmp_path)
+
+
+def test_download_into_a_folder_named_with_a_slash_and_chunks_that_do_not_follow_on(tmp_path, monkeypatch):
+    server = ChunkServer(b"z" * 250)
+    user = quick_client("http://127.0.0.1:1/v2/e")
+    monkeypatch.setattr(user, "call", server)
+    target = user.download("m", f"{tmp_path}/loras/", chunk_bytes=100)
+    assert target == tmp_path / "loras" / "lora.safetensors" and target.read_bytes() == b"z" * 250
+
+    def stuck(payload):
+        answer = server(payload)
+        return answer if payload.get("length") == 1 else answer | {"next_offset": payload.get("offset", 0)}
+
+    monkeypatch.setattr(user, "call", stuck)
+    with pytest.raises(client.WorkerError, match="does not follow on"):
+        user.download("m", tmp_path / "again.safetensors", chunk_bytes=100)
+
+
+def test_ctrl_c_while_only_watching_a_job_does_not_cancel_it(monkeypatch):
+    user = quick_client("http://127.0.0.1:1/v2/e")
+    cancelled = []
+    monkeypatch.setattr(user, "cancel", cancelled.append)
+    monkeypatch.setattr(user, "status", lambda job_id: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        user.follow({"id": "j", "status": "IN_PROGRESS"}, cancel_on_interrupt=False)
+    assert cancelled == [] and "stopped watching; the job goes on. Cancel it:" in user.out.getvalue()
+
+
+@pytest.mark.parametrize("hours", ["0", "-1", "200", "soon"])
+def test_max_hours_outside_runpods_bounds_is_refused(hours, capsys):
+    with pytest.raises(SystemExit):
+        client.main(["--url", "http://127.0.0.1:1/v2/e", "train", "x.yaml", "--max-hours", hours])
+    assert "--max-hours" in capsys.readouterr().err

@@ -152,3 +152,27 @@ def test_the_webhook_gets_the_final_status(endpoint):
         assert received == [public(endpoint, "GET", f"status/{job_id}").json()]
     finally:
         hook.shutdown()
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [{"executionTimeout": 1000}, {"executionTimeout": "600000"}, {"ttl": 8 * 24 * 3600 * 1000}, {"ttl": True}, []],
+)
+def test_a_policy_runpod_would_refuse_is_answered_400(endpoint, policy):
+    answer = public(endpoint, "POST", "run", {"input": {}, "policy": policy})
+    assert answer.status_code == 400 and "policy" in answer.json()["error"]
+
+
+def test_a_job_whose_worker_process_died_fails_instead_of_running_forever(endpoint, tmp_path):
+    import subprocess
+
+    from devtools.endpoint import Worker
+
+    process = subprocess.Popen(["sleep", "0.3"])
+    endpoint.workers.append(Worker("w1", tmp_path, process, tmp_path / "log"))
+    job_id = public(endpoint, "POST", "run", {"input": {}}).json()["id"]
+    assert FakeWorker(endpoint, "w1").take()["id"] == job_id
+    process.wait()
+    time.sleep(0.3)
+    final = public(endpoint, "GET", f"status/{job_id}").json()
+    assert final["status"] == "FAILED" and final["error"] == "the worker running it (w1) was lost; send the job again"

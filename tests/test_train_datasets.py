@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from fastbackend.layout import DatasetFolder, content_sha256
+from fastbackend.fingerprint import content_sha256
+from fastbackend.layout import DatasetFolder
 from fastbackend.storage import dataset_dir
 from tests.photos import b64, nine_photos
 from tests.training_helpers import train, upload_photos, user_yaml
@@ -86,3 +87,31 @@ def test_the_photos_brought_replace_the_dataset_before_the_run_reads_it(data_roo
     assert answer["error_code"] == "model_load_failed", answer
     assert DatasetFolder(dataset_dir(DATASET)).content_sha256() == fingerprint(3)
     assert sorted(DatasetFolder(dataset_dir(DATASET)).images()) == sorted(n for n, _, _ in nine_photos()[:3])
+
+
+def test_inline_photos_that_do_not_hash_as_named_leave_the_dataset_as_it_was(data_root, model_folder):
+    upload_photos(2)
+    before = DatasetFolder(dataset_dir(DATASET)).content_sha256()
+    answer = train(user_yaml("/workspace/models/flux"), datasets={DATASET: {"sha256": "1" * 64, "files": files()}})
+    assert answer["error_code"] == "invalid_upload"
+    assert DatasetFolder(dataset_dir(DATASET)).content_sha256() == before  # refused before the upload
+
+
+def test_photos_replaced_between_the_check_and_the_runs_lock_are_refused(data_root, model_folder, monkeypatch):
+    from fastbackend.api import train as train_module
+
+    upload_photos(3)
+    real_check = train_module.check_datasets_present
+
+    def another_job_replaces_them(folders):
+        real_check(folders)
+        from handler_fast import handler
+
+        other = [{"filename": "other.png", "content": b64(nine_photos()[5][1]), "caption": "someone else"}]
+        job = {"type": "upload_training_data", "training_name": DATASET, "files": other, "mode": "replace"}
+        replaced = handler({"id": "other", "input": job})
+        assert replaced["status"] == "success", replaced
+
+    monkeypatch.setattr(train_module, "check_datasets_present", another_job_replaces_them)
+    answer = train(user_yaml("/workspace/models/flux"), datasets={DATASET: {"sha256": fingerprint(3)}})
+    assert answer["error_code"] == "dataset_mismatch" and "holds other photos" in answer["error"]

@@ -8,17 +8,20 @@ root), the output folder, and the base model's location (a hub id, or a folder u
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 from pathlib import Path
 
 from fastbackend import bucket, settings, stopping, storage
 from fastbackend.api import Progress
 from fastbackend.config import FLOW_MATCHING, PREFIX, TrainingConfig, parse_training_config
+from fastbackend.datasets import decode_base64
 from fastbackend.datasets import recover as recover_dataset
 from fastbackend.errors import ErrorCode, FastBackendError, ValidationFailed
+from fastbackend.fingerprint import content_sha256
 from fastbackend.layout import DatasetFolder, LoraFolder
 from fastbackend.presets import apply_preset
-from fastbackend.schemas import TrainWithYamlRequest, UploadTrainingDataRequest
+from fastbackend.schemas import DatasetSource, TrainWithYamlRequest, UploadTrainingDataRequest
 from fastbackend.storage import (
     atomic_write_bytes,
     dataset_dir,
@@ -50,6 +53,7 @@ def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = N
             ) in datasets:  # read, not written: a delete waits (and says who reads) instead of pulling them away
                 held.enter_context(locked(folder, reader=config.name))
                 refuse_unfinished_commit(DatasetFolder(folder))
+            check_still_named(request)
             reports = report_datasets(config, datasets, warnings, progress or (lambda info: None))
             answer = run_training(config, request, datasets, (base_model, assistant), output, warnings, progress)
             return answer | {"dataset_report": reports}
@@ -60,10 +64,8 @@ def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = N
 
 def bring_datasets(request: TrainWithYamlRequest, folders: list[Path], progress: Progress) -> None:
     """Make the volume hold the photos the request names (``input.datasets``): a dataset that is
-    missing or differs is uploaded from what the request brings (replacing it, all or nothing, as
-    ``upload_training_data`` does), or the run is refused before anything loads."""
-    from fastbackend.api.datasets import upload_training_data
-
+    missing or differs is uploaded from what the request brings (replacing it, as
+    ``upload_training_data`` does: all or nothing), or the run is refused before anything loads."""
     trained = sorted(folder.name for folder in folders)
     for name, source in request.datasets.items():
         field = f"input.datasets.{name}"
@@ -75,31 +77,60 @@ def bring_datasets(request: TrainWithYamlRequest, folders: list[Path], progress:
         folder = DatasetFolder(dataset_dir(name))
         if folder.path.is_dir():
             recover_dataset(folder)
-        if folder.content_sha256() == source.sha256:
-            continue
-        if not source.brings_photos:
-            state = "holds other photos" if folder.image_files() else "does not exist"
-            raise FastBackendError(
-                f"{field}: dataset {name!r} {state} on this worker's {storage.volume_description()}; an endpoint "
-                "with network volumes in several data centres does not share datasets between them: send the "
-                "photos with the training (python -m fastbackend.client train --photos FOLDER)",
-                code=ErrorCode.DATASET_MISMATCH,
+        if folder.content_sha256() != source.sha256:
+            _bring(folder, source, field, progress)
+
+
+def _bring(folder: DatasetFolder, source: DatasetSource, field: str, progress: Progress) -> None:
+    from fastbackend.api.datasets import upload_training_data
+
+    if not source.brings_photos:
+        raise dataset_mismatch(folder, field)
+    if source.files and not (source.urls or source.zip):  # inline photos: checked before anything is written
+        try:
+            sent = content_sha256(
+                (hashlib.sha256(decode_base64(f.content)).hexdigest(), f.caption) for f in source.files
             )
-        progress({"stage": "uploading_dataset", "dataset": name})
-        upload = UploadTrainingDataRequest(
-            type="upload_training_data",
-            training_name=name,
-            files=source.files,
-            urls=source.urls,
-            zip=source.zip,
-            mode="replace",
+        except ValueError:  # bad base64: the upload names the file
+            sent = source.sha256
+        _check_sent(sent, source.sha256, field)
+    progress({"stage": "uploading_dataset", "dataset": folder.name})
+    upload = UploadTrainingDataRequest(
+        type="upload_training_data",
+        training_name=folder.name,
+        files=source.files,
+        urls=source.urls,
+        zip=source.zip,
+        mode="replace",
+    )
+    upload_training_data(upload, progress)
+    _check_sent(folder.content_sha256(), source.sha256, field)  # what the upload kept (URLs, zips: only now)
+
+
+def _check_sent(got: str, named: str, field: str) -> None:
+    if got != named:
+        raise FastBackendError(
+            f"{field}.sha256: the photos sent hash to {got}, not to {named}", code=ErrorCode.INVALID_UPLOAD
         )
-        upload_training_data(upload, progress)
-        if (got := folder.content_sha256()) != source.sha256:
-            raise FastBackendError(
-                f"{field}.sha256: the photos sent hash to {got}, not to {source.sha256}",
-                code=ErrorCode.INVALID_UPLOAD,
-            )
+
+
+def dataset_mismatch(folder: DatasetFolder, field: str) -> FastBackendError:
+    state = "holds other photos" if folder.image_files() else "does not exist"
+    return FastBackendError(
+        f"{field}: dataset {folder.name!r} {state} on this worker's {storage.volume_description()}; an endpoint "
+        "with network volumes in several data centres does not share datasets between them: send the "
+        "photos with the training (python -m fastbackend.client train --photos FOLDER)",
+        code=ErrorCode.DATASET_MISMATCH,
+    )
+
+
+def check_still_named(request: TrainWithYamlRequest) -> None:
+    """Under the run's reader locks: the datasets still hold the photos the request named (another
+    job may have replaced one between the check and the lock)."""
+    for name, source in request.datasets.items():
+        folder = DatasetFolder(dataset_dir(name))
+        if folder.content_sha256() != source.sha256:
+            raise dataset_mismatch(folder, f"input.datasets.{name}")
 
 
 def resolve_assistant(config: TrainingConfig) -> str | None:
