@@ -6,7 +6,13 @@ ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim
 
 # Unbuffered logs reach RunPod's console as they happen; no .pyc files in the image.
+# RUNPOD_MIN_CUDA_VERSION: runpod's start-up check stops a worker whose driver supports an older CUDA
+# than torch's build (torch 2.13.0 from the package index is a CUDA 13.0 build: driver 580 or newer),
+# instead of a worker that would train on the CPU. Its 1024x1024 matmul check times cuBLAS's first
+# start too: 10 s instead of 2 keeps a busy host's worker from being killed for that.
 ENV PYTHONUNBUFFERED=1 \
+    RUNPOD_MIN_CUDA_VERSION=13.0 \
+    RUNPOD_GPU_BENCHMARK_TIMEOUT=10 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -406,6 +406,8 @@ class Endpoint:
             "RUNPOD_DC_ID": datacenter,
             # runpod's start-up checks connect to a public DNS server, which loopback cannot reach.
             "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
+            # A rehearsal on a machine without a GPU trains the user's cuda config on the CPU.
+            "FASTBACKEND_CPU_FALLBACK": "1",
             "FASTBACKEND_DATA_DIR": str(volume),
             "PYTHONUNBUFFERED": "1",
         }

@@ -25,7 +25,7 @@ from fastbackend import settings
 from fastbackend.errors import ErrorCode, FastBackendError
 from fastbackend.images import ImageProblem, open_upright
 from fastbackend.schemas import MAX_CAPTION_CHARS, AutoCaption
-from fastbackend.storage import hf_cache_dir, resolve_base_model
+from fastbackend.storage import download_cache_dir, resolve_base_model
 
 TASK = "<DETAILED_CAPTION>"  # Florence-2's task token for a few sentences about the whole image
 BATCH = 8
@@ -218,7 +218,7 @@ def load_captioner(reference: str | None, field: str) -> Captioner:
 
     shown = reference or settings.CAPTION_MODEL.get()
     source = _local_or_hub(shown, field)
-    options = {"cache_dir": str(hf_cache_dir()), "token": settings.HF_TOKEN.get()}
+    options = {"cache_dir": str(download_cache_dir()), "token": settings.HF_TOKEN.get()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         kind = AutoConfig.from_pretrained(source, **options).model_type

@@ -35,6 +35,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_LORA = "unknown_lora"
     RESULT_TOO_LARGE = "result_too_large"
     OUT_OF_MEMORY = "out_of_memory"
+    GPU_UNAVAILABLE = "gpu_unavailable"  # on RunPod: no GPU torch can use (a host driver too old for its CUDA build)
     DISK_FULL = "disk_full"
     UPLOAD_FAILED = "upload_failed"  # the bucket refused or could not be reached; the file stays on the volume
     STOPPED = "stopped"  # a cancel or the execution timeout; the job's resumable state is kept

@@ -71,6 +71,13 @@ ALLOW_PRIVATE_URLS = Setting(
     "unset",
     "`1` lets `urls` reach private and loopback addresses",
 )
+CPU_FALLBACK = Setting(
+    "FASTBACKEND_CPU_FALLBACK",
+    _flag,
+    lambda: False,
+    "unset",
+    "`1` lets a job that asks for a GPU run on the CPU on RunPod too (rehearsals on a machine without one)",
+)
 MAX_IMAGE_PIXELS = _number("FASTBACKEND_MAX_IMAGE_PIXELS", int, 50_000_000, "largest image accepted, in pixels")
 MIN_IMAGE_SIDE = _number("FASTBACKEND_MIN_IMAGE_SIDE", int, 256, "smallest shorter side accepted, in pixels")
 MAX_IMAGE_BYTES = _number("FASTBACKEND_MAX_IMAGE_BYTES", int, 40_000_000, "largest image file accepted")
@@ -176,6 +183,7 @@ ALL: tuple[Setting, ...] = (
     PROGRESS_INTERVAL_S,
     LOCK_TIMEOUT_S,
     ALLOW_PRIVATE_URLS,
+    CPU_FALLBACK,
     MAX_IMAGE_PIXELS,
     MIN_IMAGE_SIDE,
     MAX_IMAGE_BYTES,

@@ -102,36 +102,95 @@ def legacy_hf_cache_dir() -> Path:
     return no_links(data_root() / "huggingface-cache")
 
 
+def own_hf_cache_dir() -> Path:
+    """This worker's own hub cache on the volume: downloads go here when RunPod's cache mount at
+    ``hub/`` is read-only, and are found here when that mount shadows what was downloaded before."""
+    return no_links(data_root() / "fastbackend-hub-cache")
+
+
+def download_cache_dir() -> Path:
+    """Where a hub download goes: RunPod's hub cache when the worker may write there, else its own."""
+    cache = hf_cache_dir()
+    return cache if writable(cache) else own_hf_cache_dir()
+
+
+def writable(folder: Path) -> bool:
+    """Whether files can be made in ``folder`` (or, while it does not exist, in the nearest folder
+    above it): false on a read-only mount, whoever the worker runs as."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
+
+
+def hub_caches() -> tuple[Path, ...]:
+    """Every hub cache a model may be found in, RunPod's first."""
+    return hf_cache_dir(), own_hf_cache_dir(), legacy_hf_cache_dir()
+
+
 # What diffusers fetches of a repository: the index and the component folders (not the
 # single-file checkpoints beside them, which huggingface_hub's record of the repository lists).
 DIFFUSERS_FILES = ["model_index.json", "*/*"]
 REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a branch, tag or commit: no '/', no '..'
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
 
-def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+def cached_snapshot(repo_id: str, revision: str | None, notes: list[str] | None = None) -> Path | None:
     """The folder of a complete copy of hub model ``repo_id`` already on the volume, or None.
 
-    Looks in the hub cache (RunPod's model cache, this worker's downloads) without any network
-    call: a model found here loads offline, however ``HF_HUB_OFFLINE`` is set. Incomplete copies
-    (a download cut short) and copies with any link leading out of their own repository folder
-    are not used.
+    Looks in the hub caches (RunPod's model cache, this worker's downloads) without any network
+    call: a model found here loads offline, however ``HF_HUB_OFFLINE`` is set. The snapshot
+    ``refs/<revision>`` names, else (older cache layouts have no ``refs/main``) the one snapshot
+    there is or, of several, the newest complete one, said in ``notes``. Incomplete copies (a
+    download cut short) and copies with any link leading out of their own repository folder are
+    not used.
     """
-    from huggingface_hub import snapshot_download
-
     if revision is not None and (REVISION.fullmatch(revision) is None or ".." in revision):
         return None  # refs/<revision> must not climb anywhere (config refuses such revisions too)
-    for cache in (hf_cache_dir(), legacy_hf_cache_dir()):
-        try:
-            folder = Path(
-                snapshot_download(
-                    repo_id, revision=revision, cache_dir=cache, local_files_only=True, allow_patterns=DIFFUSERS_FILES
-                )
-            )
-        except Exception:  # not there, or incomplete by huggingface_hub's own record
-            continue
-        if _inside_its_cache(cache, repo_id, folder) and pipeline_complete(folder):
+    for cache in hub_caches():
+        folder = _by_ref(cache, repo_id, revision) or _without_ref(cache, repo_id, revision, notes)
+        if folder is not None:
             return folder
     return None
+
+
+def _usable(cache: Path, repo_id: str, folder: Path) -> bool:
+    return _inside_its_cache(cache, repo_id, folder) and pipeline_complete(folder)
+
+
+def _by_ref(cache: Path, repo_id: str, revision: str | None) -> Path | None:
+    """The snapshot huggingface_hub itself finds (through ``refs/``), when complete."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(
+            snapshot_download(
+                repo_id, revision=revision, cache_dir=cache, local_files_only=True, allow_patterns=DIFFUSERS_FILES
+            )
+        )
+    except Exception:  # not there, or incomplete by huggingface_hub's own record
+        return None
+    return folder if _usable(cache, repo_id, folder) else None
+
+
+def _without_ref(cache: Path, repo_id: str, revision: str | None, notes: list[str] | None) -> Path | None:
+    """A complete snapshot found by its folder alone (a cache with no ``refs/main``): the commit a
+    revision names, else for the default branch the only one or the newest."""
+    snapshots = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    if revision is not None and revision != "main":
+        named = snapshots / revision  # a commit hash; a branch or tag needs its ref
+        return named if COMMIT_HASH.fullmatch(revision) and named.is_dir() and _usable(cache, repo_id, named) else None
+    complete = [folder for folder in snapshots.iterdir() if folder.is_dir() and _usable(cache, repo_id, folder)]
+    if not complete:
+        return None
+    newest = max(complete, key=lambda folder: folder.stat().st_mtime)
+    if len(complete) > 1 and notes is not None:
+        notes.append(
+            f"{repo_id}: the cache has {len(complete)} complete snapshots and no refs/main to choose one; "
+            f"using the newest, {newest.name}"
+        )
+    return newest
 
 
 def _inside_its_cache(cache: Path, repo_id: str, snapshot: Path) -> bool:

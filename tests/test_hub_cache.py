@@ -239,3 +239,94 @@ def test_download_reporting_survives_files_renamed_under_it_and_a_slow_hub(data_
         assert time.monotonic() - started < 0.05  # the load does not wait for the hub's answer
         time.sleep(0.4)
     assert seen and all(info["downloaded_bytes"] == 0 for info in seen)
+
+
+# ---------------------------------------------------------------- RunPod's cache as RunPod lays it
+
+
+def test_a_snapshot_is_found_without_refs_main(tiny_models, data_root):
+    from fastbackend.storage import cached_snapshot
+
+    snapshot = install_in_hub_cache(tiny_models / "flux", data_root / "huggingface-cache" / "hub")
+    (snapshot.parent.parent / "refs" / "main").unlink()  # an older cache layout: no refs at all
+    notes: list[str] = []
+    assert cached_snapshot(REPO_ID, None, notes) == snapshot and notes == []
+    assert cached_snapshot(REPO_ID, COMMIT) == snapshot  # a commit names its folder
+    assert cached_snapshot(REPO_ID, "some-branch") is None  # a branch needs its ref
+
+
+def test_of_several_snapshots_refs_main_chooses_else_the_newest_complete_one_said_in_warnings(tiny_models, data_root):
+    from fastbackend.storage import cached_snapshot
+
+    snapshot = install_in_hub_cache(tiny_models / "flux", data_root / "huggingface-cache" / "hub")
+    newer = snapshot.parent / ("f" * 40)
+    shutil.copytree(snapshot, newer, symlinks=True)
+    os.utime(snapshot, (1, 1))
+    incomplete = snapshot.parent / ("e" * 40)
+    shutil.copytree(snapshot, incomplete, symlinks=True)
+    next((incomplete / "transformer").glob("*.safetensors")).unlink()
+    notes: list[str] = []
+    assert cached_snapshot(REPO_ID, None, notes) == snapshot and notes == []  # refs/main names it
+    (snapshot.parent.parent / "refs" / "main").unlink()
+    assert cached_snapshot(REPO_ID, None, notes) == newer
+    assert notes == [
+        f"{REPO_ID}: the cache has 2 complete snapshots and no refs/main to choose one; using the newest, {'f' * 40}"
+    ]
+
+
+def test_a_read_only_cache_mount_is_never_written_downloads_go_to_the_workers_own(data_root, monkeypatch):
+    import diffusers
+
+    from fastbackend import storage
+
+    runpods = data_root / "huggingface-cache" / "hub"
+    runpods.mkdir(parents=True)
+    monkeypatch.setattr(storage, "writable", lambda folder: folder != runpods)  # RunPod's managed mount, read-only
+    seen = {}
+
+    def fake_from_pretrained(name, **options):
+        seen.update(name=name, cache_dir=options["cache_dir"])
+        raise OSError("offline")
+
+    monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", fake_from_pretrained)
+    upload_photos()
+    assert train(user_yaml(REPO_ID))["error_code"] == "model_load_failed"
+    assert seen == {"name": REPO_ID, "cache_dir": str(data_root / "fastbackend-hub-cache")}
+
+
+def test_models_downloaded_into_the_workers_own_cache_are_found_under_runpods_mount(tiny_models, data_root):
+    from fastbackend.storage import cached_snapshot
+
+    (data_root / "huggingface-cache" / "hub").mkdir(parents=True)  # RunPod's mount, without this model
+    snapshot = install_in_hub_cache(tiny_models / "flux", data_root / "fastbackend-hub-cache")
+    assert cached_snapshot(REPO_ID, None) == snapshot
+
+
+def test_a_real_read_only_mount_sends_downloads_to_the_workers_own_cache(data_root):
+    """RunPod's cache mount made read-only for real: a bind mount in a user and mount namespace of
+    this test's own (util-linux ``unshare``), where even root cannot write."""
+    import subprocess
+    import sys
+
+    hub = data_root / "huggingface-cache" / "hub"
+    hub.mkdir(parents=True)
+    if shutil.which("unshare") is None:
+        pytest.skip("util-linux unshare is not installed")
+    script = (
+        f"mount --bind {hub} {hub} && mount -o remount,bind,ro {hub} && "
+        f"{sys.executable} -c 'from fastbackend import storage; print(storage.download_cache_dir())'"
+    )
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"FASTBACKEND_DATA_DIR": str(data_root)},
+        check=False,
+    )
+    if done.returncode != 0 and "Operation not permitted" in done.stderr:
+        pytest.skip(f"no user namespaces here: {done.stderr.strip()}")
+    assert done.stdout.strip() == str(data_root / "fastbackend-hub-cache"), done.stderr
+    from fastbackend.storage import download_cache_dir
+
+    assert download_cache_dir() == hub  # outside that namespace the same folder is writable

@@ -138,3 +138,38 @@ def test_never_more_processes_than_gpus(monkeypatch):
     monkeypatch.setenv("FASTBACKEND_PROCESSES", "1")
     assert process_count("cuda:0", []) == 1
     assert process_count("cpu", []) == 1
+
+
+@pytest.mark.slow
+def test_a_run_saved_by_two_processes_resumes_in_one_and_says_so(tiny_models, data_root, monkeypatch):
+    model_path = install_model(tiny_models, data_root, "sd15")
+    upload_photos(count=2)
+    monkeypatch.setenv("FASTBACKEND_PROCESSES", "2")
+    config = user_yaml(model_path, "sd15", steps=4, replacements={"save_every: 2000": "save_every: 2"})
+    first = train(config)
+    assert first["status"] == "success" and first["processes"] == 2, first
+    monkeypatch.setenv("FASTBACKEND_PROCESSES", "1")  # the next worker has one GPU
+    more = config.replace("steps: 4", "steps: 6")
+    again = train(more)
+    assert again["status"] == "success" and again["processes"] == 1, again
+    assert again["resumed_from_step"] == 4 and again["steps"] == 6
+    assert any("trained in 2 process(es) (one per GPU), this run in 1" in w for w in again["warnings"])
+
+
+def test_gpu_random_streams_are_restored_only_onto_as_many_gpus(monkeypatch):
+    """Today's CUDA state of N GPUs cannot load onto fewer (torch indexes devices that are not there)."""
+    import torch
+
+    from fastbackend.training import checkpoint
+
+    restored: list[object] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    warnings: list[str] = []
+    two = {"processes": 2, "rng": {"cuda": [torch.zeros(8), torch.zeros(8)]}}
+    checkpoint.restore_gpu_streams(two, 1, warnings)
+    assert restored == [] and len(warnings) == 1
+    one = {"rng": {"cuda": [torch.zeros(8)]}}  # an older state: one process, no count recorded
+    checkpoint.restore_gpu_streams(one, 1, warnings)
+    assert len(restored) == 1 and len(warnings) == 1

@@ -18,6 +18,7 @@ import json
 import torch
 from pydantic import ValidationError
 
+from fastbackend import hardware
 from fastbackend.api import Progress, check_result_size
 from fastbackend.config import SampleConfig
 from fastbackend.errors import ErrorCode, FastBackendError, NotFound
@@ -45,6 +46,7 @@ def generate(request: GenerateRequest, progress: Progress | None = None) -> dict
             code=ErrorCode.UNKNOWN_LORA,
         )
     family = family_for(family_name)
+    hardware.refuse_cpu_fallback("cuda", "generate")  # on RunPod: rendered on the GPU, or refused
     request = distilled_defaults(header, request)
     with pipeline_cache.lock:  # one pipeline, one LoRA at a time
         pipe = pipeline_cache.pipeline(family, resolve_base_model(base, BASE_MODEL_FIELD), BASE_MODEL_FIELD)

@@ -1,4 +1,5 @@
-"""``health``: is the worker up, where is its data, and (``deep``) which GPUs does it see."""
+"""``health``: is the worker up, where is its data, and (``deep``) which GPUs does it see. On RunPod a
+worker whose NVIDIA GPU torch cannot use (a host driver too old for its CUDA build) is unhealthy."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import platform
 import shutil
 from importlib.metadata import version
 
-from fastbackend import __version__
+from fastbackend import __version__, hardware, settings
 from fastbackend.api import Progress
 from fastbackend.schemas import HealthRequest
 from fastbackend.storage import RUNPOD_VOLUME, data_root
@@ -26,6 +27,8 @@ def health(request: HealthRequest, progress: Progress | None = None) -> dict:
         "disk_free_gb": round(disk.free / 1e9, 2),
         "disk_total_gb": round(disk.total / 1e9, 2),
     }
+    if settings.on_runpod() and (problem := hardware.gpu_problem()) is not None:
+        answer |= {"status": "unhealthy", "gpu_problem": problem}
     if request.deep:
         answer["gpu"] = gpu_facts()
     return answer

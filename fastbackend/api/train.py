@@ -12,7 +12,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from fastbackend import bucket, settings, stopping, storage
+from fastbackend import bucket, hardware, settings, stopping, storage
 from fastbackend.api import Progress
 from fastbackend.config import FLOW_MATCHING, PREFIX, TrainingConfig, parse_training_config
 from fastbackend.datasets import decode_base64
@@ -39,6 +39,7 @@ from fastbackend.storage import (
 
 def train_with_yaml(request: TrainWithYamlRequest, progress: Progress | None = None) -> dict:
     config, warnings = parse_training_config(request.source)
+    hardware.refuse_cpu_fallback(config.process.device, f"{PREFIX}.device")
     datasets = dataset_paths(config)
     base_model = resolve_base_model(config.process.model.name_or_path, f"{PREFIX}.model.name_or_path")
     assistant = resolve_assistant(config)

@@ -99,6 +99,7 @@ def save_state(run: Run) -> None:
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         },
+        "processes": run.accelerator.num_processes,  # a resume on another number of GPUs says so
         # fp16's loss scale: the saved gradients are scaled by it
         "scaler": run.accelerator.scaler.state_dict() if run.accelerator.scaler is not None else None,
     }
@@ -177,8 +178,7 @@ def restore_state(run: Run) -> int:
     if "batches" in rng:
         run.sampler.rng.setstate(rng["batches"])
     torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    restore_gpu_streams(state, run.accelerator.num_processes, run.job.warnings)
     if state.get("scaler") is not None and run.accelerator.scaler is not None:
         run.accelerator.scaler.load_state_dict(state["scaler"])
     run.job.warnings.append(f"resumed from the saved state at step {run.step}")
@@ -189,6 +189,21 @@ def restore_state(run: Run) -> int:
         )
     log.info("resumed from step %d", run.step)
     return run.step
+
+
+def restore_gpu_streams(state: dict, processes: int, warnings: list[str]) -> None:
+    """The GPUs' random streams, when this host has as many GPUs as the one that saved them; a run
+    saved by N training processes resumes in any other number (a worker with fewer or more GPUs):
+    the LoRA, optimizer and schedule continue, the per-GPU random streams start afresh."""
+    saved = state.get("processes", 1)  # states from before this was recorded: one process
+    if saved != processes:
+        warnings.append(
+            f"the saved state was trained in {saved} process(es) (one per GPU), this run in {processes}: the LoRA, "
+            "optimizer and schedule continue; each process's noise and batch order start afresh"
+        )
+    streams = state["rng"].get("cuda")
+    if streams is not None and torch.cuda.is_available() and len(streams) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(streams)
 
 
 def write_model_record(run: Run) -> None:

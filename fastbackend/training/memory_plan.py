@@ -28,7 +28,7 @@ import torch
 
 from fastbackend import settings
 from fastbackend.config import PREFIX, ProcessConfig
-from fastbackend.storage import HUB_ID, cached_snapshot, hf_cache_dir, hub_file
+from fastbackend.storage import HUB_ID, cached_snapshot, hub_caches, hub_file
 from fastbackend.training.caching import encoders_stay
 from fastbackend.training.families import Family, family_for
 from fastbackend.training.setup import HUB_TIMEOUT_S, bitsandbytes_available
@@ -119,9 +119,10 @@ def adapter_file_bytes(reference: str | None) -> int:
         if Path(reference).is_absolute():
             return Path(reference).stat().st_size
         repo_id, filename = hub_file(reference)
-        cached = try_to_load_from_cache(repo_id, filename, cache_dir=str(hf_cache_dir()))
-        if isinstance(cached, str):
-            return Path(cached).stat().st_size
+        for cache in hub_caches():
+            cached = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache))
+            if isinstance(cached, str):
+                return Path(cached).stat().st_size
         url = hf_hub_url(repo_id, filename)
         return get_hf_file_metadata(url, token=settings.HF_TOKEN.get(), timeout=HUB_TIMEOUT_S).size or 0
     except Exception:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from fastbackend.storage import hf_cache_dir
+from fastbackend.storage import download_cache_dir
 from fastbackend.training.families import Family
 
 lock = threading.RLock()
@@ -26,7 +26,7 @@ def pipeline(family: Family, source: str, field: str):
 
     def load():
         cuda = torch.cuda.is_available()
-        pipe = family.load(source, torch.bfloat16 if cuda else torch.float32, str(hf_cache_dir()), field=field)
+        pipe = family.load(source, torch.bfloat16 if cuda else torch.float32, str(download_cache_dir()), field=field)
         return pipe.to("cuda" if cuda else "cpu")
 
     return kept(source, load)

@@ -23,7 +23,7 @@ import torch
 from fastbackend import settings
 from fastbackend.config import PREFIX, ModelConfig, ProcessConfig, TrainConfig
 from fastbackend.errors import ErrorCode, FastBackendError
-from fastbackend.storage import HUB_ID, cached_snapshot, hf_cache_dir, hub_file
+from fastbackend.storage import HUB_ID, cached_snapshot, download_cache_dir, hub_caches, hub_file
 from fastbackend.training import lora_io
 from fastbackend.training.caching import prepare_data
 from fastbackend.training.families import Family, LossOptions, family_for
@@ -119,7 +119,7 @@ def reporting_download(base_model: str, revision: str | None, report: Callable[[
     if HUB_ID.fullmatch(base_model) is None or cached_snapshot(base_model, revision) is not None:
         yield
         return
-    repository = hf_cache_dir() / f"models--{base_model.replace('/', '--')}"
+    repository = download_cache_dir() / f"models--{base_model.replace('/', '--')}"
     done = threading.Event()
 
     def watch() -> None:
@@ -252,10 +252,11 @@ def load_pipeline(family: Family, model_cfg: ModelConfig, job: TrainJob, device:
     pipe = family.load(
         job.base_model,
         dtype,
-        str(hf_cache_dir()),
+        str(download_cache_dir()),
         model_cfg.revision,
         field=f"{PREFIX}.model.name_or_path",
         shown=model_cfg.name_or_path,
+        notes=job.warnings,
     )
     job.warnings.extend(family.checkpoint_warnings(pipe, model_cfg.name_or_path))
     for module in [family.denoiser(pipe), *family.encoders(pipe)]:
@@ -289,7 +290,10 @@ def download_hub_file(reference: str) -> str:
     from huggingface_hub import hf_hub_download
 
     repo_id, filename = hub_file(reference)
-    return hf_hub_download(repo_id, filename, cache_dir=str(hf_cache_dir()), token=settings.HF_TOKEN.get())
+    for cache in hub_caches():  # already there: no download, no network
+        with contextlib.suppress(Exception):
+            return hf_hub_download(repo_id, filename, cache_dir=str(cache), local_files_only=True)
+    return hf_hub_download(repo_id, filename, cache_dir=str(download_cache_dir()), token=settings.HF_TOKEN.get())
 
 
 def quantize_8bit(module: torch.nn.Module, targets: list[str]) -> None:

@@ -208,13 +208,15 @@ class Family(ABC):
         revision: str | None = None,
         field: str = "model",
         shown: str | None = None,
+        notes: list[str] | None = None,
     ):
         """The pipeline, or a ``model_load_failed`` error naming ``field`` and the model as the user
-        wrote it (``shown``): not found, gated, offline, or a pipeline of another family."""
+        wrote it (``shown``): not found, gated, offline, or a pipeline of another family. Which cached
+        copy was chosen, when the cache could not say, goes to ``notes``."""
         import diffusers
 
         pipeline_class = getattr(diffusers, self.pipeline_class_name)
-        cached = cached_snapshot(name_or_path, revision) if HUB_ID.fullmatch(name_or_path) else None
+        cached = cached_snapshot(name_or_path, revision, notes) if HUB_ID.fullmatch(name_or_path) else None
         if cached is not None:  # on the volume already (RunPod's model cache, an earlier run): no network at all
             name_or_path, revision = str(cached), None
         # HF_TOKEN (gated models) is passed, never logged or returned.
