@@ -256,6 +256,7 @@ def test_the_resumable_state_holds_everything_a_resume_needs(tiny_models, data_r
         "saves",
         "sha256",
         "rng",
+        "processes",
         "scaler",
     }
     assert set(state["rng"]) == {"captions", "batches", "torch", "cuda"}
