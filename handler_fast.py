@@ -197,6 +197,8 @@ def _handle_watching(job: Any, stop: threading.Event) -> dict:
         if stop.is_set():  # stopped while it waited for its turn: nothing was started
             return error_response(stopping.JobStopped("stopped before it started"))
         _running.add(stop)
+        if stopping.shutting_down():  # SIGTERM came after the check above, before this job's event was listed
+            stop.set()
         try:
             with stopping.watching(stop):
                 return handler(job)
@@ -240,6 +242,25 @@ def _job_id(job: Any) -> object:
     return job.get("id") if isinstance(job, dict) else None
 
 
+def _answer_jobs_taken_after_sigterm() -> None:
+    """runpod's scaler stops reading its job queue about 0.1 s after SIGTERM, so a job that a
+    job-take already under way hands out later would be taken and never answered. Its job fetcher
+    (read when the scaler is made) is wrapped: such a job is answered at once, not started."""
+    from runpod.serverless.modules import rp_job, rp_scale
+
+    take = rp_scale.get_job
+
+    async def take_or_answer(session: Any, count: int = 1) -> list | None:
+        jobs = await take(session, count)
+        if jobs and _worker_shutting_down():
+            for job in jobs:
+                await rp_job.handle_job(session, {"handler": async_handler}, job)
+            return []
+        return jobs
+
+    rp_scale.get_job = take_or_answer
+
+
 def main() -> None:
     """Start the worker; runpod reads ``--test_input`` / ``--rp_serve_api`` from the command line."""
     settings.check_all()  # a misconfigured worker stops here, naming the variable, before any job
@@ -256,6 +277,7 @@ def main() -> None:
     # And at INFO `--test_input` prints the whole answer: no base64 in any line, whatever the level.
     logs.shorten_in_runpod_logger(RunPodLogger())
     logs.shorten_in_handlers(logging.getLogger())
+    _answer_jobs_taken_after_sigterm()
     runpod.serverless.start({"handler": async_handler})
 
 

@@ -25,7 +25,7 @@ from fastbackend import settings
 from fastbackend.errors import ErrorCode, FastBackendError
 from fastbackend.images import ImageProblem, open_upright
 from fastbackend.schemas import MAX_CAPTION_CHARS, AutoCaption
-from fastbackend.storage import download_cache_dir, resolve_base_model
+from fastbackend.storage import HUB_ID, download_cache_dir, hub_caches, resolve_base_model
 
 TASK = "<DETAILED_CAPTION>"  # Florence-2's task token for a few sentences about the whole image
 BATCH = 8
@@ -210,6 +210,17 @@ class Captioner:
         return [clean(text) for text in self.processor.batch_decode(out, skip_special_tokens=True)]
 
 
+def captioner_cache(source: str) -> Path:
+    """The hub cache that already holds the captioner (any of them), else where a download goes."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if HUB_ID.fullmatch(source):
+        for cache in hub_caches():
+            if isinstance(try_to_load_from_cache(source, "config.json", cache_dir=str(cache)), str):
+                return cache
+    return download_cache_dir()
+
+
 def load_captioner(reference: str | None, field: str) -> Captioner:
     """Florence-2 from ``reference`` (a hub id, or a folder under the data root or a model dir;
     default ``FASTBACKEND_CAPTION_MODEL``), or ``model_load_failed`` naming ``field`` and the model."""
@@ -218,7 +229,7 @@ def load_captioner(reference: str | None, field: str) -> Captioner:
 
     shown = reference or settings.CAPTION_MODEL.get()
     source = _local_or_hub(shown, field)
-    options = {"cache_dir": str(download_cache_dir()), "token": settings.HF_TOKEN.get()}
+    options = {"cache_dir": str(captioner_cache(source)), "token": settings.HF_TOKEN.get()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         kind = AutoConfig.from_pretrained(source, **options).model_type

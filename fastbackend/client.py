@@ -252,8 +252,12 @@ class Client:
 
     def call(self, payload: dict) -> dict:
         """A short request (upload batch, listing, download chunk): its output, or WorkerError."""
-        view = self.submit(payload, "runsync", once=False)
-        return output_of(self.wait(view))
+        for _ in range(SHUTDOWN_RESENDS):
+            try:
+                return output_of(self.wait(self.submit(payload, "runsync", once=False)))
+            except WorkerShutDown as exc:
+                print(f"{exc}; sending it again", file=self.out, flush=True)
+        return output_of(self.wait(self.submit(payload, "runsync", once=False)))
 
     def run(self, payload: dict, notify: bool = True) -> dict:
         """A long request (training): by ``/run`` with an execution timeout, the job id printed at once,
@@ -445,7 +449,7 @@ def output_of(view: dict) -> dict:
         raise WorkerError(f"job {job} is {status}")
     code = output.get("error_code") if isinstance(output, dict) else None
     if isinstance(output, dict) and output.get("stopped_by") == "shutdown":
-        raise WorkerShutDown(f"job {job}: the worker running it shut down")
+        raise WorkerShutDown(f"job {job}: the worker running it shut down ({output.get('resend', 'send it again')})")
     error = str(view.get("error") or f"job ended {status}")
     line = (error.splitlines() or [f"job ended {status}"])[0][:2000]
     raise WorkerError(f"{code}: {line}" if code else line)

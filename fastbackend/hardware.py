@@ -67,9 +67,21 @@ def gpu_problem() -> str | None:
     return (
         f"this worker has {len(devices)} NVIDIA GPU(s) with driver {driver}, but torch {torch.__version__} "
         f"(a CUDA {cuda or 'unknown'} build) cannot use them"
-        + (f": it needs driver {needed} or newer" if needed else "")
-        + "; deploy on hosts with a newer driver (the endpoint's allowed CUDA versions)"
+        + (f": it needs driver {needed} or newer" if needed and _too_old(driver, needed) else "")
+        + (
+            "; deploy on hosts with a newer driver (the endpoint's allowed CUDA versions)"
+            if _too_old(driver, needed)
+            else ""
+        )
     )
+
+
+def _too_old(driver: str, needed: int | None) -> bool:
+    """Whether ``driver`` ("550.54.15") is older than ``needed`` (unknown counts as too old)."""
+    try:
+        return needed is None or int(driver.split(".")[0]) < needed
+    except ValueError:
+        return True
 
 
 def refuse_cpu_fallback(device: str, field: str) -> None:
@@ -81,9 +93,10 @@ def refuse_cpu_fallback(device: str, field: str) -> None:
     if problem is None:
         import torch
 
-        if torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        if torch.cuda.is_available() and index < torch.cuda.device_count():
             return
-        problem = "this worker has no GPU"
+        problem = f"this worker has {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} GPU(s)"
     raise FastBackendError(
         f"{field}: {device!r} asked for, and {problem}; nothing runs on the CPU on RunPod unless asked (device: cpu)",
         code=ErrorCode.GPU_UNAVAILABLE,

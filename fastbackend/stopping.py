@@ -19,9 +19,11 @@ from fastbackend.errors import ErrorCode, FastBackendError
 
 # The running job's stop event; asyncio.to_thread copies it into the job's thread.
 _current: ContextVar[threading.Event | None] = ContextVar("fastbackend_stop", default=None)
-# Set on SIGTERM: the worker is going away. A stop then is told apart from a cancel or a timeout,
-# which RunPod sends the same way (the worker cannot tell those two apart).
-_shutdown = threading.Event()
+# Set on SIGTERM (and runpod's shutdown, SIGINT included): the worker is going away. A stop then
+# is told apart from a cancel or a timeout, which RunPod sends the same way (the worker cannot tell
+# those two apart). A plain flag, not an Event: a signal handler must take no lock the interrupted
+# code may hold.
+_shutting_down = False
 SHUTDOWN = "shutdown"
 CANCEL_OR_TIMEOUT = "cancel_or_timeout"
 CAUSES = {SHUTDOWN: "the worker shutting down", CANCEL_OR_TIMEOUT: "a cancel or the execution timeout"}
@@ -39,16 +41,17 @@ class JobStopped(FastBackendError):
 
 
 def request_shutdown() -> None:
-    _shutdown.set()
+    global _shutting_down
+    _shutting_down = True
 
 
 def shutting_down() -> bool:
-    return _shutdown.is_set()
+    return _shutting_down
 
 
 def cause() -> str:
     """Why work stops now: ``shutdown`` or ``cancel_or_timeout``."""
-    return SHUTDOWN if _shutdown.is_set() else CANCEL_OR_TIMEOUT
+    return SHUTDOWN if _shutting_down else CANCEL_OR_TIMEOUT
 
 
 @contextlib.contextmanager

@@ -119,7 +119,13 @@ def writable(folder: Path) -> bool:
     above it): false on a read-only mount, whoever the worker runs as."""
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    return os.access(folder, os.W_OK)
+    try:  # a file made and removed: root writes through permission bits, and some mounts say less
+        descriptor, name = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+    except OSError:
+        return False
+    os.close(descriptor)
+    Path(name).unlink(missing_ok=True)
+    return True
 
 
 def hub_caches() -> tuple[Path, ...]:
@@ -146,11 +152,10 @@ def cached_snapshot(repo_id: str, revision: str | None, notes: list[str] | None 
     """
     if revision is not None and (REVISION.fullmatch(revision) is None or ".." in revision):
         return None  # refs/<revision> must not climb anywhere (config refuses such revisions too)
-    for cache in hub_caches():
-        folder = _by_ref(cache, repo_id, revision) or _without_ref(cache, repo_id, revision, notes)
-        if folder is not None:
-            return folder
-    return None
+    caches = hub_caches()
+    found = (_by_ref(cache, repo_id, revision) for cache in caches)  # a ref anywhere wins over none
+    unnamed = (_without_ref(cache, repo_id, revision, notes) for cache in caches)
+    return next((folder for folder in (*found, *unnamed) if folder is not None), None)
 
 
 def _usable(cache: Path, repo_id: str, folder: Path) -> bool:
@@ -175,22 +180,24 @@ def _by_ref(cache: Path, repo_id: str, revision: str | None) -> Path | None:
 def _without_ref(cache: Path, repo_id: str, revision: str | None, notes: list[str] | None) -> Path | None:
     """A complete snapshot found by its folder alone (a cache with no ``refs/main``): the commit a
     revision names, else for the default branch the only one or the newest."""
-    snapshots = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    repository = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshots = repository / "snapshots"
     if not snapshots.is_dir():
         return None
     if revision is not None and revision != "main":
         named = snapshots / revision  # a commit hash; a branch or tag needs its ref
         return named if COMMIT_HASH.fullmatch(revision) and named.is_dir() and _usable(cache, repo_id, named) else None
-    complete = [folder for folder in snapshots.iterdir() if folder.is_dir() and _usable(cache, repo_id, folder)]
-    if not complete:
-        return None
-    newest = max(complete, key=lambda folder: folder.stat().st_mtime)
-    if len(complete) > 1 and notes is not None:
+    refs = repository / "refs"
+    if refs.is_dir() and any(refs.iterdir()):
+        return None  # refs name what is there (another branch, a download under way): not a guess to make
+    folders = sorted((f for f in snapshots.iterdir() if f.is_dir()), key=lambda f: f.stat().st_mtime, reverse=True)
+    chosen = next((folder for folder in folders if _usable(cache, repo_id, folder)), None)
+    if chosen is not None and len(folders) > 1 and notes is not None:
         notes.append(
-            f"{repo_id}: the cache has {len(complete)} complete snapshots and no refs/main to choose one; "
-            f"using the newest, {newest.name}"
+            f"{repo_id}: the cache has {len(folders)} snapshots and no refs/main to choose one; using the most "
+            f"recently modified complete one, {chosen.name}"
         )
-    return newest
+    return chosen
 
 
 def _inside_its_cache(cache: Path, repo_id: str, snapshot: Path) -> bool:

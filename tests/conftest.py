@@ -47,7 +47,7 @@ def no_shutdown_between_tests():
     yield
     from fastbackend import stopping
 
-    stopping._shutdown.clear()
+    stopping._shutting_down = False
 
 
 @pytest.fixture(autouse=True)

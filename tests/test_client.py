@@ -477,3 +477,16 @@ def test_max_hours_outside_runpods_bounds_is_refused(hours, capsys):
     with pytest.raises(SystemExit):
         client.main(["--url", "http://127.0.0.1:1/v2/e", "train", "x.yaml", "--max-hours", hours])
     assert "--max-hours" in capsys.readouterr().err
+
+
+def test_a_short_request_refused_by_a_worker_shutting_down_is_sent_again(scripted):
+    url = f"http://127.0.0.1:{scripted.server_address[1]}/v2/e"
+    shut = {"error_code": "stopped", "stopped_by": "shutdown", "resend": "send it again"}
+    scripted.script = [
+        (200, {"id": "sync-1", "status": "FAILED", "error": "the worker is shutting down", "output": shut}),
+        (200, {"id": "sync-2", "status": "COMPLETED", "output": {"models": []}}),
+    ]
+    user = quick_client(url)
+    assert user.call({"type": "list_models"}) == {"models": []}
+    assert scripted.seen == ["/v2/e/runsync"] * 2
+    assert "job sync-1: the worker running it shut down (send it again); sending it again" in user.out.getvalue()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fastbackend import hardware, settings
+from fastbackend.errors import FastBackendError
 from handler_fast import handler
 from tests.training_helpers import user_yaml
 
@@ -116,3 +117,21 @@ def test_the_hub_listing_names_every_family_the_worker_trains():
 def test_a_rehearsal_may_keep_the_cpu_fallback_on_runpod(old_driver_host, monkeypatch):
     monkeypatch.setenv("FASTBACKEND_CPU_FALLBACK", "1")
     hardware.refuse_cpu_fallback("cuda:0", "device")  # devtools/endpoint.py's workers run this way
+
+
+def test_a_gpu_index_this_worker_lacks_is_refused_not_run_on_the_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(settings, "on_runpod", lambda: True)
+    monkeypatch.setattr(hardware, "nvidia_devices", lambda: ["/dev/nvidia0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    hardware.refuse_cpu_fallback("cuda:0", "device")
+    with pytest.raises(FastBackendError, match=r"^device: 'cuda:1' asked for, and this worker has 1 GPU\(s\)"):
+        hardware.refuse_cpu_fallback("cuda:1", "device")
+
+
+def test_a_new_enough_driver_is_not_blamed(old_driver_host, monkeypatch):
+    monkeypatch.setattr(hardware, "driver_version", lambda: "580.65.06")
+    problem = hardware.gpu_problem()
+    assert "driver 580.65.06" in problem and "newer driver" not in problem and "needs driver" not in problem

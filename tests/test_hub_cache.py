@@ -270,8 +270,19 @@ def test_of_several_snapshots_refs_main_chooses_else_the_newest_complete_one_sai
     (snapshot.parent.parent / "refs" / "main").unlink()
     assert cached_snapshot(REPO_ID, None, notes) == newer
     assert notes == [
-        f"{REPO_ID}: the cache has 2 complete snapshots and no refs/main to choose one; using the newest, {'f' * 40}"
+        f"{REPO_ID}: the cache has 3 snapshots and no refs/main to choose one; using the most recently modified "
+        f"complete one, {'f' * 40}"
     ]
+
+
+def test_refs_that_name_another_branch_are_not_guessed_past(tiny_models, data_root):
+    from fastbackend.storage import cached_snapshot
+
+    snapshot = install_in_hub_cache(tiny_models / "flux", data_root / "huggingface-cache" / "hub")
+    refs = snapshot.parent.parent / "refs"
+    (refs / "main").rename(refs / "fp16")  # fetched as revision fp16: not the default branch's files
+    assert cached_snapshot(REPO_ID, None) is None
+    assert cached_snapshot(REPO_ID, "fp16") == snapshot
 
 
 def test_a_read_only_cache_mount_is_never_written_downloads_go_to_the_workers_own(data_root, monkeypatch):

@@ -153,23 +153,37 @@ def test_a_run_saved_by_two_processes_resumes_in_one_and_says_so(tiny_models, da
     again = train(more)
     assert again["status"] == "success" and again["processes"] == 1, again
     assert again["resumed_from_step"] == 4 and again["steps"] == 6
-    assert any("trained in 2 process(es) (one per GPU), this run in 1" in w for w in again["warnings"])
+    assert any("trained in 2 process(es) on 0 GPU(s), this run in 1 on 0" in w for w in again["warnings"])
 
 
-def test_gpu_random_streams_are_restored_only_onto_as_many_gpus(monkeypatch):
-    """Today's CUDA state of N GPUs cannot load onto fewer (torch indexes devices that are not there)."""
+def test_gpu_random_streams_are_restored_only_onto_gpus_this_host_has(monkeypatch):
+    """A CUDA state of N GPUs cannot load whole onto fewer (torch indexes devices that are not there)."""
     import torch
 
     from fastbackend.training import checkpoint
 
-    restored: list[object] = []
+    restored: list[int] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.append(index))
     warnings: list[str] = []
     two = {"processes": 2, "rng": {"cuda": [torch.zeros(8), torch.zeros(8)]}}
     checkpoint.restore_gpu_streams(two, 1, warnings)
-    assert restored == [] and len(warnings) == 1
+    assert restored == [0] and len(warnings) == 1 and "in 2 process(es) on 2 GPU(s), this run in 1 on 1" in warnings[0]
     one = {"rng": {"cuda": [torch.zeros(8)]}}  # an older state: one process, no count recorded
     checkpoint.restore_gpu_streams(one, 1, warnings)
-    assert len(restored) == 1 and len(warnings) == 1
+    assert restored == [0, 0] and len(warnings) == 1
+
+
+def test_a_stop_in_a_training_process_is_said_with_what_the_worker_heard(monkeypatch):
+    """Only the worker's own process hears SIGTERM: a stop relayed from a training process says
+    the shutdown stopped it, and what to resend, as a one-process run would."""
+    from fastbackend import stopping
+    from fastbackend.errors import error_response
+    from fastbackend.training.distributed import stopped_here
+
+    message = "training stopped by a cancel or the execution timeout at step 7: step 7 is saved; send it again"
+    monkeypatch.setattr(stopping, "_shutting_down", True)
+    answer = error_response(stopped_here(message, {"resend": "send the same train_with_yaml again"}))
+    assert answer["error"].startswith("training stopped by the worker shutting down at step 7")
+    assert answer["stopped_by"] == "shutdown" and answer["resend"] == "send the same train_with_yaml again"

@@ -327,3 +327,40 @@ def test_sigterm_mid_training_saves_and_the_answer_says_the_shutdown_stopped_it(
     assert stopped["output"]["stopped_by"] == "shutdown"
     assert stopped["output"]["resend"] == f"send the same train_with_yaml again: it resumes from step {step}"
     assert LoraFolder(data_root / "output" / MODEL).state.is_file()
+
+
+def test_a_job_a_take_hands_out_well_after_sigterm_is_still_answered(monkeypatch):
+    """runpod's scaler stops reading its queue about 0.1 s after SIGTERM; a job-take under way that
+    answers later still gets its job answered (not started), through the worker's wrapped fetcher."""
+    import os
+    import signal
+
+    from runpod.serverless.modules import rp_job, rp_scale
+
+    import handler_fast
+
+    posted: list[tuple[str, dict]] = []
+
+    async def capture(session, job_data, job, is_stream=False):
+        posted.append((job["id"], job_data))
+
+    async def take(session, count=1):
+        if not posted and not taken:
+            taken.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)  # the worker is idle, this take is under way
+            await asyncio.sleep(0.5)  # the scaler's job loop has ended meanwhile
+            return [{"id": "late", "input": {"type": "health"}}]
+        return []
+
+    taken: list[int] = []
+    monkeypatch.setattr(rp_job, "send_result", capture)
+    monkeypatch.setattr(rp_scale, "get_job", take)
+    handler_fast._answer_jobs_taken_after_sigterm()
+    scaler = rp_scale.JobScaler({"handler": handler_fast.async_handler})
+    before = signal.signal(signal.SIGTERM, scaler.handle_shutdown)
+    try:
+        asyncio.run(asyncio.wait_for(scaler.run(), timeout=60))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    ((job_id, answer),) = posted
+    assert job_id == "late" and answer["output"]["stopped_by"] == "shutdown"

@@ -196,14 +196,16 @@ def restore_gpu_streams(state: dict, processes: int, warnings: list[str]) -> Non
     saved by N training processes resumes in any other number (a worker with fewer or more GPUs):
     the LoRA, optimizer and schedule continue, the per-GPU random streams start afresh."""
     saved = state.get("processes", 1)  # states from before this was recorded: one process
-    if saved != processes:
+    streams = state["rng"].get("cuda") or []
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if saved != processes or (gpus and len(streams) != gpus):
         warnings.append(
-            f"the saved state was trained in {saved} process(es) (one per GPU), this run in {processes}: the LoRA, "
-            "optimizer and schedule continue; each process's noise and batch order start afresh"
+            f"the saved state was trained in {saved} process(es) on {len(streams)} GPU(s), this run in {processes} on "
+            f"{gpus}: the LoRA, optimizer, schedule and the main process's batch order continue; the GPUs' random "
+            "streams the saved state has no match for start afresh"
         )
-    streams = state["rng"].get("cuda")
-    if streams is not None and torch.cuda.is_available() and len(streams) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(streams)
+    for index, stream in enumerate(streams[:gpus]):  # torch cannot index a GPU this host lacks
+        torch.cuda.set_rng_state(stream, index)
 
 
 def write_model_record(run: Run) -> None:

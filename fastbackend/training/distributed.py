@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fastbackend import settings
+from fastbackend import settings, stopping
 from fastbackend.config import PREFIX
 from fastbackend.errors import ErrorCode, FastBackendError
 from fastbackend.storage import disk_full, out_of_space
@@ -103,8 +103,19 @@ def relay(events, processes: list, hooks: Hooks, stop) -> TrainResult:
         elif kind == "result":
             return payload
         else:  # "error": the first process to fail says why
-            message, details, code = payload
+            message, details, code, extra = payload
+            if code == ErrorCode.STOPPED:
+                raise stopped_here(message, extra)
             raise FastBackendError(message, details=details, code=ErrorCode(code))
+
+
+def stopped_here(message: str, extra: dict) -> TrainingStopped:
+    """A training process's stop, said with what the worker's own process knows: only it hears
+    SIGTERM, so only it can tell a shutdown from a cancel or a timeout."""
+    said = stopping.CAUSES[stopping.CANCEL_OR_TIMEOUT]
+    return TrainingStopped(
+        message.replace(said, stopping.CAUSES[stopping.cause()]), resend=str(extra.get("resend", "send it again"))
+    )
 
 
 def check_alive(processes: list, lost: bool) -> None:
@@ -139,7 +150,7 @@ def run_process(rank: int, count: int, port: int, job: TrainJob, events, stop) -
         if isinstance(exc, TrainingStopped) and not main:  # all stop at one step; the main one says so
             return
         error = as_answer(exc, rank)
-        events.put(("error", (error.message, error.details, str(error.code))))
+        events.put(("error", (error.message, error.details, str(error.code), dict(error.extra))))
 
 
 def process_hooks(main: bool, events, stop, parent: int) -> Hooks:
