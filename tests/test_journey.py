@@ -194,7 +194,9 @@ def test_a_worker_shut_down_mid_training_saves_and_the_client_sends_the_job_agai
 
         laptop.status = scale_down_at_step_3  # type: ignore[method-assign]
         trained = laptop.train(config("scaled_down", steps=400, every=100_000))
-        assert "the worker running it shut down; sending it again" in laptop.out.getvalue()
+        shown = laptop.out.getvalue()
+        assert "the worker running it shut down (send the same train_with_yaml again: it resumes from step" in shown
+        assert "; sending it again" in shown
         assert first.process.returncode is not None and endpoint.queue.taken_by[events[0].id] == 1
         assert trained["steps"] == 400 and 3 <= trained["resumed_from_step"] < 400
         assert "training stopped by the worker shutting down" in first.log.read_text()
