@@ -252,24 +252,23 @@ class Client:
 
     def call(self, payload: dict) -> dict:
         """A short request (upload batch, listing, download chunk): its output, or WorkerError."""
+        return self._resent(lambda: output_of(self.wait(self.submit(payload, "runsync", once=False))))
+
+    def _resent(self, send: Callable[[], dict]) -> dict:
+        """``send()``, sent again when the worker running it shut down (RunPod scaled it down)."""
         for _ in range(SHUTDOWN_RESENDS):
             try:
-                return output_of(self.wait(self.submit(payload, "runsync", once=False)))
+                return send()
             except WorkerShutDown as exc:
                 print(f"{exc}; sending it again", file=self.out, flush=True)
-        return output_of(self.wait(self.submit(payload, "runsync", once=False)))
+        return send()
 
     def run(self, payload: dict, notify: bool = True) -> dict:
         """A long request (training): by ``/run`` with an execution timeout, the job id printed at once,
         progress shown, Ctrl-C turned into ``/cancel``."""
         if self.local:  # the local server runs it while /runsync waits: no id to follow, nothing to cancel
             return output_of(self.submit(payload, "runsync", notify=notify))
-        for _ in range(SHUTDOWN_RESENDS):
-            try:
-                return self._run_once(payload, notify)
-            except WorkerShutDown as exc:
-                print(f"{exc}; sending it again", file=self.out, flush=True)
-        return self._run_once(payload, notify)
+        return self._resent(lambda: self._run_once(payload, notify))
 
     def _run_once(self, payload: dict, notify: bool) -> dict:
         view = self.submit(payload, "run", policy=self.policy(), notify=notify)
