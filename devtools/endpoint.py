@@ -360,7 +360,6 @@ class Endpoint:
         self.server = Server(self.queue, self.endpoint_id, self.api_key, secrets.token_hex(16), port)
         self.workers: list[Worker] = []
         self._running = threading.Event()
-        self._threads: list[threading.Thread] = []
 
     @property
     def url(self) -> str:
@@ -369,9 +368,7 @@ class Endpoint:
     def __enter__(self) -> Endpoint:
         self._running.set()
         for target in (self.server.serve_forever, self._tick):
-            thread = threading.Thread(target=target, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            threading.Thread(target=target, daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:

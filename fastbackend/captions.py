@@ -25,7 +25,7 @@ from fastbackend import settings
 from fastbackend.errors import ErrorCode, FastBackendError
 from fastbackend.images import ImageProblem, open_upright
 from fastbackend.schemas import MAX_CAPTION_CHARS, AutoCaption
-from fastbackend.storage import HUB_ID, download_cache_dir, hub_caches, resolve_base_model
+from fastbackend.storage import HUB_ID, cached_hub_file, download_cache_dir, resolve_base_model
 
 TASK = "<DETAILED_CAPTION>"  # Florence-2's task token for a few sentences about the whole image
 BATCH = 8
@@ -212,13 +212,8 @@ class Captioner:
 
 def captioner_cache(source: str) -> Path:
     """The hub cache that already holds the captioner (any of them), else where a download goes."""
-    from huggingface_hub import try_to_load_from_cache
-
-    if HUB_ID.fullmatch(source):
-        for cache in hub_caches():
-            if isinstance(try_to_load_from_cache(source, "config.json", cache_dir=str(cache)), str):
-                return cache
-    return download_cache_dir()
+    found = cached_hub_file(source, "config.json") if HUB_ID.fullmatch(source) else None
+    return found[0] if found is not None else download_cache_dir()
 
 
 def load_captioner(reference: str | None, field: str) -> Captioner:

@@ -343,7 +343,8 @@ class Client:
         except WorkerError as exc:
             if not str(exc).startswith("dataset_mismatch:"):
                 raise
-        if request_bytes(photos) + len(yaml_text) < BATCH_BYTES:
+        size = request_bytes(photos)
+        if size + len(yaml_text) < BATCH_BYTES:
             print(f"sending the photos with the training ({name})", file=self.out, flush=True)
             return self.run(payload | {"datasets": {name: {"sha256": sha256, "files": photo_entries(photos)}}})
         self.upload_folder(name, photos, mode="replace")
@@ -353,7 +354,7 @@ class Client:
             if not str(exc).startswith("dataset_mismatch:"):
                 raise
             raise WorkerError(
-                f"{exc}; the photos ({request_bytes(photos) / 1e6:.0f} MB) need several requests, which an endpoint "
+                f"{exc}; the photos ({size / 1e6:.0f} MB) need several requests, which an endpoint "
                 "with volumes in several data centres spreads over them: keep the endpoint to one volume"
             ) from None
 
@@ -541,10 +542,10 @@ def batches(folder: Path) -> list[list[dict]]:
     groups: list[list[dict]] = []
     current: list[dict] = []
     size = 0
-    for entry, path in zip(photo_entries(folder), photo_paths(folder), strict=True):
+    for entry in photo_entries(folder):
         entry_size = len(json.dumps(entry))
         if entry_size > BATCH_BYTES:
-            raise WorkerError(f"{path.name} is too large for one request; upload it with `urls` instead")
+            raise WorkerError(f"{entry['filename']} is too large for one request; upload it with `urls` instead")
         if current and size + entry_size > BATCH_BYTES:
             groups.append(current)
             current, size = [], 0

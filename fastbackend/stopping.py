@@ -69,6 +69,10 @@ def requested() -> bool:
     return event is not None and event.is_set()
 
 
+def cause_in_words() -> str:
+    return CAUSES[cause()]
+
+
 def stop_if_requested(what: str) -> None:
     if requested():
-        raise JobStopped(f"{what} stopped by {CAUSES[cause()]}")
+        raise JobStopped(f"{what} stopped by {cause_in_words()}")

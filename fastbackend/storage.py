@@ -133,6 +133,19 @@ def hub_caches() -> tuple[Path, ...]:
     return hf_cache_dir(), own_hf_cache_dir(), legacy_hf_cache_dir()
 
 
+def cached_hub_file(repo_id: str, filename: str) -> tuple[Path, Path] | None:
+    """(the cache, the file) of ``filename`` of hub repository ``repo_id`` already in a hub cache,
+    found without any network call; None when no cache holds it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for cache in hub_caches():
+        with contextlib.suppress(ValueError):  # a repo id the hub library refuses: in no cache
+            found = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache))
+            if isinstance(found, str):
+                return cache, Path(found)
+    return None
+
+
 # What diffusers fetches of a repository: the index and the component folders (not the
 # single-file checkpoints beside them, which huggingface_hub's record of the repository lists).
 DIFFUSERS_FILES = ["model_index.json", "*/*"]

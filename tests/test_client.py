@@ -490,3 +490,13 @@ def test_a_short_request_refused_by_a_worker_shutting_down_is_sent_again(scripte
     assert user.call({"type": "list_models"}) == {"models": []}
     assert scripted.seen == ["/v2/e/runsync"] * 2
     assert "job sync-1: the worker running it shut down (send it again); sending it again" in user.out.getvalue()
+
+
+def test_the_backoff_is_1_2_4_8_15_seconds_over_six_tries(scripted, monkeypatch):
+    url = f"http://127.0.0.1:{scripted.server_address[1]}/v2/e"
+    scripted.script = [(503, {})] * 6
+    waits: list[float] = []
+    monkeypatch.setattr(client.time, "sleep", waits.append)
+    with pytest.raises(client.WorkerError, match=r"answered 503, 6 tries$"):
+        client.Client(url, "key", out=io.StringIO()).status("j")
+    assert waits == [1, 2, 4, 8, 15]

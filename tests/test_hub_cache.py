@@ -104,7 +104,8 @@ def test_models_this_worker_cached_before_hub_are_still_found(tiny_models, data_
     assert cached_snapshot(REPO_ID, None) == snapshot
 
 
-def test_a_model_not_in_the_cache_is_downloaded_into_hub(data_root, monkeypatch):
+def where_a_first_run_downloads(monkeypatch) -> dict:
+    """The model name and cache folder a run of a model in no cache hands diffusers to download into."""
     import diffusers
 
     seen = {}
@@ -116,6 +117,11 @@ def test_a_model_not_in_the_cache_is_downloaded_into_hub(data_root, monkeypatch)
     monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", fake_from_pretrained)
     upload_photos()
     assert train(user_yaml(REPO_ID))["error_code"] == "model_load_failed"
+    return seen
+
+
+def test_a_model_not_in_the_cache_is_downloaded_into_hub(data_root, monkeypatch):
+    seen = where_a_first_run_downloads(monkeypatch)
     assert seen == {"name": REPO_ID, "cache_dir": str(data_root / "huggingface-cache" / "hub")}
 
 
@@ -286,22 +292,12 @@ def test_refs_that_name_another_branch_are_not_guessed_past(tiny_models, data_ro
 
 
 def test_a_read_only_cache_mount_is_never_written_downloads_go_to_the_workers_own(data_root, monkeypatch):
-    import diffusers
-
     from fastbackend import storage
 
     runpods = data_root / "huggingface-cache" / "hub"
     runpods.mkdir(parents=True)
     monkeypatch.setattr(storage, "writable", lambda folder: folder != runpods)  # RunPod's managed mount, read-only
-    seen = {}
-
-    def fake_from_pretrained(name, **options):
-        seen.update(name=name, cache_dir=options["cache_dir"])
-        raise OSError("offline")
-
-    monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", fake_from_pretrained)
-    upload_photos()
-    assert train(user_yaml(REPO_ID))["error_code"] == "model_load_failed"
+    seen = where_a_first_run_downloads(monkeypatch)
     assert seen == {"name": REPO_ID, "cache_dir": str(data_root / "fastbackend-hub-cache")}
 
 

@@ -19,12 +19,9 @@ from tests.training_helpers import install_model, train, upload_photos, user_yam
 MODEL = "nowy_dataset_1.3"  # the name in the user's YAML
 
 
-def run_scaler(jobs: list[dict], stop_when, monkeypatch) -> list[tuple[str, dict]]:
-    """Feed ``jobs`` one at a time to a JobScaler running ``async_handler``; send each job id
-    ``stop_when(job_id)`` says to stop (once). Returns what runpod would have posted back."""
-    from runpod.serverless.modules import rp_job, rp_scale
-
-    import handler_fast
+def captured_results(monkeypatch) -> list[tuple[str, dict]]:
+    """What runpod's job code posts back, (job id, result), captured instead of posted."""
+    from runpod.serverless.modules import rp_job
 
     posted: list[tuple[str, dict]] = []
 
@@ -32,6 +29,17 @@ def run_scaler(jobs: list[dict], stop_when, monkeypatch) -> list[tuple[str, dict
         posted.append((job["id"], job_data))
 
     monkeypatch.setattr(rp_job, "send_result", capture)
+    return posted
+
+
+def run_scaler(jobs: list[dict], stop_when, monkeypatch) -> list[tuple[str, dict]]:
+    """Feed ``jobs`` one at a time to a JobScaler running ``async_handler``; send each job id
+    ``stop_when(job_id)`` says to stop (once). Returns what runpod would have posted back."""
+    from runpod.serverless.modules import rp_scale
+
+    import handler_fast
+
+    posted = captured_results(monkeypatch)
     pending = list(jobs)
     stopped: set[str] = set()
 
@@ -239,16 +247,11 @@ def run_scaler_until_sigterm(first: list[dict], after_sigterm: list[dict], monke
     import os
     import signal
 
-    from runpod.serverless.modules import rp_job, rp_scale
+    from runpod.serverless.modules import rp_scale
 
     import handler_fast
 
-    posted: list[tuple[str, dict]] = []
-
-    async def capture(session, job_data, job, is_stream=False):
-        posted.append((job["id"], job_data))
-
-    monkeypatch.setattr(rp_job, "send_result", capture)
+    posted = captured_results(monkeypatch)
     pending = list(first)
 
     async def jobs_fetcher(session, count):
@@ -335,14 +338,11 @@ def test_a_job_a_take_hands_out_well_after_sigterm_is_still_answered(monkeypatch
     import os
     import signal
 
-    from runpod.serverless.modules import rp_job, rp_scale
+    from runpod.serverless.modules import rp_scale
 
     import handler_fast
 
-    posted: list[tuple[str, dict]] = []
-
-    async def capture(session, job_data, job, is_stream=False):
-        posted.append((job["id"], job_data))
+    posted = captured_results(monkeypatch)
 
     async def take(session, count=1):
         if not posted and not taken:
@@ -353,7 +353,6 @@ def test_a_job_a_take_hands_out_well_after_sigterm_is_still_answered(monkeypatch
         return []
 
     taken: list[int] = []
-    monkeypatch.setattr(rp_job, "send_result", capture)
     monkeypatch.setattr(rp_scale, "get_job", take)
     handler_fast._answer_jobs_taken_after_sigterm()
     scaler = rp_scale.JobScaler({"handler": handler_fast.async_handler})

@@ -115,12 +115,14 @@ def _check_sent(got: str, named: str, field: str) -> None:
         )
 
 
+NOT_SHARED = "an endpoint with network volumes in several data centres does not share datasets between them"
+
+
 def dataset_mismatch(folder: DatasetFolder, field: str) -> FastBackendError:
     state = "holds other photos" if folder.image_files() else "does not exist"
     return FastBackendError(
-        f"{field}: dataset {folder.name!r} {state} on this worker's {storage.volume_description()}; an endpoint "
-        "with network volumes in several data centres does not share datasets between them: send the "
-        "photos with the training (python -m fastbackend.client train --photos FOLDER)",
+        f"{field}: dataset {folder.name!r} {state} on this worker's {storage.volume_description()}; {NOT_SHARED}: "
+        "send the photos with the training (python -m fastbackend.client train --photos FOLDER)",
         code=ErrorCode.DATASET_MISMATCH,
     )
 
@@ -325,8 +327,7 @@ def check_datasets_present(folders: list[Path]) -> None:
             state = "is empty" if folder.is_dir() else "does not exist"
             problems.append(
                 f"{PREFIX}.datasets[{index}].folder_path: dataset {folder.name!r} {state} on this worker's "
-                f"{storage.volume_description()}; upload it first (datasets here: {existing or 'none'}); an "
-                "endpoint with network volumes in several data centres does not share datasets between them"
+                f"{storage.volume_description()}; upload it first (datasets here: {existing or 'none'}); {NOT_SHARED}"
             )
     if problems:
         raise ValidationFailed.from_problems(problems, code=ErrorCode.INVALID_DATASET)

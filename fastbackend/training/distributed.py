@@ -114,7 +114,7 @@ def stopped_here(message: str, extra: dict) -> TrainingStopped:
     SIGTERM, so only it can tell a shutdown from a cancel or a timeout."""
     said = stopping.CAUSES[stopping.CANCEL_OR_TIMEOUT]
     return TrainingStopped(
-        message.replace(said, stopping.CAUSES[stopping.cause()]), resend=str(extra.get("resend", "send it again"))
+        message.replace(said, stopping.cause_in_words()), resend=str(extra.get("resend", "send it again"))
     )
 
 

@@ -28,7 +28,7 @@ import torch
 
 from fastbackend import settings
 from fastbackend.config import PREFIX, ProcessConfig
-from fastbackend.storage import HUB_ID, cached_snapshot, hub_caches, hub_file
+from fastbackend.storage import HUB_ID, cached_hub_file, cached_snapshot, hub_file
 from fastbackend.training.caching import encoders_stay
 from fastbackend.training.families import Family, family_for
 from fastbackend.training.setup import HUB_TIMEOUT_S, bitsandbytes_available
@@ -111,7 +111,7 @@ def adapter_file_bytes(reference: str | None) -> int:
     """The size of a training adapter's file (storage.resolve_lora_file's reference): on the volume,
     or as the hub says; 0 when it is not known (offline, gone: the plan leaves it out, and the load
     itself says what is wrong)."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     if reference is None:
         return 0
@@ -119,10 +119,8 @@ def adapter_file_bytes(reference: str | None) -> int:
         if Path(reference).is_absolute():
             return Path(reference).stat().st_size
         repo_id, filename = hub_file(reference)
-        for cache in hub_caches():
-            cached = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache))
-            if isinstance(cached, str):
-                return Path(cached).stat().st_size
+        if (found := cached_hub_file(repo_id, filename)) is not None:
+            return found[1].stat().st_size
         url = hf_hub_url(repo_id, filename)
         return get_hf_file_metadata(url, token=settings.HF_TOKEN.get(), timeout=HUB_TIMEOUT_S).size or 0
     except Exception:

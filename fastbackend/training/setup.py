@@ -23,7 +23,7 @@ import torch
 from fastbackend import settings
 from fastbackend.config import PREFIX, ModelConfig, ProcessConfig, TrainConfig
 from fastbackend.errors import ErrorCode, FastBackendError
-from fastbackend.storage import HUB_ID, cached_snapshot, download_cache_dir, hub_caches, hub_file
+from fastbackend.storage import HUB_ID, cached_hub_file, cached_snapshot, download_cache_dir, hub_file
 from fastbackend.training import lora_io
 from fastbackend.training.caching import prepare_data
 from fastbackend.training.families import Family, LossOptions, family_for
@@ -290,9 +290,8 @@ def download_hub_file(reference: str) -> str:
     from huggingface_hub import hf_hub_download
 
     repo_id, filename = hub_file(reference)
-    for cache in hub_caches():  # already there: no download, no network
-        with contextlib.suppress(Exception):
-            return hf_hub_download(repo_id, filename, cache_dir=str(cache), local_files_only=True)
+    if (found := cached_hub_file(repo_id, filename)) is not None:  # already there: no download, no network
+        return str(found[1])
     return hf_hub_download(repo_id, filename, cache_dir=str(download_cache_dir()), token=settings.HF_TOKEN.get())
 
 

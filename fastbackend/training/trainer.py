@@ -142,9 +142,7 @@ def stops(run: Run, hooks: Hooks, resumed_from: int) -> bool:
         save_checkpoint(run, final=False)
     kept = f"step {run.step} is saved; send the same request again to resume from it" if run.step else "nothing saved"
     resend = f"send the same train_with_yaml again: it resumes from step {run.step}" if run.step else "send it again"
-    raise TrainingStopped(
-        f"training stopped by {stopping.CAUSES[stopping.cause()]} at step {run.step}: {kept}", resend=resend
-    )
+    raise TrainingStopped(f"training stopped by {stopping.cause_in_words()} at step {run.step}: {kept}", resend=resend)
 
 
 # ---------------------------------------------------------------- one step
