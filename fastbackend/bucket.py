@@ -15,7 +15,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from fastbackend import settings
+from fastbackend import settings, stopping
 from fastbackend.errors import ErrorCode, FastBackendError
 from fastbackend.layout import LoraFolder
 
@@ -66,12 +66,15 @@ def publish(folder: LoraFolder, path: Path, sha256: str) -> dict:
 
     bucket = settings.BUCKET.get()
     key = f"{folder.name}/{path.name}"
+    kept = f"{path.name} is kept on the volume: download_model serves it (with url: true, through the bucket)"
+    check_stop = stopping.stop_check(f"the upload of {path.name} to the bucket", resend=kept)
+    stoppable = {"Callback": lambda sent: check_stop()}  # boto3 aborts a multipart upload that fails midway
     try:
         client = _client()
-        client.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {"sha256": sha256}})
+        client.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {"sha256": sha256}}, **stoppable)
         for extra in (folder.config, folder.metadata):
             if extra.is_file():
-                client.upload_file(str(extra), bucket, f"{folder.name}/{extra.name}")
+                client.upload_file(str(extra), bucket, f"{folder.name}/{extra.name}", **stoppable)
         url = client.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=settings.BUCKET_URL_EXPIRY_S.get()
         )

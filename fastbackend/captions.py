@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastbackend import settings
+from fastbackend import hub_fetch, settings, stopping
 from fastbackend.errors import ErrorCode, FastBackendError
 from fastbackend.images import ImageProblem, open_upright
 from fastbackend.schemas import MAX_CAPTION_CHARS, AutoCaption
@@ -210,10 +210,20 @@ class Captioner:
         return [clean(text) for text in self.processor.batch_decode(out, skip_special_tokens=True)]
 
 
-def captioner_cache(source: str) -> Path:
-    """The hub cache that already holds the captioner (any of them), else where a download goes."""
-    found = cached_hub_file(source, "config.json") if HUB_ID.fullmatch(source) else None
-    return found[0] if found is not None else download_cache_dir()
+# What a Florence-2 checkpoint needs of its repository: configs, tokenizer and the safetensors
+# weights (not the pickled copies some repositories also hold).
+CAPTIONER_FILES = ["*.json", "*.txt", "*.model", "*.safetensors"]
+
+
+def captioner_folder(source: str, field: str) -> str:
+    """The captioner's local folder: ``source`` itself, its snapshot in a hub cache, or a fresh download."""
+    if not HUB_ID.fullmatch(source):
+        return source
+    if (found := cached_hub_file(source, "config.json")) is not None:
+        return str(found[1].parent)
+    return str(
+        hub_fetch.fetch(source, None, CAPTIONER_FILES, download_cache_dir(), field, shown=f"the captioner {source!r}")
+    )
 
 
 def load_captioner(reference: str | None, field: str) -> Captioner:
@@ -223,22 +233,24 @@ def load_captioner(reference: str | None, field: str) -> Captioner:
     from transformers import AutoConfig, AutoProcessor, Florence2ForConditionalGeneration
 
     shown = reference or settings.CAPTION_MODEL.get()
-    source = _local_or_hub(shown, field)
-    options = {"cache_dir": str(captioner_cache(source)), "token": settings.HF_TOKEN.get()}
+    folder = captioner_folder(_local_or_hub(shown, field), field)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        kind = AutoConfig.from_pretrained(source, **options).model_type
-        if kind != "florence2":
-            raise ValueError(f"it is a {kind!r} model; the captioner must be a Florence-2 checkpoint")
-        processor = AutoProcessor.from_pretrained(source, **options)
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model, info = Florence2ForConditionalGeneration.from_pretrained(
-            source, dtype=dtype, output_loading_info=True, **options
-        )
+        with stopping.interruptible("loading the captioner"):
+            kind = AutoConfig.from_pretrained(folder).model_type
+            if kind != "florence2":
+                raise ValueError(f"it is a {kind!r} model; the captioner must be a Florence-2 checkpoint")
+            processor = AutoProcessor.from_pretrained(folder)
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            model, info = Florence2ForConditionalGeneration.from_pretrained(
+                folder, dtype=dtype, output_loading_info=True
+            )
         # Weights of another layout (the remote-code checkpoints) load as random layers: refuse them.
         unfit = [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())]
         if unfit:
             raise ValueError(f"its weights do not fit Florence-2 ({len(unfit)} missing or mismatched)")
+    except stopping.JobStopped:
+        raise
     except Exception as exc:  # a checkpoint can fail in many ways (bad files, configs, tokenizers)
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise FastBackendError(
@@ -265,7 +277,9 @@ def write_captions(
     names = sorted(photos)
     raws: dict[str, str] = {}
     unreadable: dict[str, str] = {}
+    check_stop = stopping.stop_check("captioning")
     for start in range(0, len(names), BATCH):
+        check_stop()
         opened = {}
         for name in names[start : start + BATCH]:
             try:

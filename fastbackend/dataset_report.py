@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastbackend import stopping
 from fastbackend.faces import SAME_PERSON, Face, distance, face_model, faces_in, median_face
 from fastbackend.images import ImageProblem, open_upright
 from fastbackend.layout import DatasetFolder
@@ -59,7 +60,11 @@ def analyze(folder: DatasetFolder, resolutions: list[int], images: bool = True) 
     """The report of ``folder``'s photos for training at ``resolutions`` (``images``: with a row
     per photo, else the summary and findings only)."""
     face_model()  # a model that cannot load is said once, before any photo
-    photos = [look_at(path) for path in folder.image_files()]
+    check_stop = stopping.stop_check(f"analyzing dataset {folder.name!r}")
+    photos = []
+    for path in folder.image_files():
+        check_stop()
+        photos.append(look_at(path))
     warnings, blocking = findings(photos, resolutions)
     with_one = sum(1 for p in photos if len(p.faces) == 1 and p.faces[0].share >= SMALL_FACE)
     checked = [p.distance for p in photos if p.distance is not None]

@@ -140,6 +140,9 @@ CAPTION_MODEL = Setting(
     "`florence-community/Florence-2-large`",
     "the Florence-2 checkpoint that writes automatic captions (`auto_caption`): a hub id or a folder",
 )
+DOWNLOAD_STALL_S = _number(
+    "FASTBACKEND_DOWNLOAD_STALL_S", float, 120.0, "a hub download that receives nothing this long is tried again"
+)
 LOG_LEVEL = Setting("FASTBACKEND_LOG_LEVEL", str.upper, lambda: "INFO", "`INFO`", "log level")
 HF_TOKEN: Setting[str | None] = Setting(
     "HF_TOKEN",
@@ -196,6 +199,7 @@ ALL: tuple[Setting, ...] = (
     DECODE_THREADS,
     PROCESSES,
     CAPTION_MODEL,
+    DOWNLOAD_STALL_S,
     LOG_LEVEL,
     HF_TOKEN,
     BUCKET,

@@ -153,3 +153,46 @@ def test_bucket_settings_that_cannot_work_stop_the_worker(variable, value, says,
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValueError, match=says):
         settings.check_all()
+
+
+def test_a_stop_midway_through_an_upload_ends_it_and_leaves_nothing_in_the_bucket(data_root, bucket, monkeypatch):
+    """A LoRA large enough to go up in parts; the stop comes after the first part: no object, and
+    no multipart upload left open (boto3 aborts it), within a part's time."""
+    import threading
+
+    from fastbackend import bucket as bucket_module
+    from fastbackend import stopping
+    from tests.test_stop_phases import BOUND_S
+
+    folder = data_root / "output" / MODEL
+    folder.mkdir(parents=True)
+    (folder / f"{MODEL}.safetensors").write_bytes(bytes(20_000_000))
+    stop = threading.Event()
+    signalled: list[float] = []
+    real_client = bucket_module._client
+
+    def client_whose_first_part_brings_the_stop():
+        client = real_client()
+        real_upload = client.upload_file
+
+        def upload_file(*args, Callback, **options):
+            def sent(count: int) -> None:
+                if not stop.is_set():
+                    signalled.append(time.monotonic())
+                    stop.set()
+                Callback(count)
+
+            return real_upload(*args, Callback=sent, **options)
+
+        client.upload_file = upload_file
+        return client
+
+    monkeypatch.setattr(bucket_module, "_client", client_whose_first_part_brings_the_stop)
+    with stopping.watching(stop):
+        answer = handler({"id": "d", "input": {"type": "download_model", "model": MODEL, "url": True}})
+    assert time.monotonic() - signalled[0] < BOUND_S
+    assert answer["error_code"] == "stopped", answer
+    assert answer["error"].startswith(f"the upload of {MODEL}.safetensors to the bucket stopped by")
+    assert answer["resend"].startswith(f"{MODEL}.safetensors is kept on the volume")
+    assert bucket.list_objects_v2(Bucket=BUCKET).get("Contents", []) == []
+    assert bucket.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []

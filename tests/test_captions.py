@@ -183,7 +183,10 @@ def test_a_captioner_that_cannot_load_is_named_and_nothing_is_written(
     photos = files(nine_photos()[:2], [None, None])
     not_florence = str(tiny_models / "sd15" / "text_encoder")
     for model, words in [
-        ("someone/no-such-captioner", "could not load the captioner 'someone/no-such-captioner'"),
+        (
+            "someone/no-such-captioner",
+            "could not load the captioner 'someone/no-such-captioner': it is in no hub cache",
+        ),
         (not_florence, "it is a 'clip_text_model' model; the captioner must be a Florence-2 checkpoint"),
     ]:
         answer = upload(files=photos, auto_caption={"model": model})

@@ -86,6 +86,8 @@ def test_a_result_that_never_arrives_ends_the_wait():
 
 @pytest.mark.slow
 def test_a_stop_reaches_every_process_and_the_run_resumes(tiny_models, data_root, monkeypatch):
+    import threading
+
     from fastbackend import stopping
     from fastbackend.api.train import train_with_yaml
     from fastbackend.errors import FastBackendError
@@ -94,16 +96,19 @@ def test_a_stop_reaches_every_process_and_the_run_resumes(tiny_models, data_root
     model_path = install_model(tiny_models, data_root, "sd15")
     upload_photos(count=2)
     monkeypatch.setenv("FASTBACKEND_PROCESSES", "2")
-    steps: list[int] = []
+    stop = threading.Event()
+
+    def progress(info: dict) -> None:
+        if info["stage"] == "training" and info["step"] >= 3:
+            stop.set()  # what the worker's handler does on a cancel
+
     request = TrainWithYamlRequest(type="train_with_yaml", yaml_config=user_yaml(model_path, "sd15", steps=40))
-    monkeypatch.setattr(stopping, "requested", lambda: len(steps) >= 3)
-    with pytest.raises(FastBackendError) as stopped:
-        train_with_yaml(request, progress=lambda info: info["stage"] == "training" and steps.append(info["step"]))
+    with pytest.raises(FastBackendError) as stopped, stopping.watching(stop):
+        train_with_yaml(request, progress=progress)
     assert stopped.value.code == "stopped", stopped.value
     step = int(stopped.value.message.split(" at step ")[1].split(":")[0])
     assert 3 <= step < 40
     assert (data_root / "output" / "nowy_dataset_1.3" / f"nowy_dataset_1.3_{step:09d}.safetensors").exists()
-    monkeypatch.setattr(stopping, "requested", lambda: False)
     again = train_with_yaml(request)
     assert again["resumed_from_step"] == step and again["steps"] == 40 and again["processes"] == 2
 

@@ -194,7 +194,7 @@ def test_an_adapter_that_cannot_be_fetched_or_loaded_is_model_load_failed_naming
     answer = train(user_yaml(model_path, "zimage", steps=2, replacements=offline))
     assert answer["error_code"] == "model_load_failed", answer
     assert answer["error"].startswith(
-        "config.process[0].model.assistant_lora_path: 'nobody/nothing/adapter.safetensors' could not be loaded"
+        "config.process[0].model.assistant_lora_path: could not load 'nobody/nothing/adapter.safetensors'"
     )
     (data_root / "adapters").mkdir()
     (data_root / ADAPTER_FILE).write_bytes(b"not a safetensors file")
@@ -205,27 +205,23 @@ def test_an_adapter_that_cannot_be_fetched_or_loaded_is_model_load_failed_naming
 
 
 def test_zimage_turbo_without_a_path_downloads_the_published_adapter_into_the_volumes_cache(
-    tiny_models, data_root, monkeypatch
+    tiny_models, data_root, monkeypatch, tmp_path
 ):
-    import huggingface_hub
+    from fastbackend.storage import cached_hub_file, hf_cache_dir
+    from tests.fake_hub import serving
 
-    from fastbackend.storage import hf_cache_dir
-
-    local = write_adapter(tiny_models, data_root)
-    asked = []
-
-    def download(repo_id, filename, **options):
-        asked.append((repo_id, filename, options["cache_dir"]))
-        return str(local)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    repo_id, filename = "ostris/zimage_turbo_training_adapter", "zimage_turbo_training_adapter_v2.safetensors"
+    published = tmp_path / "published"
+    write_lora_file(tiny_models, "zimage", published / filename)
+    (published / "README.md").write_text("not needed for training")
     model_path = install_model(tiny_models, data_root, "zimage")
     upload_photos()
-    answer = train(user_yaml(model_path, "zimage:turbo", steps=1))
+    with serving(monkeypatch, repo_id, published) as hub:
+        answer = train(user_yaml(model_path, "zimage:turbo", steps=1))
     assert answer["status"] == "success", answer
-    assert asked == [
-        ("ostris/zimage_turbo_training_adapter", "zimage_turbo_training_adapter_v2.safetensors", str(hf_cache_dir()))
-    ]
+    assert cached_hub_file(repo_id, filename) is not None
+    assert cached_hub_file(repo_id, filename)[0] == hf_cache_dir()
+    assert not any(path.endswith("README.md") for _, path, _ in hub.requests)  # the adapter file only
 
 
 def test_a_crashed_turbo_run_resumes_with_its_adapter_and_starts_over_without_it(tiny_models, data_root, monkeypatch):

@@ -223,33 +223,6 @@ def test_keys_the_architecture_does_not_use_are_warned_about():
     )
 
 
-def test_model_revision_and_token_reach_the_hub_loader(data_root, monkeypatch):
-    import diffusers
-
-    seen = {}
-
-    def fake_from_pretrained(name, **options):
-        seen.update(options, name=name)
-        raise OSError("offline")
-
-    monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
-    monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", fake_from_pretrained)
-    upload_photos()
-    text = user_yaml("black-forest-labs/FLUX.1-dev").replace("is_flux: true", "is_flux: true\n      revision: abc123")
-    answer = train(text)
-    assert (
-        answer["error"]
-        == "config.process[0].model.name_or_path: could not load 'black-forest-labs/FLUX.1-dev' (OSError: offline)"
-    )
-    assert (seen["name"], seen["revision"], seen["token"]) == (
-        "black-forest-labs/FLUX.1-dev",
-        "abc123",
-        "hf_secret_token",
-    )
-    assert seen["cache_dir"] == str(data_root / "huggingface-cache" / "hub")  # where RunPod caches models
-    assert "hf_secret_token" not in str(answer)
-
-
 @pytest.mark.parametrize("arch", ["flux_kontext", "chroma", "hidream", "wan21"])
 def test_architectures_not_supported_yet_are_refused_with_the_list(arch):
     text = fixture_yaml().replace("is_flux: true", f"arch: {arch}")

@@ -14,11 +14,12 @@ import contextlib
 import inspect
 import io
 import json
+from collections.abc import Callable
 
 import torch
 from pydantic import ValidationError
 
-from fastbackend import hardware
+from fastbackend import hardware, stopping
 from fastbackend.api import Progress, check_result_size
 from fastbackend.config import SampleConfig
 from fastbackend.errors import ErrorCode, FastBackendError, NotFound
@@ -48,8 +49,13 @@ def generate(request: GenerateRequest, progress: Progress | None = None) -> dict
     family = family_for(family_name)
     hardware.refuse_cpu_fallback("cuda", "generate")  # on RunPod: rendered on the GPU, or refused
     request = distilled_defaults(header, request)
+    report = progress or (lambda info: None)
     with pipeline_cache.lock:  # one pipeline, one LoRA at a time
-        pipe = pipeline_cache.pipeline(family, resolve_base_model(base, BASE_MODEL_FIELD), BASE_MODEL_FIELD)
+        report({"stage": "loading_model", "model": base})
+        downloaded = lambda got, total: report(  # noqa: E731
+            {"stage": "loading_model", "model": base, "downloaded_bytes": got, "total_bytes": total}
+        )
+        pipe = pipeline_cache.pipeline(family, resolve_base_model(base, BASE_MODEL_FIELD), BASE_MODEL_FIELD, downloaded)
         try:
             pipe.load_lora_weights(str(lora), adapter_name=ADAPTER)
         except (OSError, ValueError, KeyError) as exc:
@@ -60,7 +66,8 @@ def generate(request: GenerateRequest, progress: Progress | None = None) -> dict
             ) from None
         try:
             pipe.set_adapters([ADAPTER], adapter_weights=[request.lora_scale])
-            images = render(family, pipe, request)
+            report({"stage": "generating", "images": request.num_images})
+            images = render(family, pipe, request, stopping.stop_check("generating"))
         finally:
             pipe.delete_adapters([ADAPTER])
     encoded = [encode(image, request.format) | {"seed": request.seed + i} for i, image in enumerate(images)]
@@ -98,7 +105,8 @@ def distilled_defaults(header: dict[str, str], request: GenerateRequest) -> Gene
 
 
 @torch.no_grad()
-def render(family: Family, pipe, request: GenerateRequest) -> list:
+def render(family: Family, pipe, request: GenerateRequest, check_stop: Callable[[], None]) -> list:
+    """The request's images; ``check_stop`` runs after every denoising step."""
     width, height = family.snap_size(pipe, request.width, request.height)
     generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.num_images)]
     extra = family.sample_kwargs(pipe, request.negative_prompt)
@@ -112,9 +120,15 @@ def render(family: Family, pipe, request: GenerateRequest) -> list:
         width=width,
         height=height,
         generator=generators,
+        callback_on_step_end=lambda pipe, step, timestep, tensors: _checked(check_stop, tensors),
         **named,
         **extra,
     ).images
+
+
+def _checked(check_stop: Callable[[], None], tensors: dict) -> dict:
+    check_stop()
+    return tensors
 
 
 def render_settings(family: Family, pipe, request: GenerateRequest) -> dict:

@@ -214,7 +214,7 @@ def run_training(
         atomic_write_bytes(output.config, request.yaml_config.encode())
     job = TrainJob(config, base_model, datasets, output, request.resume, warnings, assistant_lora=assistant)
     try:
-        hooks = Hooks(on_step=report, on_stage=report, should_stop=stopping.requested)
+        hooks = Hooks(on_step=report, on_stage=report, should_stop=stopping.this_jobs_request())
         result, processes = distributed.train(job, hooks)
     except torch.cuda.OutOfMemoryError:
         raise out_of_memory() from None

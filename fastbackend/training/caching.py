@@ -11,6 +11,7 @@ import hashlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from fastbackend.config import ProcessConfig
 from fastbackend.errors import FastBackendError
 from fastbackend.layout import DatasetFolder
+from fastbackend.stopping import JobStopped
 from fastbackend.training import data
 from fastbackend.training.families import Family
 
@@ -68,8 +70,10 @@ def prepare_data(
     rng: random.Random,
     trains_text_encoder: bool,
     warnings: list[str],
+    check_stop: Callable[[], None] = lambda: None,
 ) -> tuple[TextCache, data.BucketSampler, str]:
-    """Examples with cached latents, a caption cache, the batch sampler and the dataset hash."""
+    """Examples with cached latents, a caption cache, the batch sampler and the dataset hash;
+    ``check_stop`` runs between photos and captions."""
     multiple = family.pixel_multiple(pipe)
     examples, items, caches = [], [], {}
     captions = set()
@@ -78,7 +82,9 @@ def prepare_data(
         items += found
         face_crop = dataset_cfg.face_crop is not False
         if face_crop or process.train.face_loss_weight is not None:
-            face_crop &= look_for_faces(found, dataset_cfg.face_crop, process.train.face_loss_weight, warnings)
+            face_crop &= look_for_faces(
+                found, dataset_cfg.face_crop, process.train.face_loss_weight, warnings, check_stop
+            )
         trigger_word = dataset_cfg.trigger_word or process.trigger_word
         made = data.make_examples(
             found, dataset_cfg.resolution, multiple, trigger_word, dataset_cfg.num_repeats, face_crop
@@ -90,10 +96,11 @@ def prepare_data(
             caches[folder] = data.LatentCache(on_disk if dataset_cfg.cache_latents_to_disk else None)
     started = time.monotonic()
     cached = [e for e in examples if e.item.path.parent in caches]
-    encoded = data.cache_latents(cached, lambda pixels: family.encode_pixels(pipe, pixels), caches)
+    encoded = data.cache_latents(cached, lambda pixels: family.encode_pixels(pipe, pixels), caches, check_stop)
     texts = TextCache(family, pipe, device, memoize=process.train.cache_text_embeddings, trainable=trains_text_encoder)
     if texts.memoize:
         for caption in captions:
+            check_stop()
             texts.get(caption)
     log.info(
         "cached %d of %d latents (%d encoded, %d from disk) and %d captions in %.1fs",
@@ -113,12 +120,18 @@ def prepare_data(
 
 
 def look_for_faces(
-    items: list[data.Item], face_crop: bool | None, face_weight: float | None, warnings: list[str]
+    items: list[data.Item],
+    face_crop: bool | None,
+    face_weight: float | None,
+    warnings: list[str],
+    check_stop: Callable[[], None],
 ) -> bool:
     """Find each photo's face; False when the face model cannot load and nothing asked for it by
     name (the default face crop then falls back to centred crops, with a warning)."""
     try:
-        data.find_faces(items)
+        data.find_faces(items, check_stop)
+    except JobStopped:
+        raise
     except FastBackendError as exc:
         if face_crop or face_weight is not None:
             raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,12 +248,13 @@ def make_examples(
     return examples
 
 
-def find_faces(items: list[Item]) -> None:
+def find_faces(items: list[Item], check_stop: Callable[[], None] = lambda: None) -> None:
     """Each item's clearest face, for face-aware crops and the face-weighted loss."""
     from fastbackend.faces import face_model, faces_in
 
     face_model()  # a model that cannot load fails the lookup, not each photo
     for item in items:
+        check_stop()
         try:
             faces = faces_in(item.path)
         except (ImageProblem, FileNotFoundError):  # a photo past the pixel limit: trained centred
@@ -303,10 +305,13 @@ def encode_example(example: Example, encode) -> tuple[torch.Tensor, torch.Tensor
     return mean[0], std[0]
 
 
-def cache_latents(examples: list[Example], encode, caches: dict[Path, LatentCache]) -> int:
+def cache_latents(
+    examples: list[Example], encode, caches: dict[Path, LatentCache], check_stop: Callable[[], None] = lambda: None
+) -> int:
     """Fill each example's latent mean/std (from disk when cached); returns how many were encoded."""
     encoded = 0
     for example in examples:
+        check_stop()  # between images: a latent file is whole or absent
         cache = caches[example.item.path.parent]
         if cache.load(example):
             continue

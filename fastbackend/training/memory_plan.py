@@ -28,10 +28,11 @@ import torch
 
 from fastbackend import settings
 from fastbackend.config import PREFIX, ProcessConfig
+from fastbackend.hub_fetch import HUB_TIMEOUT_S
 from fastbackend.storage import HUB_ID, cached_hub_file, cached_snapshot, hub_file
 from fastbackend.training.caching import encoders_stay
 from fastbackend.training.families import Family, family_for
-from fastbackend.training.setup import HUB_TIMEOUT_S, bitsandbytes_available
+from fastbackend.training.setup import bitsandbytes_available
 
 SHAPES = Path(__file__).parent / "shapes"
 GB = 1e9

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from fastbackend.hub_fetch import Report
 from fastbackend.storage import download_cache_dir
 from fastbackend.training.families import Family
 
@@ -21,12 +22,14 @@ _loaded: dict[str, Any] = {}  # what it was loaded from -> the model; at most on
 T = TypeVar("T")
 
 
-def pipeline(family: Family, source: str, field: str):
-    """The pipeline of ``source`` on the best device, loaded unless it is the one kept."""
+def pipeline(family: Family, source: str, field: str, report: Report | None = None):
+    """The pipeline of ``source`` on the best device, loaded unless it is the one kept (a hub model
+    in no cache is downloaded first, its bytes told to ``report``)."""
 
     def load():
         cuda = torch.cuda.is_available()
-        pipe = family.load(source, torch.bfloat16 if cuda else torch.float32, str(download_cache_dir()), field=field)
+        dtype = torch.bfloat16 if cuda else torch.float32
+        pipe = family.load(source, dtype, str(download_cache_dir()), field=field, report=report)
         return pipe.to("cuda" if cuda else "cpu")
 
     return kept(source, load)

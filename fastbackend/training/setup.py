@@ -8,22 +8,20 @@ model (``model_load_failed``).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import random
 import shutil
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastbackend import settings
+from fastbackend import hub_fetch, stopping
 from fastbackend.config import PREFIX, ModelConfig, ProcessConfig, TrainConfig
 from fastbackend.errors import ErrorCode, FastBackendError
-from fastbackend.storage import HUB_ID, cached_hub_file, cached_snapshot, download_cache_dir, hub_file
+from fastbackend.storage import cached_hub_file, download_cache_dir, hub_file
 from fastbackend.training import lora_io
 from fastbackend.training.caching import prepare_data
 from fastbackend.training.families import Family, LossOptions, family_for
@@ -36,9 +34,7 @@ MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32:
 ADAM_EPS = 1e-6
 # ai-toolkit's warm-up for constant_with_warmup when none is given (toolkit/scheduler.py).
 DEFAULT_WARMUP_STEPS = 1000
-DOWNLOAD_REPORT_S = 5.0
 PROCESS_GROUP_TIMEOUT_S = 2 * 3600  # a round of FLUX samples at 1024 px takes minutes
-HUB_TIMEOUT_S = 10.0  # the hub's answer to how large a download is: nice to have, never worth a wait
 
 
 def set_up(job: TrainJob, hooks: Hooks | None = None) -> Run:
@@ -50,8 +46,7 @@ def set_up(job: TrainJob, hooks: Hooks | None = None) -> Run:
     seed = seed_torch(process)
     family = family_for(process.model.resolved_arch, process.model.is_v_pred)
     hooks.on_stage({"stage": "loading_model", "model": process.model.name_or_path})
-    with reporting_download(job.base_model, process.model.revision, hooks.on_stage):
-        pipe = load_pipeline(family, process.model, job, device, weight_dtype)
+    pipe = load_pipeline(family, process.model, job, (device, weight_dtype), hooks)
     text_encoders = family.trainable_text_encoders(pipe) if train_cfg.train_text_encoder else {}
     hooks.on_stage({"stage": "caching", "datasets": len(job.dataset_folders)})
     texts, sampler, digest = prepare_data(
@@ -64,6 +59,7 @@ def set_up(job: TrainJob, hooks: Hooks | None = None) -> Run:
         random.Random(seed),
         bool(text_encoders),
         job.warnings,
+        stopping.stop_check("caching latents and captions", hooks.should_stop),
     )
     denoiser = family.denoiser(pipe).to(device)  # after caching: the encoders may have left the device by now
     modules = {family.denoiser_name: denoiser} | text_encoders
@@ -110,67 +106,6 @@ def seed_torch(process: ProcessConfig) -> int:
         seed = random.SystemRandom().randrange(2**31)
     torch.manual_seed(seed)
     return seed
-
-
-@contextlib.contextmanager
-def reporting_download(base_model: str, revision: str | None, report: Callable[[dict], None]) -> Iterator[None]:
-    """While a hub model downloads into the volume's cache, report the bytes there so far every
-    ``DOWNLOAD_REPORT_S`` (and the total, when the hub answers): a first run spends minutes here."""
-    if HUB_ID.fullmatch(base_model) is None or cached_snapshot(base_model, revision) is not None:
-        yield
-        return
-    repository = download_cache_dir() / f"models--{base_model.replace('/', '--')}"
-    done = threading.Event()
-
-    def watch() -> None:
-        total = hub_download_bytes(base_model, revision)  # here, not before the load: it may be slow
-        while not done.wait(DOWNLOAD_REPORT_S):
-            info = {"stage": "loading_model", "model": base_model, "downloaded_bytes": _bytes_in(repository / "blobs")}
-            report(info | {"total_bytes": total})
-
-    watcher = threading.Thread(target=_logged(watch), name="download-progress", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        done.set()
-        watcher.join()
-
-
-def _bytes_in(folder: Path) -> int:
-    """The bytes of the files in ``folder`` now (files renamed or removed meanwhile count as none)."""
-    total = 0
-    for path in folder.glob("*"):
-        with contextlib.suppress(OSError):
-            total += path.stat().st_size
-    return total
-
-
-def _logged(function: Callable[[], None]) -> Callable[[], None]:
-    """``function`` for a reporting thread: a failure there is logged, never the run's."""
-
-    def run() -> None:
-        try:
-            function()
-        except Exception:
-            log.exception("download progress reporting stopped")
-
-    return run
-
-
-def hub_download_bytes(repo_id: str, revision: str | None) -> int | None:
-    """What a diffusers download of ``repo_id`` comes to: its component folders' files (the
-    single-file checkpoints beside them are not fetched). None when the hub does not answer."""
-    from huggingface_hub import HfApi
-
-    try:
-        info = HfApi().model_info(
-            repo_id, revision=revision, files_metadata=True, token=settings.HF_TOKEN.get(), timeout=HUB_TIMEOUT_S
-        )
-    except Exception:  # offline, gated without a token, unknown: the download itself will say
-        return None
-    files = [f for f in info.siblings or [] if "/" in f.rfilename or f.rfilename == "model_index.json"]
-    return sum(f.size or 0 for f in files) or None
 
 
 def lora_group(name: str, module: torch.nn.Module, family: Family, process: ProcessConfig) -> dict:
@@ -233,11 +168,15 @@ def make_accelerator(device: torch.device, weight_dtype: torch.dtype):
     )
 
 
-def load_pipeline(family: Family, model_cfg: ModelConfig, job: TrainJob, device: torch.device, dtype: torch.dtype):
-    """The base pipeline, frozen, its encoders on ``device`` (the denoiser follows after caching, so
+def load_pipeline(
+    family: Family, model_cfg: ModelConfig, job: TrainJob, placement: tuple[torch.device, torch.dtype], hooks: Hooks
+):
+    """The base pipeline, frozen, its encoders on the device (the denoiser follows after caching, so
     the two never share the device unless steps need the encoders); with ``quantize``, the
     denoiser's LoRA-target layers hold 8-bit weights (bitsandbytes LLM.int8, on CUDA and the CPU);
-    with a training adapter, that on the denoiser."""
+    with a training adapter, that on the denoiser. A first run downloads the model here, its bytes
+    reported through ``hooks``; a stop ends the download or the load."""
+    device, dtype = placement
     quantize = model_cfg.quantize and bitsandbytes_available()
     if model_cfg.quantize and not quantize:
         job.warnings.append(
@@ -257,6 +196,10 @@ def load_pipeline(family: Family, model_cfg: ModelConfig, job: TrainJob, device:
         field=f"{PREFIX}.model.name_or_path",
         shown=model_cfg.name_or_path,
         notes=job.warnings,
+        report=lambda got, total: hooks.on_stage(
+            {"stage": "loading_model", "model": job.base_model, "downloaded_bytes": got, "total_bytes": total}
+        ),
+        should_stop=hooks.should_stop,
     )
     job.warnings.extend(family.checkpoint_warnings(pipe, model_cfg.name_or_path))
     for module in [family.denoiser(pipe), *family.encoders(pipe)]:
@@ -264,19 +207,19 @@ def load_pipeline(family: Family, model_cfg: ModelConfig, job: TrainJob, device:
     if quantize:
         quantize_8bit(family.denoiser(pipe), family.lora_targets(family.denoiser(pipe)))
     if job.assistant_lora is not None:
-        load_assistant(pipe, family, job.assistant_lora)
+        load_assistant(pipe, family, job.assistant_lora, hooks.should_stop)
     for name, component in pipe.components.items():  # the encoders, and a safety checker where there is one
         if isinstance(component, torch.nn.Module) and name != family.denoiser_name:
             component.to(device)
     return pipe
 
 
-def load_assistant(pipe, family: Family, reference: str) -> None:
+def load_assistant(pipe, family: Family, reference: str, should_stop: Callable[[], bool]) -> None:
     """The config's training adapter on the denoiser (downloaded first when it is a hub file)."""
     field = f"{PREFIX}.model.assistant_lora_path"
+    # storage.resolve_lora_file makes a local file absolute; anything else names a hub file
+    path = reference if Path(reference).is_absolute() else download_hub_file(reference, field, should_stop)
     try:
-        # storage.resolve_lora_file makes a local file absolute; anything else names a hub file
-        path = reference if Path(reference).is_absolute() else download_hub_file(reference)
         lora_io.add_assistant(pipe, family.denoiser(pipe), path)
     except Exception as exc:
         raise FastBackendError(
@@ -286,13 +229,14 @@ def load_assistant(pipe, family: Family, reference: str) -> None:
     log.info("training adapter %s on while training, off for samples", reference)
 
 
-def download_hub_file(reference: str) -> str:
-    from huggingface_hub import hf_hub_download
-
+def download_hub_file(reference: str, field: str, should_stop: Callable[[], bool]) -> str:
+    """The local path of hub file ``reference`` (``owner/repo/file``), downloaded when no cache has it."""
     repo_id, filename = hub_file(reference)
     if (found := cached_hub_file(repo_id, filename)) is not None:  # already there: no download, no network
         return str(found[1])
-    return hf_hub_download(repo_id, filename, cache_dir=str(download_cache_dir()), token=settings.HF_TOKEN.get())
+    cache = download_cache_dir()
+    folder = hub_fetch.fetch(repo_id, None, [filename], cache, field, should_stop=should_stop, shown=repr(reference))
+    return str(folder / filename)
 
 
 def quantize_8bit(module: torch.nn.Module, targets: list[str]) -> None:

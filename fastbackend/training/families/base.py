@@ -12,13 +12,14 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 
-from fastbackend import settings
+from fastbackend import hub_fetch, stopping
 from fastbackend.errors import ErrorCode, FastBackendError
-from fastbackend.storage import HUB_ID, cached_snapshot
+from fastbackend.storage import DIFFUSERS_FILES, HUB_ID, cached_snapshot
 
 
 @dataclass
@@ -209,21 +210,26 @@ class Family(ABC):
         field: str = "model",
         shown: str | None = None,
         notes: list[str] | None = None,
+        report: hub_fetch.Report | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ):
         """The pipeline, or a ``model_load_failed`` error naming ``field`` and the model as the user
-        wrote it (``shown``): not found, gated, offline, or a pipeline of another family. Which cached
-        copy was chosen, when the cache could not say, goes to ``notes``."""
+        wrote it (``shown``): not found, gated, offline, or a pipeline of another family. A hub model
+        in no cache is downloaded first into ``cache_dir`` (``hub_fetch``: its bytes go to ``report``,
+        a stall is retried); which cached copy was chosen, when the cache could not say, goes to
+        ``notes``. A stop (``should_stop``, by default the job's) ends the download or the load within a second."""
         import diffusers
 
         pipeline_class = getattr(diffusers, self.pipeline_class_name)
-        cached = cached_snapshot(name_or_path, revision, notes) if HUB_ID.fullmatch(name_or_path) else None
-        if cached is not None:  # on the volume already (RunPod's model cache, an earlier run): no network at all
+        if HUB_ID.fullmatch(name_or_path):  # on the volume already (RunPod's model cache, an earlier run): no network
+            cached = cached_snapshot(name_or_path, revision, notes) or hub_fetch.fetch(
+                name_or_path, revision, DIFFUSERS_FILES, Path(cache_dir), field, report, should_stop
+            )
             name_or_path, revision = str(cached), None
-        # HF_TOKEN (gated models) is passed, never logged or returned.
-        options = {"dtype": dtype, "cache_dir": cache_dir, "revision": revision, "token": settings.HF_TOKEN.get()}
-        options |= self.load_options
+        options = {"dtype": dtype, "cache_dir": cache_dir, "revision": revision} | self.load_options
         try:
-            pipe = pipeline_class.from_pretrained(name_or_path, **options)
+            with stopping.interruptible("loading the base model", should_stop):
+                pipe = pipeline_class.from_pretrained(name_or_path, **options)
         except (OSError, ValueError) as exc:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
             message = f"{field}: could not load {shown or name_or_path!r} ({reason})"
