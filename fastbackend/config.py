@@ -98,7 +98,10 @@ class NetworkConfig(Section):
     linear: int | None = Field(None, gt=0, le=512, description="LoRA rank (ai-toolkit's default 4).")
     rank_key: int | None = Field(None, alias="rank", gt=0, le=512, description="LoRA rank; wins over `linear`.")
     linear_alpha: float | None = Field(
-        None, ge=0, description="LoRA alpha (SD 1.5 / SDXL): the update is scaled by alpha / rank. FLUX trains at 1."
+        None,
+        ge=0,
+        description="LoRA alpha (SD 1.5 / SDXL): the update is scaled by alpha / rank. The transformer families "
+        "(FLUX, FLUX.2, Z-Image, Qwen-Image) train at 1.",
     )
     alpha_key: float = Field(1.0, alias="alpha", ge=0, description="`linear_alpha` when that is not given.")
     dropout: float | None = Field(None, ge=0, lt=1)
@@ -116,6 +119,10 @@ class NetworkConfig(Section):
     def alpha(self) -> float:
         alpha = self.linear_alpha if self.linear_alpha is not None else self.alpha_key
         return alpha or float(self.rank)  # ai-toolkit: alpha 0 means alpha = rank
+
+    @property
+    def alpha_given(self) -> bool:
+        return bool({"linear_alpha", "alpha_key"} & self.model_fields_set)
 
 
 class SaveConfig(Section):
@@ -682,9 +689,11 @@ class ProcessConfig(Section):
 
     @property
     def lora_alpha(self) -> float:
-        """FLUX LoRAs train at scale 1 (alpha = rank) whatever `linear_alpha` says, as ai-toolkit's
-        (it saves them in peft's format); SD 1.5 / SDXL at linear_alpha / rank."""
-        return float(self.network.rank) if self.model.resolved_arch == "flux" else self.network.alpha
+        """The transformer families' LoRAs (FLUX, FLUX.2, Z-Image, Qwen-Image) train at scale 1
+        (alpha = rank) whatever `linear_alpha` says, as ai-toolkit's, which marks them
+        ``is_transformer`` and saves them in peft's format (toolkit/lora_special.py); SD 1.5 / SDXL
+        at linear_alpha / rank."""
+        return float(self.network.rank) if self.model.resolved_arch in FLOW_MATCHING else self.network.alpha
 
     @property
     def sample_prompts(self) -> list[str]:
@@ -888,10 +897,11 @@ def recipe_notes(process: ProcessConfig) -> list[str]:
     """Where a key does what ai-toolkit does with it, but not what its name suggests, or where this
     worker differs from ai-toolkit on purpose: said in the run's warnings."""
     train, network, notes = process.train, process.network, []
-    if process.model.resolved_arch == "flux" and network.linear_alpha not in (None, float(network.rank)):
+    arch = process.model.resolved_arch
+    if arch in FLOW_MATCHING and network.alpha != float(network.rank) and network.alpha_given:
         notes.append(
-            f"{PREFIX}.network.linear_alpha: FLUX LoRAs train at scale 1 (alpha = rank {network.rank}), as in "
-            f"ai-toolkit; {network.linear_alpha:g} is not used"
+            f"{PREFIX}.network.linear_alpha: {arch} LoRAs train at scale 1 (alpha = rank {network.rank}), as in "
+            f"ai-toolkit; {network.alpha:g} is not used"
         )
     window = train.gradient_accumulation_steps
     if window > 1:

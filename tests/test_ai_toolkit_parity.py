@@ -172,6 +172,9 @@ def test_sd_alpha_defaults_to_one_and_flux_trains_at_scale_one():
     assert process("sdxl", "      linear: 16\n      alpha: 4\n").lora_alpha == 4.0
     assert process("sdxl", "      linear: 16\n      linear_alpha: 8\n").lora_alpha == 8.0
     assert process("flux", "      linear: 16\n      linear_alpha: 1\n").lora_alpha == 16.0
+    for arch in ("flux2", "flux2_klein_4b", "flux2_klein_9b", "zimage", "qwen_image"):  # is_transformer in ai-toolkit
+        assert process(arch, "      linear: 16\n").lora_alpha == 16.0, arch
+        assert process(arch, "      linear: 16\n      linear_alpha: 1\n").lora_alpha == 16.0, arch
     assert process("flux", "      rank: 8\n").network.rank == 8
 
 

@@ -32,7 +32,7 @@ COMFYUI_KEYS = {
 
 
 @pytest.mark.parametrize("arch", sorted(COMFYUI_KEYS))
-def test_files_are_keyed_as_ai_toolkit_writes_them_with_alpha_folded_in(arch, tiny_models, data_root):
+def test_files_are_keyed_as_ai_toolkit_writes_them_and_train_at_scale_one(arch, tiny_models, data_root):
     import diffusers
 
     model_path = install_model(tiny_models, data_root, arch)
@@ -52,9 +52,12 @@ def test_files_are_keyed_as_ai_toolkit_writes_them_with_alpha_folded_in(arch, ti
     transformer = getattr(diffusers, class_name).from_pretrained(data_root / "models" / arch / "transformer")
     linears = {n for n, m in transformer.named_modules() if n.startswith(blocks) and isinstance(m, torch.nn.Linear)}
     assert {key.removeprefix("diffusion_model.").rsplit(".lora_", 1)[0] for key in keys} == linears
-    # linear_alpha is honoured (ai-toolkit ignores it for these families) and folded into lora_B: no alpha keys.
-    assert metadata["ss_network_alpha"] == "8.0" and not any(key.endswith(".alpha") for key in keys)
-    assert not any("linear_alpha" in warning for warning in answer["warnings"])
+    # ai-toolkit trains these families at scale 1 (alpha = rank) whatever linear_alpha says, and says so here.
+    assert metadata["ss_network_alpha"] == "4.0" and not any(key.endswith(".alpha") for key in keys)
+    assert (
+        f"config.process[0].network.linear_alpha: {arch} LoRAs train at scale 1 (alpha = rank 4), as in "
+        "ai-toolkit; 8 is not used"
+    ) in answer["warnings"]
 
 
 def test_lora_b_carries_alpha_over_rank():
@@ -72,11 +75,11 @@ def test_lora_b_carries_alpha_over_rank():
     assert torch.equal(keyed["diffusion_model.layers.0.attention.to_q.lora_A.weight"], torch.ones(4, 8))
 
 
-def test_the_user_yaml_with_arch_zimage_keeps_its_alpha_and_warns_of_flux_only_keys():
+def test_the_user_yaml_with_arch_zimage_trains_at_scale_one_and_warns_of_flux_only_keys():
     text = fixture_yaml().replace("is_flux: true", "arch: zimage").replace("linear_alpha: 16", "linear_alpha: 8")
     text = text.replace("dtype: bf16", "dtype: bf16\n      noise_offset: 0.1")
     config, warnings = parse_training_config(text)
-    assert config.process.model.resolved_arch == "zimage" and config.process.lora_alpha == 8
+    assert config.process.model.resolved_arch == "zimage" and config.process.lora_alpha == 16
     assert (
         "config.process[0].train.noise_offset: ignored (an SD 1.5 / SDXL setting; Z-Image uses flow matching)"
         in warnings

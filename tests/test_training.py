@@ -118,10 +118,11 @@ def test_user_yaml_trains_a_lora_that_loads_in_diffusers_and_changes_the_output(
     up_weights = [v for k, v in tensors.items() if "lora_B" in k or "lora_up" in k]
     assert any(v.abs().sum() > 0 for v in up_weights), "lora_B starts at zero: training must move it"
     assert metadata["fastbackend_arch"] == family and metadata["ss_network_dim"] == "4"
-    # ai-toolkit trains FLUX at scale 1 (alpha = rank) whatever linear_alpha says, and says so here
-    assert metadata["ss_network_alpha"] == ("4.0" if family == "flux" else "8.0") and metadata["ss_steps"] == "4"
-    alpha_warning = "config.process[0].network.linear_alpha: FLUX LoRAs train at scale 1 (alpha = rank 4)"
-    assert any(w.startswith(alpha_warning) for w in answer["warnings"]) == (family == "flux")
+    # ai-toolkit trains its transformer models at scale 1 (alpha = rank) whatever linear_alpha says, and says so here
+    transformer = family not in ("sd15", "sdxl")
+    assert metadata["ss_network_alpha"] == ("4.0" if transformer else "8.0") and metadata["ss_steps"] == "4"
+    alpha_warning = f"config.process[0].network.linear_alpha: {family} LoRAs train at scale 1 (alpha = rank 4)"
+    assert any(w.startswith(alpha_warning) for w in answer["warnings"]) == transformer
     assert metadata["ss_sd_model_name"] == model_path and metadata["ss_resolution"] == "[64]"
     assert len(metadata["ss_dataset_hash"]) == 16
 
