@@ -266,8 +266,17 @@ OPTIMIZER_PARAMS = {
 
 
 # Scheduler parameters: num_cycles, power (diffusers' schedules), start_factor and end_factor
-# (`linear`, torch's LinearLR as ai-toolkit uses it), num_warmup_steps (ai-toolkit's warm-up key).
-SCHEDULER_PARAMS = ("num_cycles", "power", "start_factor", "end_factor", "num_warmup_steps")
+# (`linear`, torch's LinearLR as ai-toolkit uses it), num_warmup_steps (ai-toolkit's warm-up key),
+# cosine_decay_steps and eta_min (ai-toolkit's cosine).
+SCHEDULER_PARAMS = (
+    "num_cycles",
+    "power",
+    "start_factor",
+    "end_factor",
+    "num_warmup_steps",
+    "cosine_decay_steps",
+    "eta_min",
+)
 
 
 class TrainConfig(Section):
@@ -399,7 +408,9 @@ class TrainConfig(Section):
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
     lr_scheduler_params: dict[str, float] = Field(default_factory=dict)
-    lr_warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps (constant_with_warmup: 1000).")
+    lr_warmup_steps: int | None = Field(
+        None, ge=0, description="Not an ai-toolkit key, unused as there: lr_scheduler_params.num_warmup_steps warms up."
+    )
     max_grad_norm: float = Field(1.0, ge=0)
     noise_offset: float = Field(0.0, ge=0, le=1)
     min_snr_gamma: float | None = Field(None, gt=0)
@@ -916,16 +927,18 @@ def recipe_notes(process: ProcessConfig) -> list[str]:
             f"{PREFIX}.train.lr_scheduler: linear ramps the rate up from lr/3 to lr over the steps (torch's "
             "LinearLR, as in ai-toolkit); lr_scheduler_params start_factor and end_factor change the ramp"
         )
-    if train.lr_scheduler in ("constant", "linear") and train.lr_warmup_steps:
-        notes.append(f"{PREFIX}.train.lr_warmup_steps: ignored ({train.lr_scheduler} has no warm-up, as in ai-toolkit)")
+    if train.lr_warmup_steps is not None:
+        notes.append(
+            f"{PREFIX}.train.lr_warmup_steps: not used (ai-toolkit has no such key and ignores it); "
+            "the warm-up is lr_scheduler_params.num_warmup_steps, for constant_with_warmup (default 1000) and cosine"
+        )
     adapter = process.model.assistant_lora_path
     if adapter is not None and process.model.resolved_arch in FLOW_MATCHING:
         notes.append(
             f"{PREFIX}.model.assistant_lora_path: {adapter} is on while training and off for samples; "
             "the saved LoRA holds only what was trained"
         )
-    warmup_given = train.lr_warmup_steps is not None or "num_warmup_steps" in train.lr_scheduler_params
-    if train.lr_scheduler == "constant_with_warmup" and not warmup_given:
+    if train.lr_scheduler == "constant_with_warmup" and "num_warmup_steps" not in train.lr_scheduler_params:
         notes.append(f"{PREFIX}.train.lr_scheduler: constant_with_warmup warms up over 1000 steps (ai-toolkit's)")
     return notes
 

@@ -437,7 +437,24 @@ def test_learning_rate_curves_are_ai_toolkits():
     assert cosine == pytest.approx([0.5 * (1 + math.cos(math.pi * i / 10)) for i in range(10)])
     warm = lr_curve("constant_with_warmup", steps=2000)  # ai-toolkit's default warm-up: 1000 steps
     assert warm[0] == 0 and warm[500] == pytest.approx(0.5) and warm[1500] == 1.0
-    assert lr_curve("constant_with_warmup", steps=10, lr_warmup_steps=2)[:3] == [0.0, 0.5, 1.0]
+    # lr_warmup_steps is no ai-toolkit key: it changes nothing; lr_scheduler_params.num_warmup_steps does
+    assert lr_curve("constant_with_warmup", steps=10, lr_warmup_steps=2)[:3] == [0.0, 0.001, 0.002]
+    assert lr_curve("cosine", lr_warmup_steps=3) == cosine
+    # ai-toolkit's cosine: warm-up, then a decay over `steps` more (so it does not reach 0 here), to eta_min
+    warm_cosine = lr_curve("cosine", lr_scheduler_params={"num_warmup_steps": 2, "eta_min": 0.1})
+    assert warm_cosine[:3] == pytest.approx([0.0, 0.5, 1.0])
+    assert warm_cosine[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 10)))
+    short = lr_curve("cosine", lr_scheduler_params={"cosine_decay_steps": 4})
+    assert short[4:] == pytest.approx([0.0] * 6) and short[2] == pytest.approx(0.5)
+
+
+def test_lr_warmup_steps_is_said_to_be_unused():
+    text = fixture_yaml().replace("lr: 0.0001", "lr: 0.0001\n      lr_scheduler: cosine\n      lr_warmup_steps: 50")
+    warnings = parse_training_config(text)[1]
+    assert [w for w in warnings if "lr_warmup_steps" in w] == [
+        "config.process[0].train.lr_warmup_steps: not used (ai-toolkit has no such key and ignores it); the warm-up "
+        "is lr_scheduler_params.num_warmup_steps, for constant_with_warmup (default 1000) and cosine"
+    ]
 
 
 def test_ema_decay_is_constant_from_the_first_update():

@@ -35,7 +35,8 @@ SD_KEYS = {
     "train_text_encoder: false": "train_text_encoder: true",
     "optimizer: adamw8bit": "optimizer: adamw\n      optimizer_params:\n        weight_decay: 0.05\n"
     "        betas: [0.8, 0.9]",
-    "lr: 0.0001": "lr: 0.0001\n      lr_scheduler: cosine\n      lr_warmup_steps: 3\n      noise_offset: 0.07\n"
+    "lr: 0.0001": "lr: 0.0001\n      lr_scheduler: cosine\n      lr_scheduler_params:\n        num_warmup_steps: 3\n"
+    "      noise_offset: 0.07\n"
     "      min_snr_gamma: 5\n      content_or_style: style\n      max_grad_norm: 0.5",
     "ema_decay: 0.99": "ema_decay: 0.95",
     "batch_size: 1": "batch_size: 2",

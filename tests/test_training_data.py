@@ -191,7 +191,7 @@ def test_v_prediction_min_snr_noise_offset_and_warmup_train(tiny_models, data_ro
         replacements={
             "arch: sd15": "arch: sd15\n      is_v_pred: true",
             "dtype: bf16": "dtype: bf16\n      min_snr_gamma: 5\n      noise_offset: 0.05\n      lr_scheduler: cosine\n"
-            "      lr_warmup_steps: 1\n      seed: 7",
+            "      lr_scheduler_params:\n        num_warmup_steps: 1\n      seed: 7",
             "sample_every: 100": "sample_every: 1000",
         },
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import random
 import shutil
 from collections.abc import Callable
@@ -309,12 +310,15 @@ def make_optimizer(train_cfg: TrainConfig, params: list, device: torch.device, w
 
 
 def make_lr_scheduler(train_cfg: TrainConfig, optimizer):
-    """The learning-rate schedule over ``steps``, advanced once per step, as ai-toolkit's.
+    """The learning-rate schedule over ``steps``, advanced once per step, as ai-toolkit's
+    (toolkit/scheduler.py).
 
     "linear" is torch's LinearLR as ai-toolkit builds it: a ramp *up* from lr/3 to lr (its
-    start_factor/end_factor are lr_scheduler_params). "constant_with_warmup" warms up over
-    ``lr_warmup_steps``, or ``num_warmup_steps``, or ai-toolkit's 1000. The cosine schedules equal
-    ai-toolkit's torch CosineAnnealingLR / one-cycle CosineAnnealingWarmRestarts.
+    start_factor/end_factor are lr_scheduler_params). "cosine" is ai-toolkit's own: a linear warm-up
+    over ``num_warmup_steps`` (default none), then a cosine over ``cosine_decay_steps`` (default
+    ``steps``, counted after the warm-up) down to ``eta_min``. "constant_with_warmup" warms up over
+    ``num_warmup_steps``, else ai-toolkit's 1000. ``lr_warmup_steps`` is not an ai-toolkit key
+    (``config`` warns that it is unused).
     """
     params = dict(train_cfg.lr_scheduler_params)
     if train_cfg.lr_scheduler == "linear":
@@ -324,16 +328,31 @@ def make_lr_scheduler(train_cfg: TrainConfig, optimizer):
             end_factor=params.get("end_factor", 1.0),
             total_iters=train_cfg.steps,
         )
+    if train_cfg.lr_scheduler == "cosine":
+        return cosine_schedule(optimizer, train_cfg.steps, params)
     from diffusers.optimization import get_scheduler
 
-    warmup = train_cfg.lr_warmup_steps
-    if warmup is None:
-        default = DEFAULT_WARMUP_STEPS if train_cfg.lr_scheduler == "constant_with_warmup" else 0
-        warmup = int(params.get("num_warmup_steps", default))
+    default = DEFAULT_WARMUP_STEPS if train_cfg.lr_scheduler == "constant_with_warmup" else 0
+    warmup = int(params.get("num_warmup_steps", default))
     shape = {key: params[key] for key in ("num_cycles", "power") if key in params}
     return get_scheduler(
         train_cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=train_cfg.steps, **shape
     )
+
+
+def cosine_schedule(optimizer, steps: int, params: dict):
+    """ai-toolkit's cosine: up from 0 over the warm-up, then down to ``eta_min`` over the decay steps."""
+    warmup = int(params.get("num_warmup_steps", 0))
+    decay = min(int(params.get("cosine_decay_steps", steps)), steps)
+    floor = float(params.get("eta_min", 0.0)) / max(1e-8, optimizer.param_groups[0]["lr"])
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, decay))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def make_ema(train_cfg: TrainConfig, params: list[torch.nn.Parameter]):
