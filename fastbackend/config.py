@@ -884,11 +884,6 @@ def unused_for_arch(process: ProcessConfig) -> list[tuple[str, str]]:
     train, arch = process.train, process.model.resolved_arch
     if arch in FLOW_MATCHING:
         candidates = [
-            (
-                "train.noise_offset",
-                train.noise_offset > 0,
-                f"an SD 1.5 / SDXL setting; {SHOWN_ARCH[arch]} uses flow matching",
-            ),
             ("train.min_snr_gamma", train.min_snr_gamma is not None, "an SD 1.5 / SDXL setting"),
             ("model.is_v_pred", process.model.is_v_pred, "an SD 1.5 / SDXL setting"),
         ]

@@ -297,6 +297,50 @@ def test_each_flow_family_weights_its_loss_by_the_level_drawn(arch, tiny_models,
         assert loss("weighted", level) == pytest.approx(loss("linear", level) * weights[level].item(), rel=1e-5)
 
 
+def test_the_noise_offset_shifts_each_image_and_channel_by_one_draw():
+    from fastbackend.training.families import LossOptions, family_for
+
+    latents = torch.zeros(2, 4, 8, 8)
+    torch.manual_seed(3)
+    plain = family_for("flux").noise_like(latents, LossOptions(None))
+    torch.manual_seed(3)
+    offset = family_for("flux").noise_like(latents, LossOptions(None, noise_offset=0.5))
+    shift = offset - plain
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift)) and shift.abs().min() > 0
+
+
+@pytest.mark.parametrize("arch", ["flux", "zimage", "qwen_image", "flux2_klein_4b", "flux2", "sd15"])
+def test_every_family_trains_with_the_noise_offset(arch, tiny_models, monkeypatch):
+    """ai-toolkit adds the offset for every model (toolkit/train_tools.py): each family's loss draws
+    its noise through it, so the same draws with an offset give another loss."""
+    from diffusers import DiffusionPipeline
+
+    from fastbackend.training.families import LossOptions, TrainingBatch, family_for
+
+    family = family_for(arch)
+    pipe = DiffusionPipeline.from_pretrained(tiny_models / arch)
+    scheduler = family.training_scheduler(pipe)
+    torch.manual_seed(0)
+    latents = family.scale_latents(pipe, family.encode_pixels(pipe, torch.rand(1, 3, 64, 64) * 2 - 1)[0])
+    cond = family.encode_prompt(pipe, "a photo")
+    batch = TrainingBatch(latents=latents, cond=cond, sizes=torch.tensor([[64, 64, 0, 0, 64, 64]]))
+    drawn: list[float] = []
+    real = family.noise_like
+
+    def counted(latents, options):
+        drawn.append(options.noise_offset)
+        return real(latents, options)
+
+    monkeypatch.setattr(family, "noise_like", counted)
+
+    def loss(offset: float) -> float:
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return family.loss(pipe, family.denoiser(pipe), batch, LossOptions(scheduler, noise_offset=offset)).item()
+
+    assert loss(0.0) != loss(0.5) and drawn == [0.0, 0.5]
+
+
 def test_weighted_is_accepted_for_flow_matching_and_warned_about_elsewhere():
     text = fixture_yaml().replace("dtype: bf16", "dtype: bf16\n      timestep_type: weighted")
     for arch_line in ("is_flux: true", "arch: zimage", "arch: qwen_image", "arch: flux2_klein_4b"):

@@ -237,6 +237,16 @@ class Family(ABC):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def noise_like(self, latents: torch.Tensor, options: LossOptions) -> torch.Tensor:
+        """Gaussian noise for ``latents`` (B, C, H, W), with ai-toolkit's noise offset for every model
+        (toolkit/train_tools.py ``apply_noise_offset``): one random shift per image and channel,
+        times ``noise_offset``, so the model can learn overall brightness."""
+        noise = torch.randn_like(latents)
+        if options.noise_offset:
+            b, c = latents.shape[:2]
+            noise = noise + options.noise_offset * torch.randn(b, c, 1, 1, device=latents.device, dtype=latents.dtype)
+        return noise
+
     def denoiser(self, pipe) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_name)
 

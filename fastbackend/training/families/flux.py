@@ -125,7 +125,7 @@ class Flux(Family):
 
         latents = batch.latents
         b, c, h, w = latents.shape
-        noise = torch.randn_like(latents)
+        noise = self.noise_like(latents, options)
         index = noise_level_indices(b, options.content_or_style, latents.device)
         table = sigma_table(options, image_seq_len=h * w // 4, device=latents.device)  # 2x2 patches as tokens
         sigmas = table[index]

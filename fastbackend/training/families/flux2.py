@@ -136,7 +136,7 @@ class Flux2Klein(Family):
 
         latents = batch.latents  # (B, 4C, H/16, W/16): patched and normalised
         b, _, h, w = latents.shape
-        noise = torch.randn_like(latents)
+        noise = self.noise_like(latents, options)
         index = noise_level_indices(b, options.content_or_style, latents.device)
         sigmas = sigma_table(options, image_seq_len=h * w, device=latents.device)[index]
         s = sigmas.view(b, 1, 1, 1).to(latents.dtype)

@@ -94,10 +94,7 @@ class SD15(Family):
     def loss(self, pipe, denoiser, batch: TrainingBatch, options: LossOptions) -> torch.Tensor:
         scheduler = options.scheduler
         latents = batch.latents
-        noise = torch.randn_like(latents)
-        if options.noise_offset:
-            # Per-channel offset: lets the model learn overall brightness (Guttenberg's noise offset).
-            noise += options.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
+        noise = self.noise_like(latents, options)
         timesteps = self.timesteps(latents.shape[0], scheduler, options.content_or_style, latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = (

@@ -96,7 +96,7 @@ class ZImage(Family):
     def loss(self, pipe, denoiser, batch: TrainingBatch, options: LossOptions) -> torch.Tensor:
         latents = batch.latents
         b, _, h, w = latents.shape
-        noise = torch.randn_like(latents)
+        noise = self.noise_like(latents, options)
         index = noise_level_indices(b, options.content_or_style, latents.device)
         sigmas = sigma_table(options, image_seq_len=h * w // 4, device=latents.device)[index]
         s = sigmas.view(b, 1, 1, 1).to(latents.dtype)
