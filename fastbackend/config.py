@@ -18,6 +18,7 @@ import difflib
 import math
 import re
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
@@ -64,6 +65,39 @@ DTYPES = Literal["bf16", "bfloat16", "fp16", "float16", "fp32", "float32"]
 DTYPE_ALIASES = {"half": "fp16", "float": "fp32", "single": "fp32"}
 
 
+# When an ignored or refused key changes nothing in ai-toolkit's run either: (its value, the section
+# it is in) -> True. A key at ai-toolkit's own default, or one whose feature another key leaves off,
+# is dropped without a word, so that the warnings that remain are the ones that change the run.
+Inert = Callable[[Any, dict], bool]
+
+
+def default(*values: Any) -> Inert:
+    """Inert at any of ``values`` (ai-toolkit's default, and what means the same)."""
+    return lambda value, section: any(_same(value, v) for v in values)
+
+
+def _same(value: Any, wanted: Any) -> bool:
+    if isinstance(value, bool) or isinstance(wanted, bool):  # true is not 1 here, nor false 0
+        return value is wanted
+    return bool(value == wanted)
+
+
+def unless(switch: str) -> Inert:
+    """Inert while the section's ``switch`` key (the feature this key tunes) is off or absent."""
+    return lambda value, section: not section.get(switch)
+
+
+def always(value: Any, section: dict) -> bool:
+    """Inert whatever its value: it tunes bookkeeping or a feature this key's section cannot have."""
+    return True
+
+
+def empty(value: Any, section: dict) -> bool:
+    """Inert when empty: nothing, or a mapping of nothing but empty values."""
+    blank: tuple[Any, ...] = (None, "", [], {})
+    return value in blank or (isinstance(value, dict) and all(v in blank for v in value.values()))
+
+
 class Section(BaseModel):
     """A config section: strict keys; ``IGNORED`` maps accepted-but-unused keys to the reason."""
 
@@ -71,6 +105,8 @@ class Section(BaseModel):
     IGNORED: typing.ClassVar[dict[str, str]] = {}
     # Keys that ask for something this worker does not do: refused with why, not as typos.
     REFUSED: typing.ClassVar[dict[str, str]] = {}
+    # Ignored or refused keys at values that change nothing in ai-toolkit's run: no word about them.
+    INERT: typing.ClassVar[dict[str, Inert]] = {}
 
     @classmethod
     def fields_by_key(cls) -> dict[str, Any]:
@@ -79,6 +115,14 @@ class Section(BaseModel):
 
 
 class NetworkConfig(Section):
+    INERT = {
+        "conv": default(None, 0),
+        "conv_alpha": always,  # said once, with conv
+        "network_kwargs": empty,
+        "lokr_full_rank": always,  # LoKr settings: this section's type is lora
+        "lokr_factor": always,
+        "old_lokr_format": always,
+    }
     IGNORED = {
         "conv": "conv LoRA layers (ResNet blocks) are not trained; the transformer blocks' layers are",
         "conv_alpha": "conv LoRA layers are not trained",
@@ -126,6 +170,7 @@ class NetworkConfig(Section):
 
 
 class SaveConfig(Section):
+    INERT = {"save_format": always, "hf_private": always, "hf_repo_id": empty}  # the file, not the training
     IGNORED = {
         "hf_repo_id": "pushing to the hub is not done by this worker",
         "hf_private": "pushing to the hub is not done by this worker",
@@ -138,6 +183,74 @@ class SaveConfig(Section):
 
 
 class DatasetConfig(Section):
+    # ai-toolkit's DatasetConfig defaults (toolkit/config_modules.py), and keys that only tune an off feature
+    INERT = {
+        "flip_x": default(False),
+        "flip_y": default(False),
+        "random_crop": default(False),
+        "random_scale": default(False),
+        "scale": default(1.0),
+        "augments": empty,
+        "augmentations": empty,
+        "shuffle_augmentations": unless("augmentations"),
+        "control_path": empty,
+        "mask_path": empty,
+        "mask_min_value": unless("mask_path"),
+        "alpha_mask": default(False),
+        "invert_mask": unless("mask_path"),
+        "is_reg": default(False),
+        "prior_reg": default(False),
+        "network_weight": default(1.0),
+        "token_dropout_rate": default(0.0),
+        "type": default("image"),
+        "random_triggers": empty,
+        "random_triggers_max": unless("random_triggers"),
+        "dataset_path": empty,
+        "control_path_1": empty,
+        "control_path_2": empty,
+        "control_path_3": empty,
+        "control_from_same_folder": default(False),
+        "num_controls_from_same_folder": unless("control_from_same_folder"),
+        "control_transparent_color": unless("control_path"),
+        "inpaint_path": empty,
+        "full_size_control_images": unless("control_path"),
+        "unconditional_path": empty,
+        "use_short_captions": default(False),
+        "clip_image_path": empty,
+        "clip_image_from_same_folder": default(False),
+        "clip_image_augmentations": empty,
+        "clip_image_shuffle_augmentations": unless("clip_image_augmentations"),
+        "replacements": empty,
+        "loss_multiplier": default(1.0),
+        "extra_values": empty,
+        "square_crop": default(False),
+        "replay_transforms": always,  # only with augmentations, themselves warned about
+        "num_frames": default(1),
+        "shrink_video_to_frames": always,  # video settings: only with num_frames, itself warned about
+        "fps": always,
+        "auto_frame_count": default(False),
+        "controls": empty,
+        "do_i2v": always,
+        "do_audio": default(False),
+        "audio_preserve_pitch": unless("do_audio"),
+        "audio_normalize": unless("do_audio"),
+        "standardize_images": default(False),
+        "buckets": default(True),
+        "bucket_tolerance": default(64),
+        "cache_clip_vision_to_disk": default(False),
+        "load_image_when_caching_latents": always,  # when images are read, not what is trained
+        "num_workers": always,
+        "prefetch_factor": always,
+        "cache_latents_num_workers": always,
+        "debug": always,
+        "fast_image_size": default(False),
+        "keep_tokens": default(0),
+    }
+    REFUSED = {
+        "is_reg": "regularization datasets are not supported: ai-toolkit trains them without the trigger word, "
+        "in turns with the subject's photos, and as subject photos they would teach the trigger word on other "
+        "people; leave this dataset out (or set is_reg: false to train it as the subject)",
+    }
     IGNORED = dict.fromkeys(
         (
             "flip_x",
@@ -153,7 +266,6 @@ class DatasetConfig(Section):
             "alpha_mask",
             "mask_min_value",
             "poi",
-            "is_reg",
             "prior_reg",
             "network_weight",
             "token_dropout_rate",
@@ -280,6 +392,82 @@ SCHEDULER_PARAMS = (
 
 
 class TrainConfig(Section):
+    # ai-toolkit's TrainConfig defaults (toolkit/config_modules.py), and keys that only tune an off feature
+    INERT = {
+        "xformers": always,  # attention kernels: the same arithmetic
+        "sdp": always,
+        "attention_backend": always,
+        "weight_jitter": default(0.0),
+        "merge_network_on_save": default(False),
+        "merge_network_on_save_strength": unless("merge_network_on_save"),
+        "free_u": default(False),
+        "skip_first_sample": default(True),  # no sample at step 0 here
+        "force_first_sample": default(False),
+        "unload_text_encoder": default(False),
+        "loss_type": default("mse"),
+        "start_step": default(None),
+        "bypass_guidance_embedding": default(False),
+        "min_denoising_steps": default(0),
+        "max_denoising_steps": default(999, 1000),
+        "train_refiner": always,  # no model here has a refiner
+        "refiner_lr": always,
+        "train_turbo": default(False),
+        "show_turbo_outputs": default(False),
+        "snr_gamma": default(None),
+        "learnable_snr_gos": default(False),
+        "adapter_assist_name_or_path": empty,
+        "adapter_assist_type": unless("adapter_assist_name_or_path"),
+        "noise_multiplier": default(1.0),
+        "target_noise_multiplier": default(1.0),
+        "random_noise_multiplier": default(0.0),
+        "do_signal_correction_noise": default(False),
+        "signal_correction_noise_scale": unless("do_signal_correction_noise"),
+        "do_batch_noise_correction": default(False),
+        "batch_noise_correction_scale": unless("do_batch_noise_correction"),
+        "do_signal_amplification": default(False),
+        "signal_amplification_strength": unless("do_signal_amplification"),
+        "random_noise_shift": default(0.0),
+        "img_multiplier": default(1.0),
+        "noisy_latent_multiplier": default(1.0),
+        "latent_multiplier": default(1.0),
+        "negative_prompt": empty,
+        "max_negative_prompts": unless("negative_prompt"),
+        "reg_weight": always,  # only with regularization datasets, which are refused
+        "num_train_timesteps": default(1000),
+        "adaptive_scaling_factor": default(False),
+        "prompt_dropout_prob": default(0.0),
+        "match_noise_norm": default(False),
+        "short_and_long_captions": default(False),
+        "short_and_long_captions_encoder_split": default(False),
+        "single_item_batching": default(False),
+        "match_adapter_assist": default(False),
+        "match_adapter_chance": default(0.0),
+        "loss_target": default("noise"),
+        "inverted_mask_prior": default(False),
+        "inverted_mask_prior_multiplier": unless("inverted_mask_prior"),
+        "diff_output_preservation": default(False),
+        "diff_output_preservation_multiplier": unless("diff_output_preservation"),
+        "diff_output_preservation_class": unless("diff_output_preservation"),
+        "blank_prompt_preservation": default(False),
+        "blank_prompt_preservation_multiplier": unless("blank_prompt_preservation"),
+        "standardize_images": default(False),
+        "standardize_latents": default(False),
+        "dynamic_noise_offset": default(False),
+        "do_cfg": default(False),
+        "do_random_cfg": default(False),
+        "cfg_scale": default(1.0),
+        "max_cfg_scale": unless("do_cfg"),
+        "cfg_rescale": unless("do_cfg"),
+        "correct_pred_norm": default(False),
+        "correct_pred_norm_multiplier": unless("correct_pred_norm"),
+        "t0_loss_target": default(False),
+        "t0_velocity_equiv_weight": default(False),
+        "do_fft_loss": default(False),
+        "do_fft_velocity_equiv_weight": default(False),
+        "pred_scaler": default(1.0),
+        "prompt_saturation_chance": default(0.0),
+        "switch_boundary_every": always,  # multi-stage (two-expert) models only
+    }
     IGNORED = {
         "xformers": "PyTorch's scaled-dot-product attention is always used",
         "sdp": "PyTorch's scaled-dot-product attention is always used",
@@ -488,6 +676,15 @@ class TrainConfig(Section):
 
 
 class ModelConfig(Section):
+    INERT = {
+        "low_vram": always,  # where weights wait, not what is trained
+        "quantize_te": default(False),
+        "qtype": unless("quantize"),
+        "qtype_te": unless("quantize_te"),
+        "model_kwargs": empty,
+        "lora_path": empty,
+        "vae_path": empty,
+    }
     IGNORED = {
         "low_vram": "memory is managed by unloading encoders after caching",
         "quantize_te": "text encoders only run once, to cache embeddings",
@@ -631,6 +828,7 @@ class SampleItem(Section):
 
 
 class SampleConfig(Section):
+    INERT = {"num_frames": default(1), "fps": always, "network_multiplier": default(1.0), "extra_values": empty}
     IGNORED = {
         "guidance_rescale": "not supported",
         "adapter_conditioning_scale": "no adapters",
@@ -667,6 +865,7 @@ class SampleConfig(Section):
 
 
 class ProcessConfig(Section):
+    INERT = dict.fromkeys(("performance_log_every", "logging", "sqlite_db_path", "log_dir", "name"), always)
     IGNORED = {
         "performance_log_every": "progress is reported through the job",
         "logging": "progress is reported through the job",
@@ -837,6 +1036,8 @@ def sweep_keys(node: Any, section: type[Section], path: str, warnings: list[str]
             elif child is not None:
                 value = sweep_keys(value, child, key_path, warnings, problems)
             kept[key] = value
+        elif key in section.INERT and section.INERT[key](value, node):
+            continue  # ai-toolkit's run is the same with it: not worth a warning
         elif key in section.IGNORED:
             warnings.append(f"{key_path}: ignored ({section.IGNORED[key]})")
         elif key in section.REFUSED:
@@ -892,7 +1093,6 @@ def unused_for_arch(process: ProcessConfig) -> list[tuple[str, str]]:
             candidates.append(("sample.neg", negative, f"{SHOWN_ARCH[arch]} samples take no negative"))
     else:
         candidates = [
-            ("train.timestep_type", train.timestep_type is not None, "a flow-matching setting; timesteps are uniform"),
             ("train.linear_timesteps", train.linear_timesteps, "a flow-matching setting; timesteps are uniform"),
             ("model.assistant_lora_path", process.model.assistant_lora_path is not None, "a flow-matching setting"),
         ]

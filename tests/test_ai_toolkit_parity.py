@@ -341,16 +341,14 @@ def test_every_family_trains_with_the_noise_offset(arch, tiny_models, monkeypatc
     assert loss(0.0) != loss(0.5) and drawn == [0.0, 0.5]
 
 
-def test_weighted_is_accepted_for_flow_matching_and_warned_about_elsewhere():
+def test_weighted_is_accepted_for_flow_matching_and_unsaid_where_ai_toolkit_ignores_it_too():
     text = fixture_yaml().replace("dtype: bf16", "dtype: bf16\n      timestep_type: weighted")
     for arch_line in ("is_flux: true", "arch: zimage", "arch: qwen_image", "arch: flux2_klein_4b"):
         config, warnings = parse_training_config(text.replace("is_flux: true", arch_line))
         assert config.process.train.timestep_type == "weighted"
         assert not any("timestep_type" in warning for warning in warnings), warnings
     _, sd_warnings = parse_training_config(text.replace("is_flux: true", "arch: sdxl"))
-    assert "config.process[0].train.timestep_type: ignored (a flow-matching setting; timesteps are uniform)" in (
-        sd_warnings
-    )
+    assert not any("timestep_type" in warning for warning in sd_warnings)  # DDPM: ai-toolkit ignores it as well
 
 
 def test_the_weights_fit_is_reproducible_from_a_table(tmp_path):
@@ -575,43 +573,10 @@ EXAMPLES = Path(__file__).resolve().parent / "fixtures" / "ai_toolkit"
         (
             "sdxl_ui.yaml",
             "sdxl",
-            {
-                "sqlite_db_path",
-                "performance_log_every",
-                "logging",
+            {  # what makes ai-toolkit's run differ: its conv layers, its sample at step 0, a sample's own seed
                 "network.conv",
-                "network.conv_alpha",
-                "network.lokr_full_rank",
-                "network.lokr_factor",
-                "network.network_kwargs",
-                "save.save_format",
-                "datasets[0].mask_path",
-                "datasets[0].mask_min_value",
-                "datasets[0].is_reg",
-                "datasets[0].network_weight",
-                "datasets[0].controls",
-                "datasets[0].shrink_video_to_frames",
-                "datasets[0].num_frames",
-                "datasets[0].flip_x",
-                "datasets[0].flip_y",
-                "train.bypass_guidance_embedding",
-                "train.unload_text_encoder",
                 "train.skip_first_sample",
-                "train.force_first_sample",
-                "train.diff_output_preservation",
-                "train.diff_output_preservation_multiplier",
-                "train.diff_output_preservation_class",
-                "train.switch_boundary_every",
-                "train.loss_type",
-                "train.timestep_type",  # a flow-matching key; ai-toolkit ignores it for ddpm too
-                "model.qtype",
-                "model.quantize_te",
-                "model.qtype_te",
-                "model.low_vram",
-                "model.model_kwargs",
                 "sample.samples[1].seed",
-                "sample.num_frames",
-                "sample.fps",
             },
         ),
     ],
@@ -757,3 +722,47 @@ def test_sd_timesteps_follow_content_or_style(bias, low, high):
     steps = SD15().timesteps(20_000, DDPMScheduler(), bias, "cpu").float()
     assert low < steps.mean() < high  # content: noisy (high t); style: clean (low t)
     assert steps.min() >= 0 and steps.max() <= 999
+
+
+def test_ignored_keys_warn_only_at_values_that_change_ai_toolkits_run():
+    """ai-toolkit's defaults, and tuners of a feature left off, say nothing; other values say they are ignored."""
+
+    def said(train: str = "", dataset: str = "") -> set[str]:
+        text = (
+            fixture_yaml()
+            .replace("lr: 0.0001", f"lr: 0.0001\n{train}")
+            .replace("caption_ext: txt", f"caption_ext: txt\n{dataset}")
+        )
+        return {w.split(": ignored")[0] for w in parse_training_config(text)[1] if ": ignored (" in w}
+
+    at_defaults = said(
+        "      loss_type: mse\n      diff_output_preservation: false\n      diff_output_preservation_class: woman",
+        "      flip_x: false\n      network_weight: 1\n      mask_min_value: 0.2\n      num_frames: 1",
+    )
+    assert at_defaults == set()
+    changed = said(
+        "      loss_type: mae\n      diff_output_preservation: true\n      diff_output_preservation_class: woman",
+        "      flip_x: true\n      network_weight: 0.5\n      mask_path: masks\n      mask_min_value: 0.2\n"
+        "      num_frames: true",  # true is not ai-toolkit's 1
+    )
+    dataset = "config.process[0].datasets[0]."
+    assert changed == {
+        "config.process[0].train.loss_type",
+        "config.process[0].train.diff_output_preservation",
+        "config.process[0].train.diff_output_preservation_class",
+        *(dataset + key for key in ("flip_x", "network_weight", "mask_path", "mask_min_value", "num_frames")),
+    }
+
+
+def test_a_regularization_dataset_is_refused_not_trained_as_the_subject():
+    text = fixture_yaml().replace("caption_ext: txt", "caption_ext: txt\n      is_reg: true")
+    with pytest.raises(ValidationFailed) as refused:
+        parse_training_config(text)
+    assert refused.value.message.startswith(
+        "config.process[0].datasets[0].is_reg: regularization datasets are not supported: ai-toolkit trains them "
+        "without the trigger word"
+    )
+    assert (
+        parse_training_config(text.replace("is_reg: true", "is_reg: false"))[1]
+        == parse_training_config(fixture_yaml())[1]
+    )

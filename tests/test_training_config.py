@@ -37,10 +37,10 @@ def test_numbers_are_read_as_ai_toolkit_reads_them_and_name_is_substituted():
 
 
 def test_known_but_unused_keys_are_accepted_with_a_warning():
-    text = fixture_yaml().replace("      quantize: true", "      quantize: true\n      low_vram: true")
+    text = fixture_yaml().replace("      quantize: true", "      quantize: true\n      vae_path: other/vae")
     _, warnings = parse_training_config(text)
     assert warnings == [
-        "config.process[0].model.low_vram: ignored (memory is managed by unloading encoders after caching)",
+        "config.process[0].model.vae_path: ignored (the base model's own VAE is used)",
         ACCUMULATION_NOTE,
     ]
 
@@ -217,9 +217,7 @@ def test_keys_the_architecture_does_not_use_are_warned_about():
         .replace("dtype: bf16", "dtype: bf16\n      timestep_type: shift")
     )
     _, sd_warnings = parse_training_config(sd_text)
-    assert (
-        "config.process[0].train.timestep_type: ignored (a flow-matching setting; timesteps are uniform)" in sd_warnings
-    )
+    assert not any("timestep_type" in w for w in sd_warnings)  # ai-toolkit's DDPM ignores it too: the same run
 
 
 @pytest.mark.parametrize("arch", ["flux_kontext", "chroma", "hidream", "wan21"])
