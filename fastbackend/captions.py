@@ -219,7 +219,8 @@ def captioner_folder(source: str, field: str) -> str:
     """The captioner's local folder: ``source`` itself, its snapshot in a hub cache, or a fresh download."""
     if not HUB_ID.fullmatch(source):
         return source
-    if (found := cached_hub_file(source, "config.json")) is not None:
+    found = cached_hub_file(source, "config.json")
+    if found is not None and (found[1].parent / "model.safetensors").is_file():  # a cut download has no weights
         return str(found[1].parent)
     return str(
         hub_fetch.fetch(source, None, CAPTIONER_FILES, download_cache_dir(), field, shown=f"the captioner {source!r}")
@@ -235,20 +236,21 @@ def load_captioner(reference: str | None, field: str) -> Captioner:
     shown = reference or settings.CAPTION_MODEL.get()
     folder = captioner_folder(_local_or_hub(shown, field), field)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_stop = stopping.stop_check("loading the captioner")  # between its parts (a small model: seconds)
     try:
-        with stopping.interruptible("loading the captioner"):
-            kind = AutoConfig.from_pretrained(folder).model_type
-            if kind != "florence2":
-                raise ValueError(f"it is a {kind!r} model; the captioner must be a Florence-2 checkpoint")
-            processor = AutoProcessor.from_pretrained(folder)
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            model, info = Florence2ForConditionalGeneration.from_pretrained(
-                folder, dtype=dtype, output_loading_info=True
-            )
+        kind = AutoConfig.from_pretrained(folder).model_type
+        if kind != "florence2":
+            raise ValueError(f"it is a {kind!r} model; the captioner must be a Florence-2 checkpoint")
+        check_stop()
+        processor = AutoProcessor.from_pretrained(folder)
+        check_stop()
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model, info = Florence2ForConditionalGeneration.from_pretrained(folder, dtype=dtype, output_loading_info=True)
         # Weights of another layout (the remote-code checkpoints) load as random layers: refuse them.
         unfit = [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())]
         if unfit:
             raise ValueError(f"its weights do not fit Florence-2 ({len(unfit)} missing or mismatched)")
+        check_stop()
     except stopping.JobStopped:
         raise
     except Exception as exc:  # a checkpoint can fail in many ways (bad files, configs, tokenizers)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from fastbackend import settings, stopping
 from fastbackend.errors import ErrorCode, FastBackendError
+from fastbackend.storage import NOT_LOADED
 
 POLL_S = 0.25
 REPORT_S = 5.0  # progress while bytes arrive, at most this often
@@ -64,7 +65,7 @@ def fetch(
     for attempt in range(TRIES):
         outcome = _run_child(repo_id, revision, patterns, cache, attempt, _Watch(blobs, report, total, should_stop))
         if outcome == "done":
-            return _snapshot(repo_id, revision, patterns, cache)
+            return _snapshot(repo_id, revision, patterns, cache, f"{field}: could not load {shown}")
         if outcome != "stalled":
             raise FastBackendError(f"{field}: could not load {shown} ({outcome})", code=ErrorCode.MODEL_LOAD_FAILED)
     raise FastBackendError(
@@ -97,7 +98,8 @@ class _TotalBytes:
         except Exception:  # offline, gated without a token, unknown: the download itself will say
             return
         sizes = {f.rfilename: f.size or 0 for f in info.siblings or []}
-        self.value = sum(sizes[name] for name in filter_repo_objects(sizes, allow_patterns=patterns)) or None
+        wanted = filter_repo_objects(sizes, allow_patterns=patterns, ignore_patterns=NOT_LOADED)
+        self.value = sum(sizes[name] for name in wanted) or None
 
 
 class _Watch:
@@ -181,12 +183,25 @@ def _bytes_in(folder: Path) -> int:
     return total
 
 
-def _snapshot(repo_id: str, revision: str | None, patterns: list[str], cache: Path) -> Path:
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str], cache: Path, failed: str) -> Path:
+    """The downloaded snapshot's folder; ``model_load_failed`` (``failed``: its start) when the
+    repository holds none of the files asked for (the hub library only logs that)."""
     from huggingface_hub import snapshot_download
 
-    folder = snapshot_download(
-        repo_id, revision=revision, cache_dir=cache, allow_patterns=patterns, local_files_only=True
-    )
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache,
+            allow_patterns=patterns,
+            ignore_patterns=NOT_LOADED,
+            local_files_only=True,
+        )
+    except Exception as exc:
+        raise FastBackendError(
+            f"{failed}: the repository has none of the files this worker loads ({', '.join(patterns)})",
+            code=ErrorCode.MODEL_LOAD_FAILED,
+        ) from exc
     return Path(folder)
 
 
@@ -200,6 +215,7 @@ def main(argv: list[str]) -> None:
         revision=revision or None,
         cache_dir=cache,
         allow_patterns=json.loads(patterns),
+        ignore_patterns=NOT_LOADED,
         token=os.environ.get("HF_TOKEN") or None,
     )
 

@@ -6,19 +6,17 @@ work itself runs in a thread, so that the event loop stays free to hear the sign
 cannot be cancelled: the async handler sets the job's stop event instead (``watching``), and long
 work asks ``requested()`` at points where stopping loses nothing: training after a step (it saves
 a resumable state first), an upload between chunks (its staging folder goes, nothing was committed),
-caching between images, a report between photos, a render between steps. A hub download runs in a
-child process that is ended (``hub_fetch``). A model's ``from_pretrained`` offers no such point and
-reads for a minute from a network volume: it runs ``interruptible``, ended from outside.
+caching between images, a report between photos, a render between steps, a model's load between
+its components, files and tensors (``stoppable_load``). A hub download runs in a child process that
+is ended (``hub_fetch``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import threading
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from types import TracebackType
 
 from fastbackend.errors import ErrorCode, FastBackendError
 
@@ -105,67 +103,26 @@ def stop_check(
     return check
 
 
-INTERRUPT_POLL_S = 0.2
+# The model load running in this thread: its stop check, which the loaders' own steps call
+# (``check_load``; ``training.families.base`` hooks it into diffusers' per-component, per-file and
+# per-tensor steps). A from_pretrained offers no other place to stop, and a FLUX load reads for a
+# minute from a network volume.
+_load_check: ContextVar[Callable[[], None] | None] = ContextVar("fastbackend_load_check", default=None)
 
 
-class _Interrupted(BaseException):
-    """Raised inside a thread by ``interruptible``'s watcher; a BaseException, so that the libraries'
-    ``except Exception`` (a loader trying another format) let it through."""
+@contextlib.contextmanager
+def stoppable_load(phase: str, should_stop: Callable[[], bool] | None = None) -> Iterator[None]:
+    """Make ``check_load`` stop the load inside the block, naming ``phase``, once ``should_stop()``
+    (by default this job's stop request) says so. Loads write nothing: stopping one loses nothing."""
+    token = _load_check.set(stop_check(phase, should_stop))
+    try:
+        yield
+    finally:
+        _load_check.reset(token)
 
 
-class interruptible:
-    """Run a block that has nowhere to check for a stop (a model's ``from_pretrained``) so that a stop
-    ends it within ``INTERRUPT_POLL_S``: a watcher thread raises inside the block's thread, as Ctrl-C
-    does in a notebook, and the block ends with ``JobStopped`` naming ``phase``.
-
-    Only for blocks that write nothing (what is half-built is garbage, never a file). The exception
-    can land only inside the block or its exit, never after: the exit disarms the watcher, then
-    withdraws an exception still on its way. Python delivers it between bytecodes, so a long call
-    into C (one tensor's read) finishes first."""
-
-    def __init__(self, phase: str, should_stop: Callable[[], bool] | None = None):
-        self.phase = phase
-        self.should_stop = should_stop or this_jobs_request()
-        self._lock = threading.Lock()
-        self._armed = False
-        self._fired = False
-        self._done = threading.Event()
-
-    def __enter__(self) -> interruptible:
-        self._target = threading.get_ident()
-        self._armed = True
-        watcher = threading.Thread(target=self._watch, name="stop-watcher", daemon=True)
-        watcher.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._done.wait(INTERRUPT_POLL_S):
-            if self.should_stop():
-                with self._lock:
-                    if self._armed:
-                        _raise_in(self._target, _Interrupted)
-                        self._fired = True
-                return
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
-    ) -> None:
-        while True:
-            try:
-                self._done.set()
-                with self._lock:
-                    self._armed = False
-                if self._fired:
-                    _raise_in(self._target, None)  # withdraw it if it has not landed yet
-                break
-            except _Interrupted:  # it landed here, in the exit: the block's stop all the same
-                continue
-        if self._fired:
-            raise JobStopped(f"{self.phase} stopped by {cause_in_words()}") from None
-
-
-def _raise_in(thread_id: int, exception: type[BaseException] | None) -> None:
-    """Have ``exception`` raised in thread ``thread_id`` at its next bytecode (None: withdraw one)."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(exception) if exception else None
-    )
+def check_load() -> None:
+    """Called by the loaders between their steps: stops the load of this thread when asked."""
+    check = _load_check.get()
+    if check is not None:
+        check()

@@ -149,6 +149,9 @@ def cached_hub_file(repo_id: str, filename: str) -> tuple[Path, Path] | None:
 # What diffusers fetches of a repository: the index and the component folders (not the
 # single-file checkpoints beside them, which huggingface_hub's record of the repository lists).
 DIFFUSERS_FILES = ["model_index.json", "*/*"]
+# Copies a diffusers or transformers load never reads (other frameworks' weights, other variants
+# than the plain one): some repositories hold several times the model's size in them.
+NOT_LOADED = ["*.msgpack", "*.onnx", "*.onnx_data", "*.pb", "*.h5", "*.ckpt", "*openvino*", "*.fp16.*", "*non_ema*"]
 REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a branch, tag or commit: no '/', no '..'
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
@@ -182,7 +185,12 @@ def _by_ref(cache: Path, repo_id: str, revision: str | None) -> Path | None:
     try:
         folder = Path(
             snapshot_download(
-                repo_id, revision=revision, cache_dir=cache, local_files_only=True, allow_patterns=DIFFUSERS_FILES
+                repo_id,
+                revision=revision,
+                cache_dir=cache,
+                local_files_only=True,
+                allow_patterns=DIFFUSERS_FILES,
+                ignore_patterns=NOT_LOADED,
             )
         )
     except Exception:  # not there, or incomplete by huggingface_hub's own record

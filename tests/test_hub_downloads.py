@@ -6,6 +6,7 @@ with ``HF_ENDPOINT`` pointed at loopback and no name looked up.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import threading
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import handler_fast
+from fastbackend.errors import FastBackendError
 from tests.fake_hub import COMMIT, serving
 from tests.test_stop_phases import BOUND_S, assert_stopped, listed_models, stopped_during
 from tests.training_helpers import train, upload_photos, user_yaml
@@ -173,16 +175,47 @@ def test_offline_a_model_in_no_cache_is_refused_without_starting_a_download(data
     )
 
 
-def test_the_child_runs_with_the_package_importable_from_anywhere(hub, data_root, tmp_path, monkeypatch):
-    """RunPod starts the worker from the image's folder; the child must find the package from any."""
+def test_the_child_finds_the_package_from_any_working_folder(hub, data_root, tmp_path, monkeypatch):
+    """The image runs the worker from its own folder without installing the package: the child is
+    told where the package is (the test's own install would find it anyway, so the path is checked)."""
+    from fastbackend import hub_fetch, storage
+
+    environments: list[dict] = []
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(
+        hub_fetch.subprocess, "Popen", lambda c, **o: environments.append(o["env"]) or real_popen(c, **o)
+    )
+    hub()
+    monkeypatch.chdir(tmp_path)
+    folder = hub_fetch.fetch(REPO_ID, None, ["model_index.json"], storage.download_cache_dir(), "model")
+    assert (folder / "model_index.json").is_file()
+    first = environments[0]["PYTHONPATH"].split(":")[0]
+    assert (Path(first) / "fastbackend" / "hub_fetch.py").is_file()
+
+
+def test_copies_no_load_reads_are_not_downloaded(tiny_models, data_root, monkeypatch, tmp_path):
+    """Other frameworks' weights and other variants stay on the hub; the copy is still found complete."""
+    from fastbackend import hub_fetch, storage
+
+    repository = tmp_path / "repository"
+    shutil.copytree(tiny_models / "flux", repository)
+    (repository / "vae" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(bytes(1000))
+    (repository / "vae" / "flax_model.msgpack").write_bytes(bytes(1000))
+    with serving(monkeypatch, REPO_ID, repository) as fake:
+        folder = hub_fetch.fetch(REPO_ID, None, storage.DIFFUSERS_FILES, storage.download_cache_dir(), "model")
+    fetched = {path for method, path, _ in fake.requests if method == "GET" and "/resolve/" in path}
+    assert not any(path.endswith((".fp16.safetensors", ".msgpack")) for path in fetched) and fetched
+    assert storage.cached_snapshot(REPO_ID, None) == folder
+
+
+def test_a_repository_without_the_files_asked_for_is_model_load_failed(hub, data_root):
     from fastbackend import hub_fetch, storage
 
     hub()
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("PYTHONPATH", raising=False)
-    folder = hub_fetch.fetch(REPO_ID, None, ["model_index.json"], storage.download_cache_dir(), "model")
-    assert (folder / "model_index.json").is_file()
-    assert Path.cwd() == tmp_path
+    with pytest.raises(FastBackendError) as failed:
+        hub_fetch.fetch(REPO_ID, None, ["nothing/*.safetensors"], storage.download_cache_dir(), "field")
+    assert failed.value.code == "model_load_failed"
+    assert failed.value.message.startswith(f"field: could not load '{REPO_ID}': the repository has none of the files")
 
 
 def test_a_captioner_named_by_hub_id_is_downloaded_through_the_same_road_and_captions(
@@ -202,3 +235,13 @@ def test_a_captioner_named_by_hub_id_is_downloaded_through_the_same_road_and_cap
     assert len(answer["auto_captions"]["captions"]) == 2, answer
     assert cached_hub_file("tiny-org/florence", "model.safetensors")[0] == hf_cache_dir()
     assert any(path.endswith("model.safetensors") for method, path, _ in fake.requests if method == "GET")
+
+
+def test_a_captioner_cut_short_is_downloaded_again_not_loaded_broken(tiny_captioner, data_root, monkeypatch):
+    from fastbackend import hub_fetch, storage
+    from fastbackend.captions import captioner_folder
+
+    with serving(monkeypatch, "tiny-org/florence", tiny_captioner):
+        hub_fetch.fetch("tiny-org/florence", None, ["config.json"], storage.download_cache_dir(), "field")  # cut short
+        folder = Path(captioner_folder("tiny-org/florence", "field"))
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()

@@ -9,12 +9,12 @@ a cancel; the time from the signal to the answer is measured.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import handler_fast
 from fastbackend import stopping
@@ -70,72 +70,47 @@ def listed_models() -> list[str]:
 # ---------------------------------------------------------------- the mechanism
 
 
-def busy(seconds: float) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        sum(range(1000))
+def test_a_load_checks_between_its_steps_and_only_inside_its_block():
+    from fastbackend.training.families.base import LOADER_STEPS, watch_diffusers_loaders
 
-
-def test_an_interruptible_block_ends_within_a_poll_naming_its_phase():
     stop = threading.Event()
-    threading.Timer(0.3, stop.set).start()
-    started = time.monotonic()
+    stop.set()
+    stopping.check_load()  # outside a load: nothing to stop
     stopped = pytest.raises(stopping.JobStopped, match=r"^loading the base model stopped by a cancel")
-    with stopped, stopping.interruptible("loading the base model", stop.is_set):
-        busy(SLOW_S)
-    assert time.monotonic() - started < 0.3 + 1.0
+    with stopped, stopping.stoppable_load("loading the base model", stop.is_set):
+        stopping.check_load()
+    watch_diffusers_loaders()
+    import importlib
+
+    assert all(getattr(getattr(importlib.import_module(m), n), "checks_stop", False) for m, n in LOADER_STEPS)
 
 
-def test_an_interruptible_block_reads_the_jobs_own_stop_request():
-    stop = threading.Event()
-    outcome: list[BaseException | None] = []
+def test_moving_a_model_checks_between_its_blocks():
+    from fastbackend.training.families.base import move_to
 
-    def job() -> None:
-        with stopping.watching(stop):
-            try:
-                with stopping.interruptible("loading"):  # should_stop: this thread's job, seen from the watcher
-                    stop.set()
-                    busy(SLOW_S)
-            except stopping.JobStopped as exc:
-                outcome.append(exc)
-
-    thread = threading.Thread(target=job)
-    thread.start()
-    thread.join(SLOW_S)
-    assert len(outcome) == 1 and isinstance(outcome[0], stopping.JobStopped)
-
-
-def test_no_interruption_lands_after_the_block_whenever_the_stop_comes():
-    """The watcher's shot raced against the block's end many times (blocks ending around its first
-    poll): it lands inside the block or its exit (JobStopped from the with statement), never in the
-    code after it. (The exit's withdrawal of an exception still on its way closes a window too
-    narrow for a test to hit at will.)"""
-    rng = random.Random(7)
-    outcomes = {"finished": 0, "stopped": 0}
-    for _ in range(40):
-        try:
-            with stopping.interruptible("racing", lambda: True):
-                busy(rng.uniform(0.5, 1.5) * stopping.INTERRUPT_POLL_S)
-            outcomes["finished"] += 1
-        except stopping.JobStopped:
-            outcomes["stopped"] += 1
-        busy(stopping.INTERRUPT_POLL_S)  # after the block: nothing may arrive here
-    assert outcomes["finished"] and outcomes["stopped"], outcomes
-
-
-def test_a_block_left_by_its_own_error_keeps_it_when_no_stop_came():
-    with pytest.raises(ValueError, match="its own"), stopping.interruptible("loading", lambda: False):
-        raise ValueError("its own")
+    blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), blocks)
+    checks: list[int] = []
+    move_to(model, "cpu", lambda: checks.append(1))
+    assert len(checks) == 4  # the first layer and each block of the list
 
 
 # ---------------------------------------------------------------- every phase of a training
 
 
 def test_a_stop_while_the_base_model_loads(tiny_models, data_root, monkeypatch):
-    import diffusers
+    """The real from_pretrained, each weights file made slow (a network volume): it stops between steps."""
+    from diffusers.models import modeling_utils
 
     started = threading.Event()
-    monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", slow(started))
+    real_shard = modeling_utils._load_shard_file
+
+    def slow_shard(*args, **kwargs):
+        started.set()
+        time.sleep(1.0)
+        return real_shard(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "_load_shard_file", slow_shard)
     model_path = install_model(tiny_models, data_root, "flux")
     upload_photos()
     answer, seconds = stopped_during({"type": "train_with_yaml", "yaml_config": user_yaml(model_path)}, started)
@@ -203,10 +178,18 @@ def captioned_upload() -> dict:
 
 
 def test_a_stop_while_the_captioner_loads(data_root, captioner, monkeypatch):
+    """A small model: its parts load whole (a second each here, made slow), the stop is seen between them."""
     from transformers import Florence2ForConditionalGeneration
 
     started = threading.Event()
-    monkeypatch.setattr(Florence2ForConditionalGeneration, "from_pretrained", slow(started))
+    real_load = Florence2ForConditionalGeneration.from_pretrained
+
+    def slow_load(*args, **kwargs):
+        started.set()
+        time.sleep(1.0)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(Florence2ForConditionalGeneration, "from_pretrained", slow_load)
     answer, seconds = stopped_during(captioned_upload(), started)
     assert_stopped(answer, seconds, "loading the captioner")
     assert not (data_root / "training_data" / "matt").exists()
@@ -251,3 +234,43 @@ def test_a_stop_while_generate_renders(tiny_models, data_root, monkeypatch):
     monkeypatch.setattr(diffusers.FluxTransformer2DModel, "forward", real_forward)
     again = handler_fast.handler({"id": "g", "input": job | {"steps": 2}})  # the kept pipeline holds no adapter
     assert again["status"] == "success", again
+
+
+def test_a_stop_mid_sample_leaves_the_image_unmade_and_saves_the_step(tiny_models, data_root, monkeypatch):
+    """A sample at full size takes half a minute: the round ends between two denoising steps."""
+    import diffusers
+
+    from fastbackend.layout import LoraFolder
+    from fastbackend.training import sampling
+
+    started = threading.Event()
+    real_forward = diffusers.FluxTransformer2DModel.forward
+    in_sampling = threading.local()
+    real_sample = sampling.sample
+
+    def sample(run, should_stop=lambda: False):
+        in_sampling.on = True
+        try:
+            return real_sample(run, should_stop)
+        finally:
+            in_sampling.on = False
+
+    def slow_forward(self, *args, **kwargs):
+        if getattr(in_sampling, "on", False):
+            started.set()
+            time.sleep(0.5)  # one step of a full-size model
+        return real_forward(self, *args, **kwargs)
+
+    from fastbackend.training import trainer
+
+    monkeypatch.setattr(trainer, "sample", sample)
+    monkeypatch.setattr(diffusers.FluxTransformer2DModel, "forward", slow_forward)
+    model_path = install_model(tiny_models, data_root, "flux")
+    upload_photos()
+    text = user_yaml(model_path, steps=50, replacements={"sample_every: 100": "sample_every: 1"})
+    text = text.replace("sample_steps: 2", "sample_steps: 60")
+    answer, seconds = stopped_during({"type": "train_with_yaml", "yaml_config": text}, started)
+    assert answer["error_code"] == "stopped" and "at step 1" in answer["error"], answer
+    assert seconds < BOUND_S, seconds
+    folder = LoraFolder(data_root / "output" / "nowy_dataset_1.3")
+    assert list(folder.samples.glob("*")) == [] and folder.step_save(1).is_file()

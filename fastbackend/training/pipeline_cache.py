@@ -13,9 +13,11 @@ from typing import Any, TypeVar
 
 import torch
 
+from fastbackend import stopping
 from fastbackend.hub_fetch import Report
 from fastbackend.storage import download_cache_dir
 from fastbackend.training.families import Family
+from fastbackend.training.families.base import move_to
 
 lock = threading.RLock()
 _loaded: dict[str, Any] = {}  # what it was loaded from -> the model; at most one entry
@@ -30,7 +32,11 @@ def pipeline(family: Family, source: str, field: str, report: Report | None = No
         cuda = torch.cuda.is_available()
         dtype = torch.bfloat16 if cuda else torch.float32
         pipe = family.load(source, dtype, str(download_cache_dir()), field=field, report=report)
-        return pipe.to("cuda" if cuda else "cpu")
+        device, check = "cuda" if cuda else "cpu", stopping.stop_check("moving the base model")
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                move_to(component, device, check)
+        return pipe.to(device)
 
     return kept(source, load)
 

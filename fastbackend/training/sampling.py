@@ -29,8 +29,8 @@ def should_sample(run: Run, final: bool = False) -> bool:
 @torch.no_grad()
 def sample(run: Run, should_stop: Callable[[], bool] = lambda: False) -> list[Path]:
     """The config's prompts through the pipeline with the LoRA (EMA weights when on), saved under
-    samples/; a stop request ends the round between two images (the step is saved by then, or
-    the trainer saves it as it stops)."""
+    samples/; a stop request ends the round between two denoising steps, the image in the making
+    left unsaved (the step is saved by then, or the trainer saves it as it stops)."""
     sample_cfg = run.process.sample
     if sample_cfg is None:
         return []
@@ -56,14 +56,18 @@ def sample(run: Run, should_stop: Callable[[], bool] = lambda: False) -> list[Pa
                 else:
                     negative = sample_cfg.negative_prompt
                     prompt_arguments = {"prompt": text, **run.family.sample_kwargs(run.pipe, negative)}
-                image = run.pipe(
-                    **prompt_arguments,
-                    num_inference_steps=sample_cfg.sample_steps,
-                    **run.family.guidance_arguments(sample_cfg.guidance_scale),
-                    width=width,
-                    height=height,
-                    generator=torch.Generator("cpu").manual_seed(seed),
-                ).images[0]
+                try:
+                    image = run.pipe(
+                        **prompt_arguments,
+                        num_inference_steps=sample_cfg.sample_steps,
+                        **run.family.guidance_arguments(sample_cfg.guidance_scale),
+                        width=width,
+                        height=height,
+                        generator=torch.Generator("cpu").manual_seed(seed),
+                        callback_on_step_end=_stopping_between_steps(should_stop),
+                    ).images[0]
+                except _RoundStopped:  # a FLUX image at 1024 px takes half a minute: not worth waiting for
+                    break
                 paths.append(save_image(image, run.folder.sample_path(run.step, index, sample_cfg.format)))
     finally:
         for module in run.lora_modules.values():
@@ -72,6 +76,19 @@ def sample(run: Run, should_stop: Callable[[], bool] = lambda: False) -> list[Pa
             offload_encoders(run.family, run.pipe)
     run.samples += paths
     return paths
+
+
+class _RoundStopped(Exception):
+    """Raised from the pipeline's step callback to leave the image in the making."""
+
+
+def _stopping_between_steps(should_stop: Callable[[], bool]) -> Callable:
+    def callback(pipe, step: int, timestep, tensors: dict) -> dict:
+        if should_stop():
+            raise _RoundStopped
+        return tensors
+
+    return callback
 
 
 def save_image(image, path: Path) -> Path:

@@ -26,6 +26,7 @@ from fastbackend.storage import cached_hub_file, download_cache_dir, hub_file
 from fastbackend.training import lora_io
 from fastbackend.training.caching import prepare_data
 from fastbackend.training.families import Family, LossOptions, family_for
+from fastbackend.training.families.base import move_to
 from fastbackend.training.run import Hooks, Run, TrainJob
 
 log = logging.getLogger("fastbackend.trainer")
@@ -46,7 +47,6 @@ def set_up(job: TrainJob, hooks: Hooks | None = None) -> Run:
     accelerator = make_accelerator(device, weight_dtype)
     seed = seed_torch(process)
     family = family_for(process.model.resolved_arch, process.model.is_v_pred)
-    hooks.on_stage({"stage": "loading_model", "model": process.model.name_or_path})
     pipe = load_pipeline(family, process.model, job, (device, weight_dtype), hooks)
     text_encoders = family.trainable_text_encoders(pipe) if train_cfg.train_text_encoder else {}
     hooks.on_stage({"stage": "caching", "datasets": len(job.dataset_folders)})
@@ -62,7 +62,8 @@ def set_up(job: TrainJob, hooks: Hooks | None = None) -> Run:
         job.warnings,
         stopping.stop_check("caching latents and captions", hooks.should_stop),
     )
-    denoiser = family.denoiser(pipe).to(device)  # after caching: the encoders may have left the device by now
+    moving = stopping.stop_check("moving the base model", hooks.should_stop)
+    denoiser = move_to(family.denoiser(pipe), device, moving)  # after caching: the encoders may have left by now
     modules = {family.denoiser_name: denoiser} | text_encoders
     groups = [lora_group(name, module, family, process) for name, module in modules.items()]
     params = [param for group in groups for param in group["params"]]
@@ -178,6 +179,7 @@ def load_pipeline(
     with a training adapter, that on the denoiser. A first run downloads the model here, its bytes
     reported through ``hooks``; a stop ends the download or the load."""
     device, dtype = placement
+    hooks.on_stage({"stage": "loading_model", "model": model_cfg.name_or_path})
     quantize = model_cfg.quantize and bitsandbytes_available()
     if model_cfg.quantize and not quantize:
         job.warnings.append(
@@ -209,9 +211,10 @@ def load_pipeline(
         quantize_8bit(family.denoiser(pipe), family.lora_targets(family.denoiser(pipe)))
     if job.assistant_lora is not None:
         load_assistant(pipe, family, job.assistant_lora, hooks.should_stop)
+    check = stopping.stop_check("moving the base model", hooks.should_stop)
     for name, component in pipe.components.items():  # the encoders, and a safety checker where there is one
         if isinstance(component, torch.nn.Module) and name != family.denoiser_name:
-            component.to(device)
+            move_to(component, device, check)
     return pipe
 
 

@@ -8,6 +8,7 @@ through this interface; each family lives in its own file and is found through t
 
 from __future__ import annotations
 
+import functools
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -227,8 +228,9 @@ class Family(ABC):
             )
             name_or_path, revision = str(cached), None
         options = {"dtype": dtype, "cache_dir": cache_dir, "revision": revision} | self.load_options
+        watch_diffusers_loaders()
         try:
-            with stopping.interruptible("loading the base model", should_stop):
+            with stopping.stoppable_load("loading the base model", should_stop):
                 pipe = pipeline_class.from_pretrained(name_or_path, **options)
         except (OSError, ValueError) as exc:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
@@ -329,3 +331,49 @@ class Family(ABC):
         guided = self.guided(guidance_scale)
         embeds, negative = pipe.encode_prompt(prompt, pipe.text_encoder.device, 1, guided, negative_prompt or None)
         return {"prompt_embeds": embeds} | ({"negative_prompt_embeds": negative} if guided else {})
+
+
+# diffusers' loading steps that ask for a stop before they run: a pipeline component, a weights
+# file, one tensor. (module path, function name) as diffusers 0.3x lays them out.
+LOADER_STEPS = (
+    ("diffusers.pipelines.pipeline_utils", "load_sub_model"),
+    ("diffusers.models.model_loading_utils", "load_state_dict"),
+    ("diffusers.models.modeling_utils", "load_state_dict"),
+    ("diffusers.models.model_loading_utils", "set_module_tensor_to_device"),
+)
+
+
+def watch_diffusers_loaders() -> None:
+    """Have diffusers' loading steps call ``stopping.check_load`` first (once per process): its
+    ``from_pretrained`` has no other place where a stop can end it cleanly."""
+    import importlib
+
+    for module_name, name in LOADER_STEPS:
+        module = importlib.import_module(module_name)
+        step = getattr(module, name)  # a missing name fails loudly: diffusers moved it
+        if not getattr(step, "checks_stop", False):
+            setattr(module, name, _checking(step))
+
+
+def _checking(step: Callable) -> Callable:
+    @functools.wraps(step)
+    def checked(*args, **kwargs):
+        stopping.check_load()
+        return step(*args, **kwargs)
+
+    checked.checks_stop = True  # type: ignore[attr-defined]
+    return checked
+
+
+def move_to(module: torch.nn.Module, device: torch.device | str, check: Callable[[], None]) -> torch.nn.Module:
+    """``module.to(device)`` a block at a time, ``check`` between blocks: the weights of a model loaded
+    from a network volume are read here (safetensors maps them), a minute for FLUX's transformer."""
+    for block in _blocks(module):
+        block.to(device)
+        check()
+    return module.to(device)  # what is left: the module's own tensors
+
+
+def _blocks(module: torch.nn.Module):
+    for child in module.children():
+        yield from child.children() if isinstance(child, torch.nn.ModuleList) else (child,)
