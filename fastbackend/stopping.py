@@ -84,8 +84,7 @@ def cause_in_words() -> str:
 
 
 def stop_if_requested(what: str) -> None:
-    if requested():
-        raise JobStopped(f"{what} stopped by {cause_in_words()}")
+    stop_check(what)()
 
 
 def stop_check(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -42,15 +41,13 @@ def stopped_during(job_input: dict, started: threading.Event, wait_s: float = 12
     return answers[0], time.monotonic() - signalled
 
 
-def slow(started: threading.Event, seconds: float = SLOW_S):
-    """A stand-in for work that takes ``seconds`` in small Python steps, saying when it began."""
+def slowed(real, started: threading.Event, seconds: float = 1.0):
+    """``real`` made slow (a unit of work of a real size), saying when it was first called."""
 
     def run(*args, **kwargs):
         started.set()
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            time.sleep(0.02)
-        raise AssertionError("the stop was not seen")
+        time.sleep(seconds)
+        return real(*args, **kwargs)
 
     return run
 
@@ -103,14 +100,7 @@ def test_a_stop_while_the_base_model_loads(tiny_models, data_root, monkeypatch):
     from diffusers.models import modeling_utils
 
     started = threading.Event()
-    real_shard = modeling_utils._load_shard_file
-
-    def slow_shard(*args, **kwargs):
-        started.set()
-        time.sleep(1.0)
-        return real_shard(*args, **kwargs)
-
-    monkeypatch.setattr(modeling_utils, "_load_shard_file", slow_shard)
+    monkeypatch.setattr(modeling_utils, "_load_shard_file", slowed(modeling_utils._load_shard_file, started))
     model_path = install_model(tiny_models, data_root, "flux")
     upload_photos()
     answer, seconds = stopped_during({"type": "train_with_yaml", "yaml_config": user_yaml(model_path)}, started)
@@ -122,14 +112,7 @@ def test_a_stop_while_latents_are_cached(tiny_models, data_root, monkeypatch):
     from fastbackend.training import data
 
     started = threading.Event()
-    real_encode = data.encode_example
-
-    def slow_encode(example, encode):
-        started.set()
-        time.sleep(1.0)  # one image of a real size on a slow GPU
-        return real_encode(example, encode)
-
-    monkeypatch.setattr(data, "encode_example", slow_encode)
+    monkeypatch.setattr(data, "encode_example", slowed(data.encode_example, started))
     model_path = install_model(tiny_models, data_root, "flux")
     upload_photos(9)
     text = user_yaml(model_path)
@@ -144,14 +127,7 @@ def test_a_stop_while_the_datasets_are_analyzed(tiny_models, data_root, monkeypa
     from fastbackend import dataset_report
 
     started = threading.Event()
-    real_look = dataset_report.look_at
-
-    def slow_look(path: Path):
-        started.set()
-        time.sleep(1.0)
-        return real_look(path)
-
-    monkeypatch.setattr(dataset_report, "look_at", slow_look)
+    monkeypatch.setattr(dataset_report, "look_at", slowed(dataset_report.look_at, started))
     model_path = install_model(tiny_models, data_root, "flux")
     upload_photos(9)
     answer, seconds = stopped_during({"type": "train_with_yaml", "yaml_config": user_yaml(model_path)}, started)
@@ -183,13 +159,7 @@ def test_a_stop_while_the_captioner_loads(data_root, captioner, monkeypatch):
 
     started = threading.Event()
     real_load = Florence2ForConditionalGeneration.from_pretrained
-
-    def slow_load(*args, **kwargs):
-        started.set()
-        time.sleep(1.0)
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(Florence2ForConditionalGeneration, "from_pretrained", slow_load)
+    monkeypatch.setattr(Florence2ForConditionalGeneration, "from_pretrained", slowed(real_load, started))
     answer, seconds = stopped_during(captioned_upload(), started)
     assert_stopped(answer, seconds, "loading the captioner")
     assert not (data_root / "training_data" / "matt").exists()
@@ -199,15 +169,8 @@ def test_a_stop_while_photos_are_captioned(data_root, captioner, monkeypatch):
     from fastbackend import captions
 
     started = threading.Event()
-    real_call = captions.Captioner.__call__
-
-    def slow_call(self, images):
-        started.set()
-        time.sleep(1.0)
-        return real_call(self, images)
-
     monkeypatch.setattr(captions, "BATCH", 2)
-    monkeypatch.setattr(captions.Captioner, "__call__", slow_call)
+    monkeypatch.setattr(captions.Captioner, "__call__", slowed(captions.Captioner.__call__, started))
     answer, seconds = stopped_during(captioned_upload(), started)
     assert_stopped(answer, seconds, "captioning")
     assert not (data_root / "training_data" / "matt").exists()
@@ -221,13 +184,7 @@ def test_a_stop_while_generate_renders(tiny_models, data_root, monkeypatch):
     assert train(user_yaml(model_path, steps=2))["status"] == "success"
     started = threading.Event()
     real_forward = diffusers.FluxTransformer2DModel.forward
-
-    def slow_forward(self, *args, **kwargs):
-        started.set()
-        time.sleep(0.5)  # one step of a full-size model
-        return real_forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(diffusers.FluxTransformer2DModel, "forward", slow_forward)
+    monkeypatch.setattr(diffusers.FluxTransformer2DModel, "forward", slowed(real_forward, started, 0.5))
     job = {"type": "generate", "model": "nowy_dataset_1.3", "prompt": "Matt", "width": 64, "height": 64, "steps": 60}
     answer, seconds = stopped_during(job, started)
     assert_stopped(answer, seconds, "generating")

@@ -29,6 +29,7 @@ from fastbackend.schemas import GenerateRequest
 from fastbackend.storage import lora_dir, no_links, resolve_base_model
 from fastbackend.training import pipeline_cache
 from fastbackend.training.families import FAMILIES, Family, family_for
+from fastbackend.training.sampling import between_steps
 
 ADAPTER = "generate"
 BASE_MODEL_FIELD = f"the LoRA's base model ({HeaderKey.BASE_MODEL.value})"
@@ -120,15 +121,10 @@ def render(family: Family, pipe, request: GenerateRequest, check_stop: Callable[
         width=width,
         height=height,
         generator=generators,
-        callback_on_step_end=lambda pipe, step, timestep, tensors: _checked(check_stop, tensors),
+        callback_on_step_end=between_steps(check_stop),
         **named,
         **extra,
     ).images
-
-
-def _checked(check_stop: Callable[[], None], tensors: dict) -> dict:
-    check_stop()
-    return tensors
 
 
 def render_settings(family: Family, pipe, request: GenerateRequest) -> dict:

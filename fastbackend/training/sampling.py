@@ -64,7 +64,7 @@ def sample(run: Run, should_stop: Callable[[], bool] = lambda: False) -> list[Pa
                         width=width,
                         height=height,
                         generator=torch.Generator("cpu").manual_seed(seed),
-                        callback_on_step_end=_stopping_between_steps(should_stop),
+                        callback_on_step_end=between_steps(_end_round_if(should_stop)),
                     ).images[0]
                 except _RoundStopped:  # a FLUX image at 1024 px takes half a minute: not worth waiting for
                     break
@@ -82,13 +82,22 @@ class _RoundStopped(Exception):
     """Raised from the pipeline's step callback to leave the image in the making."""
 
 
-def _stopping_between_steps(should_stop: Callable[[], bool]) -> Callable:
+def between_steps(check: Callable[[], None]) -> Callable:
+    """A pipeline's ``callback_on_step_end`` that runs ``check`` (which raises to stop) after each step."""
+
     def callback(pipe, step: int, timestep, tensors: dict) -> dict:
-        if should_stop():
-            raise _RoundStopped
+        check()
         return tensors
 
     return callback
+
+
+def _end_round_if(should_stop: Callable[[], bool]) -> Callable[[], None]:
+    def check() -> None:
+        if should_stop():
+            raise _RoundStopped
+
+    return check
 
 
 def save_image(image, path: Path) -> Path:
